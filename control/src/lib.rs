@@ -1,0 +1,1 @@
+//! migtun control plane (QMP client and migration orchestration) — grows with the control-plane issue.

@@ -1,0 +1,1590 @@
+//! The one `Config`: parsed from TOML, validated (every error names its key), explained.
+//!
+//! Parsing is strict: every table denies unknown keys, and every problem is reported as one
+//! line naming the file, the TOML key (`peer[1].transport`, `expose[0].allow[2]`, 0-based) and
+//! what is wrong with it. Relative paths are resolved against the config file's directory.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use serde::Deserialize;
+
+use crate::endpoint::{Endpoint, DEFAULT_SOCKET_MODE};
+use crate::identity::{dns_sans, load_certs, load_key};
+
+/// Default for `drain_timeout_secs`: how long open streams may run on after SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest accepted `drain_timeout_secs`.
+const MAX_DRAIN_TIMEOUT_SECS: i64 = 3600;
+/// Longest route name; the wire format enforces the same limit.
+const MAX_ROUTE_LEN: usize = 64;
+/// `sun_path` is 108 bytes on Linux, including the terminating NUL.
+const MAX_UNIX_PATH: usize = 107;
+
+/// A validated agent configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// This host's name; a DNS SAN of `tls.cert`.
+    pub name: String,
+    /// TCP (TLS) and, later, UDP (QUIC) listening address.
+    pub listen: SocketAddr,
+    /// Local control API socket for the CLI.
+    pub admin: Option<PathBuf>,
+    /// Prometheus `/metrics` HTTP address.
+    pub metrics: Option<SocketAddr>,
+    /// How long open streams may continue after SIGTERM/SIGINT before they are closed.
+    pub drain_timeout: Duration,
+    pub tls: TlsConfig,
+    pub peers: Vec<Peer>,
+    pub forwards: Vec<Forward>,
+    pub exposes: Vec<Expose>,
+    pub qemu: Option<QemuConfig>,
+}
+
+/// `[tls]`: file paths and the material loaded from them.
+#[derive(Debug)]
+pub struct TlsConfig {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub ca_path: PathBuf,
+    /// Leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// Trust anchors for peers (both directions).
+    pub ca_certs: Vec<CertificateDer<'static>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tls,
+    Quic,
+    Auto,
+}
+
+/// `[[peer]]`
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub name: String,
+    /// `host:port` or `ip:port`; resolved when connecting.
+    pub address: String,
+    pub transport: Transport,
+}
+
+/// `[[forward]]`
+#[derive(Clone, Debug)]
+pub struct Forward {
+    pub listen: Endpoint,
+    pub peer: String,
+    pub route: String,
+    /// Permission bits of a UNIX listen socket (key `mode`, an octal string such as "0660").
+    pub mode: u32,
+}
+
+/// `[[expose]]`
+#[derive(Clone, Debug)]
+pub struct Expose {
+    pub route: String,
+    pub target: Endpoint,
+    pub allow: Vec<String>,
+}
+
+/// `[qemu]`
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    pub run_dir: PathBuf,
+    pub prepare_hook: Option<PathBuf>,
+}
+
+/// A config problem, naming the key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: `{key}`: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub problem: String,
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`; relative paths inside it are resolved
+    /// against its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: origin.clone(),
+            key: String::new(),
+            problem: one_line(&format!("cannot read the config file: {e}")),
+        })?;
+        let base = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Config::from_toml(&text, &origin, &base)
+    }
+
+    /// Parses and validates config text. `origin` names the file in errors; relative paths are
+    /// resolved against `base`.
+    pub fn from_toml(text: &str, origin: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw = parse(text).map_err(|(key, problem)| ConfigError {
+            file: origin.to_string(),
+            key,
+            problem: one_line(&problem),
+        })?;
+        Validator { base }
+            .validate(raw)
+            .map_err(|(key, problem)| ConfigError {
+                file: origin.to_string(),
+                key,
+                problem: one_line(&problem),
+            })
+    }
+
+    /// What this config means, in words: printed by `migtun check`.
+    pub fn explain(&self) -> String {
+        let mut out = String::new();
+        let leaf = self.tls.cert_chain.first();
+        let sans = leaf.map(dns_sans).unwrap_or_default();
+        let _ = writeln!(out, "identity: {}", self.name);
+        let _ = writeln!(
+            out,
+            "  certificate {} (DNS SANs: {}; {})",
+            self.tls.cert_path.display(),
+            if sans.is_empty() {
+                "none".to_string()
+            } else {
+                sans.join(", ")
+            },
+            leaf.map(|c| validity_summary(c.as_ref()))
+                .unwrap_or_default()
+        );
+        if self.tls.cert_chain.len() > 1 {
+            let _ = writeln!(
+                out,
+                "  chain       {} intermediate certificate(s)",
+                self.tls.cert_chain.len() - 1
+            );
+        }
+        let _ = writeln!(out, "  key         {}", self.tls.key_path.display());
+        let subjects: Vec<String> = self
+            .tls
+            .ca_certs
+            .iter()
+            .map(|c| subject(c.as_ref()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  trusts      {} ({} CA certificate(s): {})",
+            self.tls.ca_path.display(),
+            self.tls.ca_certs.len(),
+            subjects.join("; ")
+        );
+        let _ = writeln!(out, "listen: TCP {} (TLS 1.3, mutual TLS; peers must present a certificate from the CA above)", self.listen);
+
+        if self.peers.is_empty() {
+            let _ = writeln!(out, "peers: none");
+        } else {
+            let _ = writeln!(out, "peers:");
+            for p in &self.peers {
+                let _ = writeln!(
+                    out,
+                    "  {} at {} over {}",
+                    p.name,
+                    p.address,
+                    transport_name(p.transport)
+                );
+            }
+        }
+        if self.forwards.is_empty() {
+            let _ = writeln!(out, "forwards: none");
+        } else {
+            let _ = writeln!(out, "forwards (local listener → peer route):");
+            for f in &self.forwards {
+                let mode = match f.listen {
+                    Endpoint::Unix(_) => format!(" (mode {:04o})", f.mode),
+                    Endpoint::Tcp(_) => String::new(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  {}{} → peer {}, route {}",
+                    f.listen, mode, f.peer, f.route
+                );
+            }
+        }
+        if self.exposes.is_empty() {
+            let _ = writeln!(out, "exposes: none (peers can open no static route here)");
+        } else {
+            let _ = writeln!(out, "exposes (route → local target):");
+            for e in &self.exposes {
+                let _ = writeln!(
+                    out,
+                    "  route {} → {} allowed for {}",
+                    e.route,
+                    e.target,
+                    e.allow.join(", ")
+                );
+            }
+        }
+        match &self.admin {
+            Some(a) => {
+                let _ = writeln!(out, "admin: {} (mode 0600)", a.display());
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "admin: none (migtun migrate/status cannot reach this agent)"
+                );
+            }
+        }
+        match &self.metrics {
+            Some(m) => {
+                let _ = writeln!(out, "metrics: http://{m}/metrics (Prometheus text format)");
+            }
+            None => {
+                let _ = writeln!(out, "metrics: off");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "drain: open streams may run {} s after SIGTERM/SIGINT before they are closed",
+            self.drain_timeout.as_secs()
+        );
+        match &self.qemu {
+            Some(q) => {
+                let hook = match &q.prepare_hook {
+                    Some(h) => format!("prepare hook {}", h.display()),
+                    None => {
+                        "no prepare hook (this host cannot be a migration destination)".to_string()
+                    }
+                };
+                let _ = writeln!(out, "qemu: run_dir {}, {}", q.run_dir.display(), hook);
+            }
+            None => {
+                let _ = writeln!(out, "qemu: not configured (no orchestrated migrations)");
+            }
+        }
+        out
+    }
+
+    pub fn peer(&self, name: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The TOML shape.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: String,
+    listen: String,
+    admin: Option<String>,
+    metrics: Option<String>,
+    drain_timeout_secs: Option<i64>,
+    tls: RawTls,
+    #[serde(default)]
+    peer: Vec<RawPeer>,
+    #[serde(default)]
+    forward: Vec<RawForward>,
+    #[serde(default)]
+    expose: Vec<RawExpose>,
+    qemu: Option<RawQemu>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    address: String,
+    transport: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    listen: String,
+    peer: String,
+    route: String,
+    /// A string ("0660"); an integer is caught to explain how to write it.
+    mode: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExpose {
+    route: String,
+    target: String,
+    allow: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQemu {
+    run_dir: String,
+    prepare_hook: Option<String>,
+}
+
+type Problem = (String, String);
+
+fn one_line(s: &str) -> String {
+    let s = s.trim();
+    if !s.contains(['\n', '\r']) {
+        return s.to_string();
+    }
+    s.split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn with_line(problem: String, text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(s) => format!("{problem} (line {})", line_of(text, s.start)),
+        None => problem,
+    }
+}
+
+fn parse(text: &str) -> Result<RawConfig, Problem> {
+    // Syntax first, so that a syntax error is not mistaken for a problem with some key.
+    if let Err(e) = text.parse::<toml::Table>() {
+        let first = e
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid TOML")
+            .to_string();
+        let key = e
+            .span()
+            .map(|s| key_at_line(text, line_of(text, s.start)))
+            .unwrap_or_default();
+        return Err((
+            key,
+            with_line(format!("TOML syntax error: {first}"), text, e.span()),
+        ));
+    }
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let mut key = render_path(e.path());
+        let inner = e.inner();
+        let msg = inner
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid value")
+            .to_string();
+        let problem = if let Some(rest) = msg.strip_prefix("unknown field `") {
+            // "unknown field `adress`, expected one of `name`, `address`, `transport`"
+            let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
+            if !key.ends_with(field) {
+                key = join_key(&key, field);
+            }
+            let expected = expected.trim_start_matches(',').trim().replace('`', "");
+            if expected.is_empty() {
+                "unknown key".to_string()
+            } else {
+                format!("unknown key ({expected})")
+            }
+        } else if let Some(rest) = msg.strip_prefix("missing field `") {
+            let field = rest.split('`').next().unwrap_or(rest);
+            key = join_key(&key, field);
+            "missing key".to_string()
+        } else if key.ends_with("mode") && msg.starts_with("invalid type") {
+            format!("{msg}; write the mode as an octal string, e.g. mode = \"0660\"")
+        } else {
+            msg
+        };
+        (key, with_line(problem, text, inner.span()))
+    })
+}
+
+fn join_key(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_string()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+fn render_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => {
+                let _ = write!(out, "[{index}]");
+            }
+            Segment::Map { key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Enum { variant } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(variant);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// Best-effort key for a syntax error on `line` (1-based): the enclosing table header plus the
+/// key written at the start of that line, e.g. `peer[1].address`.
+fn key_at_line(text: &str, line: usize) -> String {
+    let mut table = String::new();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        let is_error_line = i + 1 == line;
+        if let Some(h) = l.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let h = h.trim().to_string();
+            let n = counts.entry(h.clone()).or_insert(0);
+            table = format!("{h}[{n}]");
+            *n += 1;
+            if is_error_line {
+                return table;
+            }
+        } else if let Some(h) = l.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = h.trim().to_string();
+            if is_error_line {
+                return table;
+            }
+        } else if is_error_line {
+            let k: String = l
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                .collect();
+            if k.is_empty() || !l[k.len()..].trim_start().starts_with('=') {
+                return table;
+            }
+            return join_key(&table, &k);
+        }
+    }
+    table
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+struct Validator<'a> {
+    base: &'a Path,
+}
+
+fn err<T>(key: impl Into<String>, problem: impl Into<String>) -> Result<T, Problem> {
+    Err((key.into(), problem.into()))
+}
+
+impl Validator<'_> {
+    fn path(&self, key: &str, value: &str) -> Result<PathBuf, Problem> {
+        if value.is_empty() {
+            return err(key, "empty path");
+        }
+        let p = Path::new(value);
+        Ok(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        })
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, Problem> {
+        check_dns_name(&raw.name).or_else(|p| err("name", p))?;
+        let listen: SocketAddr = raw.listen.parse().or_else(|_| {
+            err(
+                "listen",
+                format!(
+                    "not an IP:PORT address: {:?} (e.g. \"0.0.0.0:7443\")",
+                    raw.listen
+                ),
+            )
+        })?;
+        let admin = match &raw.admin {
+            None => None,
+            Some(a) => {
+                if !a.starts_with('/') {
+                    return err("admin", format!("must be an absolute path, got {a:?}"));
+                }
+                if a.len() > MAX_UNIX_PATH {
+                    return err(
+                        "admin",
+                        format!(
+                            "a UNIX socket path must be shorter than 108 bytes, got {} bytes",
+                            a.len()
+                        ),
+                    );
+                }
+                Some(PathBuf::from(a))
+            }
+        };
+        let metrics = match &raw.metrics {
+            None => None,
+            Some(m) => Some(m.parse::<SocketAddr>().or_else(|_| {
+                err(
+                    "metrics",
+                    format!("not an IP:PORT address: {m:?} (e.g. \"127.0.0.1:9477\")"),
+                )
+            })?),
+        };
+        let drain_timeout = match raw.drain_timeout_secs {
+            None => DEFAULT_DRAIN_TIMEOUT,
+            Some(s) if (0..=MAX_DRAIN_TIMEOUT_SECS).contains(&s) => Duration::from_secs(s as u64),
+            Some(s) => {
+                return err(
+                    "drain_timeout_secs",
+                    format!("must be between 0 and {MAX_DRAIN_TIMEOUT_SECS} seconds, got {s}"),
+                )
+            }
+        };
+
+        let tls = self.tls(&raw.tls)?;
+        let sans = dns_sans(&tls.cert_chain[0]);
+        if !sans.iter().any(|s| s.eq_ignore_ascii_case(&raw.name)) {
+            let has = if sans.is_empty() {
+                "none".to_string()
+            } else {
+                sans.join(", ")
+            };
+            return err(
+                "name",
+                format!(
+                    "{} is not a DNS SAN of {} (it has: {has})",
+                    raw.name,
+                    tls.cert_path.display()
+                ),
+            );
+        }
+        check_verifiable(&raw.name, &tls)?;
+
+        let peers = self.peers(&raw.name, raw.peer)?;
+        let forwards = self.forwards(raw.forward, &peers, admin.as_deref())?;
+        let exposes = self.exposes(raw.expose)?;
+        let qemu = match raw.qemu {
+            None => None,
+            Some(q) => Some(QemuConfig {
+                run_dir: self.path("qemu.run_dir", &q.run_dir)?,
+                prepare_hook: match q.prepare_hook {
+                    None => None,
+                    Some(h) => Some(self.path("qemu.prepare_hook", &h)?),
+                },
+            }),
+        };
+
+        Ok(Config {
+            name: raw.name,
+            listen,
+            admin,
+            metrics,
+            drain_timeout,
+            tls,
+            peers,
+            forwards,
+            exposes,
+            qemu,
+        })
+    }
+
+    fn tls(&self, raw: &RawTls) -> Result<TlsConfig, Problem> {
+        let cert_path = self.path("tls.cert", &raw.cert)?;
+        let key_path = self.path("tls.key", &raw.key)?;
+        let ca_path = self.path("tls.ca", &raw.ca)?;
+        let cert_chain = load_certs(&cert_path).or_else(|e| err("tls.cert", e.to_string()))?;
+        let key = load_key(&key_path).or_else(|e| err("tls.key", e.to_string()))?;
+        let ca_certs = load_certs(&ca_path).or_else(|e| err("tls.ca", e.to_string()))?;
+
+        // The leaf: parseable, within its validity period.
+        let (_, leaf) =
+            x509_parser::parse_x509_certificate(cert_chain[0].as_ref()).or_else(|e| {
+                err(
+                    "tls.cert",
+                    format!(
+                        "{}: cannot parse the first certificate: {e}",
+                        cert_path.display()
+                    ),
+                )
+            })?;
+        let validity = leaf.validity();
+        let now = UnixTime::now().as_secs() as i64;
+        let (from, until) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
+        if now < from {
+            return err(
+                "tls.cert",
+                format!(
+                    "{} is not valid yet: valid from {} to {}",
+                    cert_path.display(),
+                    fmt_time(from),
+                    fmt_time(until)
+                ),
+            );
+        }
+        if now > until {
+            return err(
+                "tls.cert",
+                format!(
+                    "{} has expired: valid from {} to {}",
+                    cert_path.display(),
+                    fmt_time(from),
+                    fmt_time(until)
+                ),
+            );
+        }
+
+        // The key: usable by rustls and the one of the certificate.
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .or_else(|e| err("tls", format!("TLS 1.3 is not available: {e}")))?
+            .with_no_client_auth();
+        if let Err(e) = builder.with_single_cert(cert_chain.clone(), key.clone_key()) {
+            let problem = match e {
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "{} does not match tls.cert {} ({e})",
+                    key_path.display(),
+                    cert_path.display()
+                ),
+                e => format!(
+                    "{} is unusable with tls.cert {} ({e})",
+                    key_path.display(),
+                    cert_path.display()
+                ),
+            };
+            return err("tls.key", problem);
+        }
+
+        // The CA bundle: every certificate a usable trust anchor.
+        let mut roots = rustls::RootCertStore::empty();
+        for (i, ca) in ca_certs.iter().enumerate() {
+            if let Err(e) = roots.add(ca.clone()) {
+                return err(
+                    "tls.ca",
+                    format!(
+                        "{}: certificate #{} is not a usable trust anchor ({e})",
+                        ca_path.display(),
+                        i + 1
+                    ),
+                );
+            }
+        }
+
+        Ok(TlsConfig {
+            cert_path,
+            key_path,
+            ca_path,
+            cert_chain,
+            key,
+            ca_certs,
+        })
+    }
+
+    fn peers(&self, own_name: &str, raw: Vec<RawPeer>) -> Result<Vec<Peer>, Problem> {
+        let mut peers: Vec<Peer> = Vec::with_capacity(raw.len());
+        for (i, p) in raw.into_iter().enumerate() {
+            let k = |f: &str| format!("peer[{i}].{f}");
+            check_dns_name(&p.name).or_else(|e| err(k("name"), e))?;
+            if p.name.eq_ignore_ascii_case(own_name) {
+                return err(k("name"), format!("{:?} is this host's own name", p.name));
+            }
+            if let Some(j) = peers
+                .iter()
+                .position(|q| q.name.eq_ignore_ascii_case(&p.name))
+            {
+                return err(
+                    k("name"),
+                    format!("duplicate peer {:?} (also peer[{j}])", p.name),
+                );
+            }
+            check_address(&p.address).or_else(|e| err(k("address"), e))?;
+            let transport = match p.transport.as_deref() {
+                None | Some("tls") => Transport::Tls,
+                Some(t @ ("quic" | "auto")) => {
+                    return err(
+                        k("transport"),
+                        format!("transport {t:?} is not available in this version of migtun; use \"tls\""),
+                    )
+                }
+                Some(t) => {
+                    return err(
+                        k("transport"),
+                        format!("unknown transport {t:?} (expected \"tls\"; \"quic\" and \"auto\" come later)"),
+                    )
+                }
+            };
+            peers.push(Peer {
+                name: p.name,
+                address: p.address,
+                transport,
+            });
+        }
+        Ok(peers)
+    }
+
+    fn forwards(
+        &self,
+        raw: Vec<RawForward>,
+        peers: &[Peer],
+        admin: Option<&Path>,
+    ) -> Result<Vec<Forward>, Problem> {
+        let mut forwards: Vec<Forward> = Vec::with_capacity(raw.len());
+        for (i, f) in raw.into_iter().enumerate() {
+            let k = |f: &str| format!("forward[{i}].{f}");
+            let listen: Endpoint =
+                f.listen
+                    .parse()
+                    .or_else(|e: crate::endpoint::EndpointParseError| {
+                        err(k("listen"), e.to_string())
+                    })?;
+            match &listen {
+                Endpoint::Tcp(a) if !a.ip().is_loopback() => {
+                    return err(
+                        k("listen"),
+                        format!(
+                            "a tcp listen must be on a loopback address (127.0.0.1 or [::1]), got {a}: \
+                             forward listeners are unauthenticated entry points into the tunnel"
+                        ),
+                    )
+                }
+                Endpoint::Unix(p) if Some(p.as_path()) == admin => {
+                    return err(k("listen"), format!("{} is also the admin socket", p.display()))
+                }
+                _ => {}
+            }
+            let ephemeral = matches!(listen, Endpoint::Tcp(a) if a.port() == 0);
+            if !ephemeral {
+                if let Some(j) = forwards.iter().position(|o| o.listen == listen) {
+                    return err(
+                        k("listen"),
+                        format!("duplicate listen endpoint {listen} (also forward[{j}])"),
+                    );
+                }
+            }
+            if !peers.iter().any(|p| p.name == f.peer) {
+                let known: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+                let known = if known.is_empty() {
+                    "no [[peer]] is configured".to_string()
+                } else {
+                    format!("known peers: {}", known.join(", "))
+                };
+                return err(k("peer"), format!("unknown peer {:?} ({known})", f.peer));
+            }
+            check_route(&f.route).or_else(|e| err(k("route"), e))?;
+            let mode = match f.mode {
+                None => DEFAULT_SOCKET_MODE,
+                Some(v) => {
+                    if !matches!(listen, Endpoint::Unix(_)) {
+                        return err(k("mode"), "mode only applies to a unix: listen endpoint");
+                    }
+                    parse_mode(&v).or_else(|e| err(k("mode"), e))?
+                }
+            };
+            forwards.push(Forward {
+                listen,
+                peer: f.peer,
+                route: f.route,
+                mode,
+            });
+        }
+        Ok(forwards)
+    }
+
+    fn exposes(&self, raw: Vec<RawExpose>) -> Result<Vec<Expose>, Problem> {
+        let mut exposes: Vec<Expose> = Vec::with_capacity(raw.len());
+        for (i, e) in raw.into_iter().enumerate() {
+            let k = |f: &str| format!("expose[{i}].{f}");
+            check_route(&e.route).or_else(|p| err(k("route"), p))?;
+            if let Some(j) = exposes.iter().position(|o| o.route == e.route) {
+                return err(
+                    k("route"),
+                    format!("duplicate route {:?} (also expose[{j}])", e.route),
+                );
+            }
+            let target: Endpoint =
+                e.target
+                    .parse()
+                    .or_else(|p: crate::endpoint::EndpointParseError| {
+                        err(k("target"), p.to_string())
+                    })?;
+            if e.allow.is_empty() {
+                return err(
+                    k("allow"),
+                    "empty: list the peer names that may open this route",
+                );
+            }
+            for (j, a) in e.allow.iter().enumerate() {
+                check_dns_name(a).or_else(|p| err(format!("expose[{i}].allow[{j}]"), p))?;
+            }
+            exposes.push(Expose {
+                route: e.route,
+                target,
+                allow: e.allow,
+            });
+        }
+        Ok(exposes)
+    }
+}
+
+/// Peers verify our certificate against the same CA bundle, for both server and client use:
+/// check now what they will check, so a wrong chain or EKU shows up in `migtun check`.
+fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::server::danger::ClientCertVerifier;
+
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(tls.ca_certs.iter().cloned());
+    let roots = Arc::new(roots);
+    let now = UnixTime::now();
+    let (leaf, intermediates) = (&tls.cert_chain[0], &tls.cert_chain[1..]);
+    let cert = tls.cert_path.display();
+    let ca = tls.ca_path.display();
+
+    let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .or_else(|e| {
+        err(
+            "tls.ca",
+            format!("{ca}: cannot build a certificate verifier ({e})"),
+        )
+    })?;
+    let server_name = ServerName::try_from(name.to_string()).or_else(|e| {
+        err(
+            "name",
+            format!("{name:?} is not usable as a TLS server name ({e})"),
+        )
+    })?;
+    if let Err(e) = server.verify_server_cert(leaf, intermediates, &server_name, &[], now) {
+        return err(
+            "tls.cert",
+            format!("{cert} does not verify as a TLS server certificate for {name} under tls.ca {ca} ({e})"),
+        );
+    }
+    let client = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .build()
+        .or_else(|e| {
+            err(
+                "tls.ca",
+                format!("{ca}: cannot build a certificate verifier ({e})"),
+            )
+        })?;
+    if let Err(e) = client.verify_client_cert(leaf, intermediates, now) {
+        return err(
+            "tls.cert",
+            format!("{cert} does not verify as a TLS client certificate under tls.ca {ca} ({e}); it needs EKU clientAuth"),
+        );
+    }
+    Ok(())
+}
+
+/// A DNS host name: labels of 1..=63 letters, digits and '-' (not at either end), '.'-separated,
+/// at most 253 characters.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let bad = |reason: String| Err(format!("invalid name {name:?}: {reason}"));
+    if name.is_empty() {
+        return bad("empty".into());
+    }
+    if name.len() > 253 {
+        return bad("longer than 253 characters".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.'))
+    {
+        return bad(format!(
+            "character {c:?} not allowed (letters, digits, '-' and '.' only)"
+        ));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return bad("empty label (leading, trailing or double '.')".into());
+        }
+        if label.len() > 63 {
+            return bad(format!("label {label:?} is longer than 63 characters"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad(format!("label {label:?} starts or ends with '-'"));
+        }
+    }
+    Ok(())
+}
+
+/// `host:port`, `ip:port` or `[v6]:port`.
+fn check_address(address: &str) -> Result<(), String> {
+    if address.is_empty() {
+        return Err("empty; expected host:port, e.g. \"192.0.2.2:7443\"".into());
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!(
+            "{address:?} has no port; expected host:port, e.g. \"192.0.2.2:7443\""
+        ));
+    };
+    match port.parse::<u16>() {
+        Ok(0) => return Err(format!("{address:?}: port 0 cannot be connected to")),
+        Ok(_) => {}
+        Err(_) => {
+            return Err(format!(
+                "{address:?}: {port:?} is not a port number (1..65535)"
+            ))
+        }
+    }
+    if host.is_empty() {
+        return Err(format!("{address:?} has no host; expected host:port"));
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(ip) = inner.strip_suffix(']') else {
+            return Err(format!("{address:?}: unbalanced '[' in an IPv6 address"));
+        };
+        ip.parse::<Ipv6Addr>()
+            .map_err(|_| format!("{address:?}: {ip:?} is not an IPv6 address"))?;
+        return Ok(());
+    }
+    if host.contains(':') {
+        return Err(format!(
+            "{address:?}: write an IPv6 address in brackets, e.g. \"[2001:db8::2]:7443\""
+        ));
+    }
+    check_dns_name(host).map_err(|e| format!("{address:?}: bad host: {e}"))
+}
+
+/// Route names: 1..=64 characters of `[A-Za-z0-9._-]` (the wire format has the same limit).
+fn check_route(route: &str) -> Result<(), String> {
+    if route.is_empty() || route.len() > MAX_ROUTE_LEN {
+        return Err(format!(
+            "route name {route:?} must be 1 to {MAX_ROUTE_LEN} characters long"
+        ));
+    }
+    if let Some(c) = route
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "route name {route:?}: character {c:?} not allowed (letters, digits, '.', '_', '-')"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_mode(v: &toml::Value) -> Result<u32, String> {
+    let toml::Value::String(s) = v else {
+        return Err(format!(
+            "expected an octal string such as \"0660\", got {}; write it in quotes",
+            v.type_str()
+        ));
+    };
+    if s.is_empty() || s.len() > 4 || !s.chars().all(|c| ('0'..='7').contains(&c)) {
+        return Err(format!("{s:?} is not an octal mode such as \"0660\""));
+    }
+    let mode = u32::from_str_radix(s, 8).map_err(|e| format!("{s:?}: {e}"))?;
+    if mode > 0o777 {
+        return Err(format!(
+            "{s:?}: only permission bits (at most 0777) are allowed"
+        ));
+    }
+    Ok(mode)
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Tls => "TLS/TCP",
+        Transport::Quic => "QUIC",
+        Transport::Auto => "QUIC, falling back to TLS/TCP",
+    }
+}
+
+/// "valid until 2027-01-01 12:00:00 UTC (729 days left)" for a DER certificate.
+fn validity_summary(der: &[u8]) -> String {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return "unparseable".into();
+    };
+    let until = cert.validity().not_after.timestamp();
+    let now = UnixTime::now().as_secs() as i64;
+    let left = until - now;
+    if left < 0 {
+        format!("EXPIRED on {}", fmt_time(until))
+    } else {
+        format!(
+            "valid until {} ({} days left)",
+            fmt_time(until),
+            left / 86_400
+        )
+    }
+}
+
+fn subject(der: &[u8]) -> String {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, c)) => c.subject().to_string(),
+        Err(_) => "unparseable certificate".into(),
+    }
+}
+
+/// Unix seconds as "YYYY-MM-DD HH:MM:SS UTC".
+fn fmt_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migtun_certs::{Ca, IssueOptions};
+
+    /// A PKI in a tempdir: ca.pem, host-a.{pem,key}, host-b.{pem,key}.
+    struct Pki {
+        dir: tempfile::TempDir,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let dir = tempfile::tempdir().unwrap();
+            migtun_certs::init(dir.path()).unwrap();
+            migtun_certs::issue(dir.path(), "host-a").unwrap();
+            migtun_certs::issue(dir.path(), "host-b").unwrap();
+            Pki { dir }
+        }
+        fn path(&self, f: &str) -> String {
+            self.dir.path().join(f).display().to_string()
+        }
+        /// A valid config for host-a, with `extra` appended at the top level (before tables)
+        /// and `tail` appended at the end.
+        fn config(&self, cert: &str, key: &str, tail: &str) -> String {
+            format!(
+                r#"name = "host-a"
+listen = "0.0.0.0:7443"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+
+[[peer]]
+name = "host-b"
+address = "192.0.2.2:7443"
+
+{tail}"#,
+                ca = self.path("ca.pem"),
+            )
+        }
+        fn valid(&self, tail: &str) -> String {
+            self.config(&self.path("host-a.pem"), &self.path("host-a.key"), tail)
+        }
+        fn load(&self, text: &str) -> Result<Config, ConfigError> {
+            Config::from_toml(text, "test.toml", self.dir.path())
+        }
+        fn err(&self, text: &str) -> ConfigError {
+            let e = self.load(text).expect_err("config must be refused");
+            assert!(!e.to_string().contains('\n'), "one line: {e}");
+            e
+        }
+    }
+
+    fn assert_key(e: &ConfigError, key: &str, contains: &str) {
+        assert_eq!(e.key, key, "{e}");
+        assert!(
+            e.problem.contains(contains),
+            "problem {:?} should contain {contains:?}",
+            e.problem
+        );
+    }
+
+    const FULL: &str = r#"
+[[forward]]
+listen = "unix:/run/migtun/host-b/migration.sock"
+peer = "host-b"
+route = "migration"
+mode = "0660"
+
+[[forward]]
+listen = "tcp:127.0.0.1:49152"
+peer = "host-b"
+route = "nbd.disk-0"
+
+[[expose]]
+route = "migration"
+target = "unix:/run/libvirt/qemu/incoming.sock"
+allow = ["host-b", "host-c.example.org"]
+
+[qemu]
+run_dir = "qemu-run"
+prepare_hook = "/etc/migtun/prepare"
+"#;
+
+    #[test]
+    fn full_valid_config_loads() {
+        let pki = Pki::new();
+        let text = pki.valid(FULL).replacen(
+            "listen = \"0.0.0.0:7443\"\n",
+            "listen = \"0.0.0.0:7443\"\nadmin = \"/run/migtun/admin.sock\"\nmetrics = \"127.0.0.1:9477\"\ndrain_timeout_secs = 5\n",
+            1,
+        );
+        let c = pki.load(&text).unwrap();
+        assert_eq!(c.name, "host-a");
+        assert_eq!(c.listen, "0.0.0.0:7443".parse().unwrap());
+        assert_eq!(
+            c.admin.as_deref(),
+            Some(Path::new("/run/migtun/admin.sock"))
+        );
+        assert_eq!(c.metrics, Some("127.0.0.1:9477".parse().unwrap()));
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.tls.cert_chain.len(), 1);
+        assert_eq!(c.tls.ca_certs.len(), 1);
+        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peer("host-b").unwrap().address, "192.0.2.2:7443");
+        assert_eq!(c.peers[0].transport, Transport::Tls);
+        assert_eq!(c.forwards.len(), 2);
+        assert_eq!(
+            c.forwards[0].listen,
+            Endpoint::Unix("/run/migtun/host-b/migration.sock".into())
+        );
+        assert_eq!(c.forwards[0].mode, 0o660);
+        assert_eq!(
+            c.forwards[1].listen,
+            Endpoint::Tcp("127.0.0.1:49152".parse().unwrap())
+        );
+        assert_eq!(c.forwards[1].mode, DEFAULT_SOCKET_MODE);
+        assert_eq!(c.forwards[1].route, "nbd.disk-0");
+        assert_eq!(c.exposes[0].allow, ["host-b", "host-c.example.org"]);
+        let q = c.qemu.as_ref().unwrap();
+        assert_eq!(q.run_dir, pki.dir.path().join("qemu-run"));
+        assert_eq!(
+            q.prepare_hook.as_deref(),
+            Some(Path::new("/etc/migtun/prepare"))
+        );
+
+        let text = c.explain();
+        for want in [
+            "identity: host-a",
+            "DNS SANs: host-a",
+            "days left",
+            "CN=migtun CA",
+            "TCP 0.0.0.0:7443 (TLS 1.3, mutual TLS",
+            "host-b at 192.0.2.2:7443 over TLS/TCP",
+            "unix:/run/migtun/host-b/migration.sock (mode 0660) → peer host-b, route migration",
+            "tcp:127.0.0.1:49152 → peer host-b, route nbd.disk-0",
+            "route migration → unix:/run/libvirt/qemu/incoming.sock allowed for host-b, host-c.example.org",
+            "admin: /run/migtun/admin.sock",
+            "metrics: http://127.0.0.1:9477/metrics",
+            "drain: open streams may run 5 s",
+        ] {
+            assert!(text.contains(want), "explain lacks {want:?}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let pki = Pki::new();
+        let c = pki.load(&pki.valid("")).unwrap();
+        assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert!(c.admin.is_none() && c.metrics.is_none() && c.qemu.is_none());
+        assert!(c.forwards.is_empty() && c.exposes.is_empty());
+        assert!(c.explain().contains("admin: none"));
+    }
+
+    #[test]
+    fn relative_paths_resolved_against_config_dir() {
+        let pki = Pki::new();
+        let text = pki
+            .config("host-a.pem", "./host-a.key", "")
+            .replace(&pki.path("ca.pem"), "ca.pem");
+        let file = pki.dir.path().join("migtun.toml");
+        std::fs::write(&file, text).unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.tls.cert_path, pki.dir.path().join("host-a.pem"));
+        assert_eq!(c.tls.key_path, pki.dir.path().join("./host-a.key"));
+        assert_eq!(c.tls.ca_path, pki.dir.path().join("ca.pem"));
+        // Not relative to the current directory.
+        let e = Config::from_toml(
+            &std::fs::read_to_string(&file).unwrap(),
+            "x.toml",
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
+        assert_key(&e, "tls.cert", "/nonexistent/host-a.pem");
+        let e = Config::load(&pki.dir.path().join("missing.toml")).unwrap_err();
+        assert!(e.problem.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys() {
+        let pki = Pki::new();
+        let e = pki.err(&format!("nmae = \"x\"\n{}", pki.valid("")));
+        assert_key(&e, "nmae", "unknown key (expected one of");
+        assert!(e.problem.contains("(line 1)"), "{e}");
+        let e = pki.err(&pki.valid("").replace("address =", "adress ="));
+        assert_key(
+            &e,
+            "peer[0].adress",
+            "unknown key (expected one of name, address, transport)",
+        );
+        assert!(e.problem.contains("(line 11)"), "{e}");
+        let e =
+            pki.err(&pki.valid("[[peer]]\nname = \"c\"\naddress = \"c:1\"\ntransprot = \"tls\"\n"));
+        assert_key(&e, "peer[1].transprot", "unknown key");
+        let e = pki.err(&pki.valid("[tls2]\n"));
+        assert_key(&e, "tls2", "unknown key");
+    }
+
+    #[test]
+    fn missing_keys_and_wrong_types() {
+        let pki = Pki::new();
+        let e = pki.err(
+            &pki.valid("")
+                .replace(&format!("ca = \"{}\"\n", pki.path("ca.pem")), ""),
+        );
+        assert_key(&e, "tls.ca", "missing key");
+        let e = pki.err(&pki.valid("").replace("name = \"host-a\"\n", ""));
+        assert_key(&e, "name", "missing key");
+        let e = pki.err(
+            &pki.valid("")
+                .replace("listen = \"0.0.0.0:7443\"", "listen = 7443"),
+        );
+        assert_key(&e, "listen", "invalid type");
+        let e = pki.err(
+            &pki.valid("[[expose]]\nroute = \"m\"\ntarget = \"unix:/t\"\nallow = [\"a\", 5]\n"),
+        );
+        assert_key(&e, "expose[0].allow[1]", "invalid type");
+        let e = pki.err(&pki.valid(
+            "[[forward]]\nlisten = \"unix:/a\"\npeer = \"host-b\"\nroute = \"m\"\nmode = 0o660\n",
+        ));
+        assert_key(&e, "forward[0].mode", "octal string");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let pki = Pki::new();
+        let e = pki.err(
+            &pki.valid("")
+                .replace("address = \"192.0.2.2:7443\"", "address = 192.0.2.2:7443"),
+        );
+        assert!(
+            e.problem.contains("TOML syntax error") && e.problem.contains("(line 11)"),
+            "{e}"
+        );
+        assert_eq!(e.key, "peer[0].address");
+    }
+
+    #[test]
+    fn missing_and_unreadable_files() {
+        let pki = Pki::new();
+        let e = pki.err(&pki.config("/nonexistent/x.pem", &pki.path("host-a.key"), ""));
+        assert_key(&e, "tls.cert", "/nonexistent/x.pem");
+        let e = pki.err(&pki.config(&pki.path("host-a.pem"), &pki.path("nope.key"), ""));
+        assert_key(&e, "tls.key", "nope.key");
+        // A directory as key.
+        let e = pki.err(&pki.config(&pki.path("host-a.pem"), &pki.path(""), ""));
+        assert_key(&e, "tls.key", "cannot read");
+        // A file without a key.
+        let e = pki.err(&pki.config(&pki.path("host-a.pem"), &pki.path("host-a.pem"), ""));
+        assert_key(&e, "tls.key", "no PEM private key");
+        // A key file as certificate.
+        let e = pki.err(&pki.config(&pki.path("host-a.key"), &pki.path("host-a.key"), ""));
+        assert_key(&e, "tls.cert", "no PEM certificate");
+        let e = pki.err(&pki.valid("").replace("ca.pem", "host-a.key"));
+        assert_key(&e, "tls.ca", "no PEM certificate");
+    }
+
+    #[test]
+    fn key_must_match_cert() {
+        let pki = Pki::new();
+        let e = pki.err(&pki.config(&pki.path("host-a.pem"), &pki.path("host-b.key"), ""));
+        assert_key(&e, "tls.key", "does not match tls.cert");
+    }
+
+    #[test]
+    fn name_must_be_a_san() {
+        let pki = Pki::new();
+        let e = pki.err(
+            &pki.valid("")
+                .replace("name = \"host-a\"", "name = \"host-c\""),
+        );
+        assert_key(&e, "name", "host-c is not a DNS SAN of");
+        assert!(e.problem.contains("(it has: host-a)"), "{e}");
+        // Case-insensitive.
+        pki.load(
+            &pki.valid("")
+                .replace("name = \"host-a\"", "name = \"HOST-A\""),
+        )
+        .unwrap();
+        let e = pki.err(
+            &pki.valid("")
+                .replace("name = \"host-a\"", "name = \"host a\""),
+        );
+        assert_key(&e, "name", "invalid name");
+    }
+
+    #[test]
+    fn expired_and_foreign_certs() {
+        let pki = Pki::new();
+        let ca = Ca::load(pki.dir.path()).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let at = |s: i64| migtun_certs::time::OffsetDateTime::from_unix_timestamp(s).unwrap();
+        let opts = IssueOptions {
+            not_before: Some(at(now - 864_000)),
+            not_after: Some(at(now - 86_400)),
+            ..Default::default()
+        };
+        let old = ca.issue("host-a", &opts).unwrap();
+        let old_dir = tempfile::tempdir().unwrap();
+        let (cert, key) = old.write(old_dir.path()).unwrap();
+        let e = pki.err(&pki.config(&cert.display().to_string(), &key.display().to_string(), ""));
+        assert_key(&e, "tls.cert", "has expired: valid from ");
+        assert!(e.problem.contains(" UTC"), "{e}");
+
+        // A certificate of another CA: peers would refuse it.
+        let other = Ca::generate("other CA")
+            .unwrap()
+            .issue("host-a", &IssueOptions::default())
+            .unwrap();
+        let (cert, key) = other.write(old_dir.path()).unwrap();
+        let e = pki.err(&pki.config(&cert.display().to_string(), &key.display().to_string(), ""));
+        assert_key(&e, "tls.cert", "does not verify");
+    }
+
+    #[test]
+    fn peers() {
+        let pki = Pki::new();
+        let e = pki.err(&pki.valid("").replace(
+            "address = \"192.0.2.2:7443\"",
+            "address = \"192.0.2.2:7443\"\ntransport = \"udp\"",
+        ));
+        assert_key(&e, "peer[0].transport", "unknown transport \"udp\"");
+        let e = pki.err(&pki.valid("").replace(
+            "address = \"192.0.2.2:7443\"",
+            "address = \"192.0.2.2:7443\"\ntransport = \"quic\"",
+        ));
+        assert_key(
+            &e,
+            "peer[0].transport",
+            "transport \"quic\" is not available in this version of migtun; use \"tls\"",
+        );
+        let e = pki.err(&pki.valid("").replace(
+            "address = \"192.0.2.2:7443\"",
+            "address = \"192.0.2.2:7443\"\ntransport = \"auto\"",
+        ));
+        assert_key(&e, "peer[0].transport", "not available");
+        let c = pki
+            .load(&pki.valid("").replace(
+                "address = \"192.0.2.2:7443\"",
+                "address = \"192.0.2.2:7443\"\ntransport = \"tls\"",
+            ))
+            .unwrap();
+        assert_eq!(c.peers[0].transport, Transport::Tls);
+
+        let e = pki.err(&pki.valid("[[peer]]\nname = \"host-b\"\naddress = \"x:1\"\n"));
+        assert_key(
+            &e,
+            "peer[1].name",
+            "duplicate peer \"host-b\" (also peer[0])",
+        );
+        let e = pki.err(&pki.valid("[[peer]]\nname = \"host-a\"\naddress = \"x:1\"\n"));
+        assert_key(&e, "peer[1].name", "own name");
+        for (addr, ok) in [
+            ("b.example.org:7443", true),
+            ("[2001:db8::2]:7443", true),
+            ("10.0.0.1:65535", true),
+            ("", false),
+            ("host", false),
+            ("host:", false),
+            ("host:70000", false),
+            (":7443", false),
+            ("2001:db8::2:7443", false),
+            ("[2001:db8::zz]:7443", false),
+            ("a b:1", false),
+        ] {
+            let r = pki.load(&pki.valid("").replace("192.0.2.2:7443", addr));
+            match (r, ok) {
+                (Ok(_), true) => {}
+                (Err(e), false) => assert_eq!(e.key, "peer[0].address", "{addr}: {e}"),
+                (r, _) => panic!("{addr}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn forwards() {
+        let pki = Pki::new();
+        let fwd = |listen: &str, peer: &str, route: &str| {
+            format!("[[forward]]\nlisten = \"{listen}\"\npeer = \"{peer}\"\nroute = \"{route}\"\n")
+        };
+        let e = pki.err(&pki.valid(&fwd("unix:/run/a.sock", "host-x", "m")));
+        assert_key(
+            &e,
+            "forward[0].peer",
+            "unknown peer \"host-x\" (known peers: host-b)",
+        );
+        let e = pki.err(&pki.valid(&fwd("tcp:0.0.0.0:49152", "host-b", "m")));
+        assert_key(&e, "forward[0].listen", "loopback");
+        pki.load(&pki.valid(&fwd("tcp:[::1]:49152", "host-b", "m")))
+            .unwrap();
+        let e = pki.err(&pki.valid(&fwd("unix:rel.sock", "host-b", "m")));
+        assert_key(&e, "forward[0].listen", "absolute");
+        let e = pki.err(&pki.valid(&format!(
+            "{}{}",
+            fwd("unix:/a", "host-b", "m"),
+            fwd("unix:/a", "host-b", "n")
+        )));
+        assert_key(
+            &e,
+            "forward[1].listen",
+            "duplicate listen endpoint unix:/a (also forward[0])",
+        );
+        let e = pki.err(&pki.valid(&fwd("unix:/a", "host-b", "bad route")));
+        assert_key(&e, "forward[0].route", "not allowed");
+        let e = pki.err(&pki.valid(&fwd("unix:/a", "host-b", &"r".repeat(65))));
+        assert_key(&e, "forward[0].route", "1 to 64");
+        pki.load(&pki.valid(&fwd("unix:/a", "host-b", &"r".repeat(64))))
+            .unwrap();
+        let e = pki.err(&pki.valid(&format!(
+            "{}mode = \"0660\"\n",
+            fwd("tcp:127.0.0.1:1", "host-b", "m")
+        )));
+        assert_key(&e, "forward[0].mode", "unix");
+        for bad in ["0999", "1777", "rw", "", "07777"] {
+            let e = pki.err(&pki.valid(&format!(
+                "{}mode = \"{bad}\"\n",
+                fwd("unix:/a", "host-b", "m")
+            )));
+            assert_key(&e, "forward[0].mode", "");
+        }
+    }
+
+    #[test]
+    fn exposes() {
+        let pki = Pki::new();
+        let exp = |route: &str, target: &str, allow: &str| {
+            format!("[[expose]]\nroute = \"{route}\"\ntarget = \"{target}\"\nallow = [{allow}]\n")
+        };
+        let e = pki.err(&pki.valid(&format!(
+            "{}{}",
+            exp("migration", "unix:/a", "\"host-b\""),
+            exp("migration", "unix:/b", "\"host-b\"")
+        )));
+        assert_key(
+            &e,
+            "expose[1].route",
+            "duplicate route \"migration\" (also expose[0])",
+        );
+        let e = pki.err(&pki.valid(&exp("m", "udp:1.2.3.4:5", "\"host-b\"")));
+        assert_key(
+            &e,
+            "expose[0].target",
+            "expected \"unix:/absolute/path\" or \"tcp:IP:PORT\"",
+        );
+        let e = pki.err(&pki.valid(&exp("m", "unix:/a", "")));
+        assert_key(&e, "expose[0].allow", "empty");
+        let e = pki.err(&pki.valid(&exp("m", "unix:/a", "\"host-b\", \"not a name\"")));
+        assert_key(&e, "expose[0].allow[1]", "invalid name");
+        let e = pki.err(&pki.valid(&exp("", "unix:/a", "\"host-b\"")));
+        assert_key(&e, "expose[0].route", "1 to 64");
+    }
+
+    #[test]
+    fn top_level_values() {
+        let pki = Pki::new();
+        let set = |line: &str| {
+            pki.valid("").replacen(
+                "listen = \"0.0.0.0:7443\"\n",
+                &format!("listen = \"0.0.0.0:7443\"\n{line}\n"),
+                1,
+            )
+        };
+        assert_key(
+            &pki.err(&set("drain_timeout_secs = 3601")),
+            "drain_timeout_secs",
+            "between 0 and 3600",
+        );
+        assert_key(
+            &pki.err(&set("drain_timeout_secs = -1")),
+            "drain_timeout_secs",
+            "between 0 and 3600",
+        );
+        assert_key(
+            &pki.err(&set("admin = \"admin.sock\"")),
+            "admin",
+            "absolute",
+        );
+        assert_key(
+            &pki.err(&set("metrics = \"localhost:9477\"")),
+            "metrics",
+            "IP:PORT",
+        );
+        let e = pki.err(&pki.valid("").replace("0.0.0.0:7443", "0.0.0.0"));
+        assert_key(&e, "listen", "IP:PORT");
+        let e = pki.err(&pki.valid("[qemu]\nrun_dir = \"\"\n"));
+        assert_key(&e, "qemu.run_dir", "empty");
+        assert_key(
+            &pki.err(&pki.valid("[qemu]\n")),
+            "qemu.run_dir",
+            "missing key",
+        );
+    }
+
+    #[test]
+    fn display_is_one_line_naming_the_key() {
+        let pki = Pki::new();
+        let e = pki.err(&pki.valid("").replace(
+            "address = \"192.0.2.2:7443\"",
+            "address = \"192.0.2.2:7443\"\ntransport = \"quic\"",
+        ));
+        let s = e.to_string();
+        assert!(
+            s.starts_with("test.toml: `peer[0].transport`: transport \"quic\""),
+            "{s}"
+        );
+        assert_eq!(s.lines().count(), 1);
+    }
+
+    #[test]
+    fn time_format() {
+        assert_eq!(fmt_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(fmt_time(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(fmt_time(1_767_225_599), "2025-12-31 23:59:59 UTC");
+    }
+}

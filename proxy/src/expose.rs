@@ -1,0 +1,192 @@
+//! The receiving end of a data stream: preamble, authorization, target connect, relay.
+//!
+//! Runs for every authenticated `migtun/1` connection the port accepts. Whatever the outcome
+//! the source gets a reply with a reason before the connection closes, and a failure is logged,
+//! counted, and touches nothing but this one stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metrics::{Metrics, Side};
+use crate::relay::{relay, RelayError};
+use crate::routes::RouteTable;
+use crate::tls::PeerIdentity;
+use crate::wire::{Reply, ReplyCode, Request, WireError, MAX_REQUEST_LEN};
+use crate::Reset;
+
+/// How long a handshaked connection may sit idle before its preamble starts. Sources keep a
+/// few connections warm for up to [`crate::connect::POOL_MAX_IDLE`]; this is comfortably more.
+pub const IDLE_PREAMBLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once the first byte of a preamble has arrived, the rest must follow promptly.
+pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connecting to a local target; a UNIX socket answers at once or not at all, so this is only
+/// reached by a listener whose backlog is full or a TCP target that drops SYNs.
+pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the receiving side needs to serve a stream.
+pub struct ExposeContext {
+    pub metrics: Arc<Metrics>,
+    pub routes: Arc<RouteTable>,
+    /// Cancelled when the agent starts draining: idle connections close, new preambles are refused.
+    pub draining: CancellationToken,
+    /// Cancelled when the drain deadline passes: open streams are cut.
+    pub abort: CancellationToken,
+}
+
+/// Route label for requests that name no configured route: keeps metric labels bounded.
+const UNKNOWN_ROUTE_LABEL: &str = "<unknown>";
+
+/// Serves one data stream on an authenticated connection.
+pub async fn serve<S>(mut conn: S, peer: PeerIdentity, ctx: &ExposeContext)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Reset,
+{
+    let peer_name = peer.name().to_string();
+    let (request, leftover) = match read_request(&mut conn, ctx).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return, // an idle warm connection closed, or we are draining
+        Err(err) => {
+            let reason = match &err {
+                PreambleError::Timeout => "preamble-timeout",
+                PreambleError::Wire(WireError::UnsupportedVersion(_)) => "unsupported-version",
+                PreambleError::Wire(_) => "malformed-preamble",
+                PreambleError::Io(_) => "preamble-io",
+            };
+            ctx.metrics.protocol_errors.get_or_create(&crate::metrics::ReasonLabels { reason }).inc();
+            warn!(peer = %peer_name, reason, error = %err, "bad stream preamble; closing the connection");
+            let code = match err {
+                PreambleError::Wire(WireError::UnsupportedVersion(_)) => ReplyCode::UnsupportedVersion,
+                _ => ReplyCode::Malformed,
+            };
+            let _ = send_reply(&mut conn, &Reply::refuse(code, err.to_string())).await;
+            return;
+        }
+    };
+    let route_name = request.route.as_str();
+
+    if ctx.draining.is_cancelled() {
+        refuse(&mut conn, ctx, &peer_name, route_name, ReplyCode::Draining, "agent is shutting down").await;
+        return;
+    }
+    let route = match ctx.routes.authorize(route_name, request.migration.as_deref(), &peer) {
+        Ok(r) => r,
+        Err(refusal) => {
+            let label = if refusal.code == ReplyCode::UnknownRoute { UNKNOWN_ROUTE_LABEL } else { route_name };
+            refuse(&mut conn, ctx, &peer_name, label, refusal.code, &refusal.detail).await;
+            return;
+        }
+    };
+    let mut target = match route.target.connect(TARGET_CONNECT_TIMEOUT).await {
+        Ok(t) => t,
+        Err(e) => {
+            let detail = format!("cannot connect to {}: {e}", route.target);
+            refuse(&mut conn, ctx, &peer_name, route_name, ReplyCode::TargetUnreachable, &detail).await;
+            return;
+        }
+    };
+    if let Err(e) = send_reply(&mut conn, &Reply::ok()).await {
+        warn!(peer = %peer_name, route = route_name, error = %e, "peer went away before the stream started");
+        ctx.metrics.stream_failed(&peer_name, route_name, Side::Target, "peer-gone");
+        return;
+    }
+    let stream_metrics = ctx.metrics.stream(&peer_name, route_name, Side::Target);
+    debug!(peer = %peer_name, route = route_name, target = %route.target, "stream open");
+    if !leftover.is_empty() {
+        if let Err(e) = target.write_all(&leftover).await {
+            warn!(peer = %peer_name, route = route_name, error = %e, "target closed at once");
+            target.set_reset_on_drop();
+            conn.set_reset_on_drop();
+            return;
+        }
+        stream_metrics.rx.inc_by(leftover.len() as u64);
+    }
+    let result = tokio::select! {
+        r = relay(&mut target, &mut conn, &stream_metrics.tx, &stream_metrics.rx) => r,
+        _ = ctx.abort.cancelled() => Err(RelayError::Local(std::io::Error::other("drain deadline passed"))),
+    };
+    match result {
+        Ok(t) => info!(
+            peer = %peer_name, route = route_name, from_peer = t.peer_to_local, to_peer = t.local_to_peer,
+            "stream closed"
+        ),
+        Err(e) => {
+            warn!(peer = %peer_name, route = route_name, error = %e, "stream reset");
+            target.set_reset_on_drop();
+            conn.set_reset_on_drop();
+        }
+    }
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(
+    conn: &mut S,
+    ctx: &ExposeContext,
+    peer: &str,
+    route: &str,
+    code: ReplyCode,
+    detail: &str,
+) {
+    warn!(peer, route, reason = code.reason(), detail, "stream refused");
+    ctx.metrics.stream_failed(peer, route, Side::Target, code.reason());
+    let _ = send_reply(conn, &Reply::refuse(code, detail)).await;
+}
+
+async fn send_reply<S: AsyncWrite + Unpin>(conn: &mut S, reply: &Reply) -> std::io::Result<()> {
+    conn.write_all(&reply.encode()).await?;
+    conn.flush().await?;
+    if reply.code != ReplyCode::Ok {
+        // Refused: close our side cleanly so the source reads the reply and then EOF.
+        conn.shutdown().await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PreambleError {
+    #[error("timed out waiting for the preamble")]
+    Timeout,
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads a request. `Ok(None)` when the connection closed (or the agent began draining) before
+/// the first byte: that is how idle warm connections end, and it is not an error.
+async fn read_request<S: AsyncRead + Unpin>(
+    conn: &mut S,
+    ctx: &ExposeContext,
+) -> Result<Option<(Request, Vec<u8>)>, PreambleError> {
+    let mut buf = [0u8; MAX_REQUEST_LEN];
+    let mut have = 0;
+    let first = tokio::select! {
+        r = tokio::time::timeout(IDLE_PREAMBLE_TIMEOUT, conn.read(&mut buf)) => r,
+        _ = ctx.draining.cancelled() => return Ok(None),
+    };
+    match first {
+        Err(_) => return Ok(None), // idle warm connection expired
+        Ok(Ok(0)) => return Ok(None),
+        Ok(Ok(n)) => have += n,
+        Ok(Err(e)) => return Err(e.into()),
+    }
+    let deadline = tokio::time::Instant::now() + PREAMBLE_TIMEOUT;
+    loop {
+        if let Some((req, used)) = Request::decode(&buf[..have])? {
+            return Ok(Some((req, buf[used..have].to_vec())));
+        }
+        if have == buf.len() {
+            // decode() rejects anything longer than the longest valid request before this.
+            return Err(PreambleError::Wire(WireError::BadName { what: "preamble", why: "too long" }));
+        }
+        let n = tokio::time::timeout_at(deadline, conn.read(&mut buf[have..]))
+            .await
+            .map_err(|_| PreambleError::Timeout)??;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed inside the preamble").into());
+        }
+        have += n;
+    }
+}

@@ -1,0 +1,66 @@
+//! Host identity: certificates and keys read from PEM files, and the names they carry.
+//!
+//! A host's name is a DNS SAN of its certificate. Any PKI works (`migtun certs`, cert-manager,
+//! SPIFFE, an enterprise CA) as long as host certificates carry DNS SANs and are usable for both
+//! client and server authentication.
+
+use std::path::Path;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: String },
+    #[error("{path}: bad PEM certificate: {detail}")]
+    BadCertificate { path: String, detail: String },
+    #[error("{path} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")]
+    NoKey { path: String },
+    #[error("{path}: bad PEM private key: {detail}")]
+    BadKey { path: String, detail: String },
+}
+
+/// The certificates in a PEM file, in order (leaf first for a chain).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let p = path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| IdentityError::Read { path: p.clone(), source })?;
+    let certs = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::BadCertificate { path: p.clone(), detail: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(IdentityError::NoCertificate { path: p });
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    let p = path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| IdentityError::Read { path: p.clone(), source })?;
+    PrivateKeyDer::from_pem_slice(&data).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => IdentityError::NoKey { path: p },
+        e => IdentityError::BadKey { path: p, detail: e.to_string() },
+    })
+}
+
+/// The DNS subject alternative names of a DER certificate (empty if it has none or does not parse).
+pub fn dns_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}

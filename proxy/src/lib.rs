@@ -1,0 +1,52 @@
+//! migtun data plane: one TLS port carrying any number of tunnelled byte streams between hosts.
+//!
+//! A connection accepted on a local `[[forward]]` listener becomes one mutually authenticated
+//! TLS 1.3 connection to the peer's port ([`forward`], [`connect`]); a short preamble names the
+//! route ([`wire`]); the peer checks who may open it ([`routes`]), connects to the `[[expose]]`
+//! target ([`expose`]) and the bytes are relayed both ways ([`relay`]). [`agent`] ties the pieces
+//! to one validated [`config::Config`] and drains them on shutdown.
+
+pub mod agent;
+pub mod config;
+pub mod connect;
+pub mod endpoint;
+pub mod expose;
+pub mod forward;
+pub mod identity;
+pub mod metrics;
+pub mod port;
+pub mod relay;
+pub mod routes;
+pub mod tls;
+pub mod wire;
+
+pub use agent::{Agent, AgentError};
+pub use config::Config;
+
+/// A stream that can be closed abortively, so the other end sees a reset rather than an EOF.
+pub trait Reset {
+    /// Makes dropping the stream send a TCP RST (SO_LINGER 0). No effect on UNIX sockets.
+    fn set_reset_on_drop(&self);
+}
+
+fn linger_zero(tcp: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
+}
+
+impl Reset for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    fn set_reset_on_drop(&self) {
+        linger_zero(self.get_ref().0);
+    }
+}
+
+impl Reset for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    fn set_reset_on_drop(&self) {
+        linger_zero(self.get_ref().0);
+    }
+}
+
+impl Reset for endpoint::LocalStream {
+    fn set_reset_on_drop(&self) {
+        endpoint::LocalStream::set_reset_on_drop(self)
+    }
+}

@@ -1,0 +1,262 @@
+//! Prometheus metrics (prometheus-client) and the `/metrics` HTTP endpoint.
+//!
+//! Label values are bounded: peers are authenticated certificate names, routes are configured
+//! names (a route a peer asks for that does not exist is counted as `<unknown>`), reasons are
+//! the fixed strings of [`crate::wire::ReplyCode::reason`] and [`crate::tls::failure_reason`].
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::encoding::{text::encode, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Which end of a tunnelled stream this agent is.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelValue)]
+pub enum Side {
+    /// Accepted on a local forward listener, sent to a peer.
+    Source,
+    /// Received from a peer, connected to a local expose target.
+    Target,
+}
+
+/// Bytes leave towards the peer (`tx`) or arrive from it (`rx`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelValue)]
+pub enum Direction {
+    Tx,
+    Rx,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub peer: String,
+    pub route: String,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub peer: String,
+    pub route: String,
+    pub side: Side,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub peer: String,
+    pub route: String,
+    pub side: Side,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `client` when this agent dialled, `server` when it accepted.
+    pub role: &'static str,
+    /// `full` or `resumed`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeFailureLabels {
+    pub role: &'static str,
+    /// The peer's name when it is known (client role), `-` otherwise.
+    pub peer: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Every metric the agent keeps. Cheap to share: each field is an `Arc` inside.
+pub struct Metrics {
+    registry: Registry,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub streams_open: Family<StreamLabels, Gauge>,
+    pub stream_opens: Family<StreamLabels, Counter>,
+    pub stream_failures: Family<FailureLabels, Counter>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub handshake_failures: Family<HandshakeFailureLabels, Counter>,
+    pub protocol_errors: Family<ReasonLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("migtun");
+        let bytes = Family::default();
+        let streams_open = Family::default();
+        let stream_opens = Family::default();
+        let stream_failures = Family::default();
+        let handshakes = Family::default();
+        let handshake_failures = Family::default();
+        let protocol_errors = Family::default();
+        registry.register("bytes", "Bytes relayed, by peer, route and direction (tx: towards the peer)", bytes.clone());
+        registry.register("streams_open", "Tunnelled streams open now", streams_open.clone());
+        registry.register("stream_opens", "Tunnelled streams opened successfully", stream_opens.clone());
+        registry.register("stream_failures", "Tunnelled streams that failed to open, by reason", stream_failures.clone());
+        registry.register("handshakes", "Completed TLS handshakes, by role and kind", handshakes.clone());
+        registry.register("handshake_failures", "Failed TLS handshakes, by role and reason", handshake_failures.clone());
+        registry.register("protocol_errors", "Malformed or unexpected data on the port", protocol_errors.clone());
+        registry.register(
+            "build",
+            "Build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Metrics {
+            registry,
+            bytes,
+            streams_open,
+            stream_opens,
+            stream_failures,
+            handshakes,
+            handshake_failures,
+            protocol_errors,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn stream_failed(&self, peer: &str, route: &str, side: Side, reason: &str) {
+        self.stream_failures
+            .get_or_create(&FailureLabels {
+                peer: peer.to_string(),
+                route: route.to_string(),
+                side,
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn handshake_failed(&self, role: &'static str, peer: &str, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&HandshakeFailureLabels { role, peer: peer.to_string(), reason })
+            .inc();
+    }
+
+    pub fn handshake_done(&self, role: &'static str, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.handshakes.get_or_create(&HandshakeLabels { role, kind }).inc();
+    }
+
+    /// Counters and the open-streams gauge for one stream; the gauge goes down on drop.
+    pub fn stream(&self, peer: &str, route: &str, side: Side) -> StreamMetrics {
+        let labels = StreamLabels { peer: peer.to_string(), route: route.to_string(), side };
+        self.stream_opens.get_or_create(&labels).inc();
+        let open = self.streams_open.get_or_create(&labels).clone();
+        open.inc();
+        let counter = |direction| {
+            self.bytes
+                .get_or_create(&BytesLabels { peer: peer.to_string(), route: route.to_string(), direction })
+                .clone()
+        };
+        StreamMetrics { tx: counter(Direction::Tx), rx: counter(Direction::Rx), open }
+    }
+
+    /// Sum of the samples of metric `name` (full name, e.g. `migtun_bytes_total`) whose labels
+    /// include every `labels` pair. Reads the text exposition, which is prometheus-client's only
+    /// read API; meant for tests, the demo and status output, not hot paths.
+    pub fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sum_samples(&self.encode(), name, labels)
+    }
+}
+
+/// Sums the samples of `name` carrying all `labels` in a Prometheus text exposition.
+pub fn sum_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Per-stream metric handles, held by the relay so that counting a chunk is one atomic add.
+pub struct StreamMetrics {
+    pub tx: Counter,
+    pub rx: Counter,
+    open: Gauge,
+}
+
+impl Drop for StreamMetrics {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let metrics = metrics.clone();
+            async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
+        });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_string()),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+/// Binds the metrics address (so a taken port is reported at start-up).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

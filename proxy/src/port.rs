@@ -1,0 +1,96 @@
+//! The one port: TCP accept, the TLS 1.3 handshake with client authentication, ALPN dispatch.
+//!
+//! Handshakes are bounded in number and time, so that idle, slow or hostile connections cannot
+//! pile up; each failure is logged with the peer address and reason and counted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::expose::{self, ExposeContext};
+use crate::metrics::ReasonLabels;
+use crate::tls::{failure_reason, PeerIdentity, ALPN_DATA};
+
+/// A client must finish its handshake within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more connections are closed at once and counted. A busy
+/// host opens a few dozen streams per migration, so this only bites a flood.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Pause after an accept error (out of file descriptors, say) so we do not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepts on the port until `ctx.draining` is cancelled.
+pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, ctx: Arc<ExposeContext>, tracker: TaskTracker) {
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = ctx.draining.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "port: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            warn!(%addr, "too many handshakes in progress; connection dropped");
+            ctx.metrics.handshake_failed("server", "-", "overload");
+            continue;
+        };
+        crate::connect::tune_socket(&tcp);
+        let acceptor = acceptor.clone();
+        let ctx = ctx.clone();
+        tracker.spawn(async move {
+            let conn = handshake(tcp, addr, &acceptor, &ctx).await;
+            drop(permit);
+            if let Some((conn, peer)) = conn {
+                expose::serve(conn, peer, &ctx).await;
+            }
+        });
+    }
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    acceptor: &TlsAcceptor,
+    ctx: &ExposeContext,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity)> {
+    let result = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
+        _ = ctx.draining.cancelled() => return None,
+    };
+    let conn = match result {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let reason = failure_reason(&e);
+            warn!(%addr, reason, error = %e, "TLS handshake refused");
+            ctx.metrics.handshake_failed("server", "-", reason);
+            return None;
+        }
+        Err(_) => {
+            warn!(%addr, reason = "timeout", "TLS handshake timed out");
+            ctx.metrics.handshake_failed("server", "-", "timeout");
+            return None;
+        }
+    };
+    let (_, session) = conn.get_ref();
+    let peer = PeerIdentity::from_certs(session.peer_certificates());
+    ctx.metrics.handshake_done("server", session.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
+    if session.alpn_protocol() != Some(ALPN_DATA) {
+        let alpn = session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+        warn!(%addr, peer = peer.name(), ?alpn, "unsupported application protocol; closing");
+        ctx.metrics.protocol_errors.get_or_create(&ReasonLabels { reason: "alpn" }).inc();
+        return None;
+    }
+    debug!(%addr, peer = peer.name(), "peer connected");
+    Some((conn, peer))
+}

@@ -1,0 +1,6 @@
+//! The subcommands.
+
+pub mod certs;
+pub mod demo;
+pub mod logging;
+pub mod serve;
