@@ -854,7 +854,6 @@ impl Validator<'_> {
 /// check now what they will check, so a wrong chain or EKU shows up in `migtun check`.
 fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
     use rustls::client::danger::ServerCertVerifier;
-    use rustls::server::danger::ClientCertVerifier;
 
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -1089,8 +1088,8 @@ mod tests {
         fn path(&self, f: &str) -> String {
             self.dir.path().join(f).display().to_string()
         }
-        /// A valid config for host-a, with `extra` appended at the top level (before tables)
-        /// and `tail` appended at the end.
+        /// A config for host-a with the given tls.cert/tls.key, one peer (host-b), and `tail`
+        /// appended at the end.
         fn config(&self, cert: &str, key: &str, tail: &str) -> String {
             format!(
                 r#"name = "host-a"

@@ -1,0 +1,291 @@
+//! Test harness: a real PKI, two real agents on loopback, and real UNIX-socket endpoints.
+//!
+//! Agents run in the test process (so tests can read their metrics and stop them), but they are
+//! configured exactly as `migtun serve` is: from TOML files through `Config::load`.
+
+#![allow(dead_code)]
+
+pub mod suite;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use migtun_proxy::metrics::Metrics;
+use migtun_proxy::{Agent, Config};
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A CA and host certificates for host-a, host-b and host-c in a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        migtun_certs::init(&dir.path().join("pki")).expect("CA");
+        for host in ["host-a", "host-b", "host-c"] {
+            migtun_certs::issue(&dir.path().join("pki"), host).expect("host cert");
+        }
+        Pki { dir }
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// One agent running in this process.
+pub struct RunningAgent {
+    pub name: String,
+    pub addr: std::net::SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub shutdown: CancellationToken,
+    pub task: Option<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    pub fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.metrics.sample(name, labels)
+    }
+
+    /// Starts the drain and waits for the agent to stop.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), t).await.expect("agent stops").expect("agent task");
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Writes `toml` to `dir/NAME.toml`, loads it like `migtun serve` does, and starts the agent on
+/// the already bound `port`.
+pub async fn start_agent(dir: &Path, name: &str, toml: &str, port: TcpListener) -> RunningAgent {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, toml).expect("write config");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("config {name}: {e}\n{toml}"));
+    let agent = Agent::with_port(config, port).await.unwrap_or_else(|e| panic!("agent {name}: {e}"));
+    let addr = agent.local_addr();
+    let metrics = agent.metrics();
+    let metrics_addr = agent.metrics_addr();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(agent.run(shutdown.clone()));
+    RunningAgent { name: name.to_string(), addr, metrics, metrics_addr, shutdown, task: Some(task) }
+}
+
+/// The `[tls]` table for `host` in `pki`.
+pub fn tls_table(pki: &Path, host: &str) -> String {
+    format!(
+        "[tls]\ncert = \"{0}/{1}.pem\"\nkey = \"{0}/{1}.key\"\nca = \"{0}/ca.pem\"\n",
+        pki.display(),
+        host
+    )
+}
+
+/// Binds a port for an agent before its config is written, so that peers can name it.
+pub async fn bind_port() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind port")
+}
+
+/// Two agents: host-a forwards, host-b exposes. `forwards` are `(route, socket name)` on A;
+/// `exposes` are `(route, target socket name, allowed peers)` on B. Sockets live in the PKI dir.
+pub struct Pair {
+    pub pki: Pki,
+    pub a: RunningAgent,
+    pub b: RunningAgent,
+    pub transport: &'static str,
+}
+
+pub struct PairSpec<'a> {
+    pub forwards: &'a [(&'a str, &'a str)],
+    pub exposes: &'a [(&'a str, &'a str, &'a [&'a str])],
+    pub transport: &'static str,
+    pub metrics: bool,
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for PairSpec<'_> {
+    fn default() -> Self {
+        PairSpec { forwards: &[], exposes: &[], transport: "tls", metrics: false, drain_timeout_secs: 30 }
+    }
+}
+
+impl Pair {
+    pub async fn start(spec: PairSpec<'_>) -> Pair {
+        let pki = Pki::new();
+        let (port_a, port_b) = (bind_port().await, bind_port().await);
+        let (addr_a, addr_b) = (port_a.local_addr().unwrap(), port_b.local_addr().unwrap());
+        let metrics = if spec.metrics { "metrics = \"127.0.0.1:0\"\n" } else { "" };
+        let mut a = format!(
+            "name = \"host-a\"\nlisten = \"{addr_a}\"\n{metrics}drain_timeout_secs = {}\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\ntransport = \"{}\"\n",
+            spec.drain_timeout_secs,
+            tls_table(&pki.pki(), "host-a"),
+            spec.transport
+        );
+        for (route, sock) in spec.forwards {
+            a.push_str(&format!(
+                "\n[[forward]]\nlisten = \"{}\"\npeer = \"host-b\"\nroute = \"{route}\"\n",
+                endpoint(&pki, sock)
+            ));
+        }
+        let mut b = format!(
+            "name = \"host-b\"\nlisten = \"{addr_b}\"\n{metrics}{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\ntransport = \"{}\"\n",
+            tls_table(&pki.pki(), "host-b"),
+            spec.transport
+        );
+        for (route, target, allow) in spec.exposes {
+            let allow: Vec<String> = allow.iter().map(|p| format!("\"{p}\"")).collect();
+            b.push_str(&format!(
+                "\n[[expose]]\nroute = \"{route}\"\ntarget = \"{}\"\nallow = [{}]\n",
+                endpoint(&pki, target),
+                allow.join(", ")
+            ));
+        }
+        let b_agent = start_agent(pki.dir.path(), "host-b", &b, port_b).await;
+        let a_agent = start_agent(pki.dir.path(), "host-a", &a, port_a).await;
+        Pair { pki, a: a_agent, b: b_agent, transport: spec.transport }
+    }
+
+    pub fn sock(&self, name: &str) -> PathBuf {
+        self.pki.path(name)
+    }
+
+    pub async fn connect(&self, sock: &str) -> UnixStream {
+        UnixStream::connect(self.sock(sock)).await.expect("connect to forward socket")
+    }
+}
+
+/// `tcp:...` endpoints are used as written; anything else names a UNIX socket in the test dir.
+fn endpoint(pki: &Pki, name: &str) -> String {
+    if name.starts_with("tcp:") {
+        name.to_string()
+    } else {
+        format!("unix:{}", pki.path(name).display())
+    }
+}
+
+/// Deterministic pseudo-random bytes, fast enough to generate GiBs in a test.
+pub struct DataGen {
+    rng: rand::rngs::SmallRng,
+}
+
+impl DataGen {
+    pub fn new(seed: u64) -> DataGen {
+        DataGen { rng: rand::rngs::SmallRng::seed_from_u64(seed) }
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        self.rng.fill_bytes(buf);
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.fill(&mut v);
+        v
+    }
+}
+
+/// The digest a hashing target answers with: byte count (8 bytes LE) and SHA-256.
+pub type Digest40 = [u8; 40];
+
+pub fn digest_of(data: &[u8]) -> Digest40 {
+    let mut out = [0u8; 40];
+    out[..8].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    out[8..].copy_from_slice(&Sha256::digest(data));
+    out
+}
+
+/// A target that reads each connection to EOF, then answers with its [`Digest40`] and closes.
+/// Exercises half-close: the answer travels back after the source has shut down its write side.
+pub fn spawn_hash_target(path: PathBuf) -> JoinHandle<()> {
+    let listener = UnixListener::bind(&path).expect("bind hash target");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut hasher = Sha256::new();
+                let mut n = 0u64;
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(k) => {
+                            hasher.update(&buf[..k]);
+                            n += k as u64;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let mut out = [0u8; 40];
+                out[..8].copy_from_slice(&n.to_le_bytes());
+                out[8..].copy_from_slice(&hasher.finalize());
+                let _ = s.write_all(&out).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    })
+}
+
+/// A target that echoes every byte back and closes its write side after reading EOF.
+pub fn spawn_echo_target(path: PathBuf) -> JoinHandle<()> {
+    let listener = UnixListener::bind(&path).expect("bind echo target");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    })
+}
+
+/// Sends `total` deterministic bytes through `stream`, half-closes, and returns what the hash
+/// target answered together with the digest of what was sent.
+pub async fn send_and_hash(mut stream: UnixStream, total: u64, seed: u64) -> (Digest40, Digest40) {
+    let mut gen = DataGen::new(seed);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = total;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        gen.fill(&mut buf[..k]);
+        hasher.update(&buf[..k]);
+        stream.write_all(&buf[..k]).await.expect("write through tunnel");
+        left -= k as u64;
+    }
+    stream.shutdown().await.expect("half-close");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read answer");
+    let mut sent = [0u8; 40];
+    sent[..8].copy_from_slice(&total.to_le_bytes());
+    sent[8..].copy_from_slice(&hasher.finalize());
+    let answer: Digest40 = answer.try_into().unwrap_or_else(|a: Vec<u8>| panic!("answer of {} bytes, expected 40", a.len()));
+    (answer, sent)
+}
+
+/// Polls `cond` until it holds (metrics are updated by other tasks), failing after 10 s.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
