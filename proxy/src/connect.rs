@@ -102,12 +102,15 @@ impl PeerConnector {
     /// A connection for a new stream: a warm one if there is one, else a new one. `true` in the
     /// result means it came from the pool (and may have been closed by the peer meanwhile).
     pub async fn get(self: &Arc<Self>) -> Result<(PeerStream, bool), ConnectError> {
-        let warm = self.take_warm();
-        self.refill();
-        match warm {
-            Some(s) => Ok((s, true)),
-            None => Ok((self.connect().await?, false)),
+        if let Some(s) = self.take_warm() {
+            self.refill();
+            return Ok((s, true));
         }
+        // Connect first, refill after: the refill's handshakes can then resume the session
+        // this one establishes instead of racing it with full handshakes of their own.
+        let s = self.connect().await?;
+        self.refill();
+        Ok((s, false))
     }
 
     /// Opens a new connection: resolve, TCP connect, TLS handshake, all within [`CONNECT_TIMEOUT`].
