@@ -102,7 +102,7 @@ fn parse_args() -> Args {
             _ => {}
         }
     }
-    if !(a.size_gib > 0.0) || a.reps == 0 {
+    if a.size_gib.is_nan() || a.size_gib <= 0.0 || a.reps == 0 {
         usage();
     }
     a
@@ -1103,6 +1103,18 @@ fn main() {
         "- load average at start: {load_start}, at end: {}",
         loadavg()
     );
+    let load1: f64 = load_start
+        .split_whitespace()
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0.0);
+    if nproc > 0 && load1 > 0.5 * nproc as f64 {
+        let _ = writeln!(
+            out,
+            "- **warning: the machine was busy at the start (load {load1} on {nproc} CPUs): \
+             numbers are low and noisy**"
+        );
+    }
     let _ = writeln!(
         out,
         "- {} GiB per rep through one stream, UNIX socket to UNIX socket, median of {} reps; verify: {}\n",

@@ -106,11 +106,10 @@ impl PeerConnector {
             self.refill();
             return Ok((s, true));
         }
-        // Connect first, refill after: the refill's handshakes can then resume the session
-        // this one establishes instead of racing it with full handshakes of their own.
-        let s = self.connect().await?;
-        self.refill();
-        Ok((s, false))
+        // No refill yet: the caller calls `refill` once this connection has read its first
+        // reply, which carries the session tickets, so that the warm connections resume the
+        // session instead of racing it with full handshakes of their own.
+        Ok((self.connect().await?, false))
     }
 
     /// Opens a new connection: resolve, TCP connect, TLS handshake, all within [`CONNECT_TIMEOUT`].
@@ -168,7 +167,7 @@ impl PeerConnector {
     }
 
     /// Tops the pool up to [`WARM_CONNECTIONS`] in the background (one refill at a time).
-    fn refill(self: &Arc<Self>) {
+    pub fn refill(self: &Arc<Self>) {
         if self.shutdown.is_cancelled() || self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }

@@ -152,6 +152,9 @@ async fn open(ctx: &ForwardContext, my_turn: Option<oneshot::Receiver<()>>) -> R
         reply = exchange(&mut conn, &request).await;
     }
     let (reply, early) = reply?;
+    if !pooled {
+        ctx.peer.refill();
+    }
     if reply.code != ReplyCode::Ok {
         return Err(OpenError::Refused(reply));
     }

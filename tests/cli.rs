@@ -1,0 +1,152 @@
+//! The `migtun` binary as an operator uses it: `certs`, `check`, `serve` with SIGTERM.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MIGTUN: &str = env!("CARGO_BIN_EXE_migtun");
+
+fn migtun(args: &[&str]) -> Output {
+    Command::new(MIGTUN).args(args).output().expect("run migtun")
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn make_pki(dir: &Path) {
+    let pki = dir.to_str().unwrap();
+    let out = migtun(&["certs", "init", "--dir", pki]);
+    assert!(out.status.success(), "certs init: {}", String::from_utf8_lossy(&out.stderr));
+    for host in ["host-a", "host-b"] {
+        let out = migtun(&["certs", "issue", "--dir", pki, "--name", host]);
+        assert!(out.status.success(), "certs issue: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn valid_config(dir: &Path) -> String {
+    format!(
+        r#"name = "host-a"
+listen = "127.0.0.1:0"
+
+[tls]
+cert = "{0}/host-a.pem"
+key = "{0}/host-a.key"
+ca = "{0}/ca.pem"
+
+[[peer]]
+name = "host-b"
+address = "127.0.0.1:7443"
+transport = "tls"
+
+[[forward]]
+listen = "unix:{0}/migration.sock"
+peer = "host-b"
+route = "migration"
+
+[[expose]]
+route = "nbd"
+target = "unix:{0}/nbd.sock"
+allow = ["host-b"]
+"#,
+        dir.display()
+    )
+}
+
+#[test]
+fn certs_init_and_issue_write_private_keys_mode_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    assert_eq!(mode(&dir.path().join("ca.key")), 0o600);
+    assert_eq!(mode(&dir.path().join("host-a.key")), 0o600);
+    assert_eq!(mode(&dir.path().join("host-b.key")), 0o600);
+    assert!(dir.path().join("host-a.pem").exists());
+    let again = migtun(&["certs", "init", "--dir", dir.path().to_str().unwrap()]);
+    assert!(!again.status.success(), "init refuses to overwrite a CA key");
+    let bad = migtun(&["certs", "issue", "--dir", dir.path().to_str().unwrap(), "--name", "not a name"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a name"));
+}
+
+#[test]
+fn check_explains_a_valid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let config = dir.path().join("a.toml");
+    std::fs::write(&config, valid_config(dir.path())).unwrap();
+    let out = migtun(&["check", "--config", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for needle in ["host-a", "host-b", "migration", "nbd", "0600"] {
+        assert!(stdout.contains(needle), "explanation mentions {needle}:\n{stdout}");
+    }
+}
+
+/// Each broken config is refused with exit code != 0 and one line on stderr naming the key.
+#[test]
+fn check_refuses_bad_configs_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let good = valid_config(dir.path());
+    let d = dir.path().display().to_string();
+    std::fs::create_dir(dir.path().join("a-directory")).unwrap();
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("unknown key", good.replace("transport = \"tls\"", "transprot = \"tls\""), "peer[0].transprot"),
+        ("missing file", good.replace("host-a.key", "missing.key"), "tls.key"),
+        ("unreadable key", good.replace(&format!("{d}/host-a.key"), &format!("{d}/a-directory")), "tls.key"),
+        ("key of another host", good.replace("host-a.key", "host-b.key"), "tls.key"),
+        ("name not in the certificate", good.replace("name = \"host-a\"", "name = \"host-z\""), "name"),
+        ("forward to an unknown peer", good.replace("peer = \"host-b\"", "peer = \"host-q\""), "forward[0].peer"),
+        (
+            "duplicate route",
+            format!("{good}\n[[expose]]\nroute = \"nbd\"\ntarget = \"unix:/tmp/x.sock\"\nallow = [\"host-b\"]\n"),
+            "expose[1].route",
+        ),
+        ("bad transport", good.replace("transport = \"tls\"", "transport = \"udp\""), "peer[0].transport"),
+        ("forward on a public address", good.replace(&format!("unix:{d}/migration.sock"), "tcp:0.0.0.0:5000"), "forward[0].listen"),
+    ];
+    for (what, text, key) in cases {
+        let config = dir.path().join("bad.toml");
+        std::fs::write(&config, &text).unwrap();
+        let out = migtun(&["check", "--config", config.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: must be refused");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{what}: one line, got:\n{stderr}");
+        assert!(stderr.contains(&format!("`{key}`")), "{what}: names `{key}`: {stderr}");
+    }
+}
+
+/// `migtun serve` drains and exits 0 on SIGTERM, removing its forward socket; with
+/// `--log-format json` every log line is JSON.
+#[test]
+fn serve_drains_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let config = dir.path().join("a.toml");
+    std::fs::write(&config, valid_config(dir.path())).unwrap();
+    let mut child = Command::new(MIGTUN)
+        .args(["--log-format", "json", "serve", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = dir.path().join("migration.sock");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "forward socket never appeared");
+        assert!(child.try_wait().unwrap().is_none(), "serve exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(mode(&sock), 0o600, "forward sockets are private by default");
+    // SAFETY: kill(2) on our own unreaped child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    assert!(!sock.exists(), "the forward socket is removed on shutdown");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("draining"), "{stderr}");
+    for line in stderr.lines() {
+        assert!(line.starts_with('{') && line.ends_with('}'), "JSON log line: {line}");
+    }
+}
