@@ -31,12 +31,8 @@ pub const POOL_MAX_IDLE: Duration = Duration::from_secs(20);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed refill, wait this long before trying to warm the pool again.
 const REFILL_BACKOFF: Duration = Duration::from_secs(2);
-/// TCP keepalive: notice a peer host that vanished within ~25 s even on an idle stream.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_RETRIES: u32 = 3;
 
-pub type PeerStream = TlsStream<TcpStream>;
+pub type PeerStream = TlsStream<crate::socket::TlsTransport>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -148,8 +144,7 @@ impl PeerConnector {
             }
         }
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
-        tune_socket(&tcp);
-        self.tls.connect(self.server_name.clone(), tcp).await.map_err(|source| ConnectError::Handshake {
+        self.tls.connect(self.server_name.clone(), crate::socket::transport(tcp)).await.map_err(|source| ConnectError::Handshake {
             address: self.address.clone(),
             reason: crate::tls::failure_reason(&source),
             source,
@@ -202,15 +197,4 @@ impl PeerConnector {
     pub fn clear(&self) {
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
-}
-
-/// Socket options for every connection on the port, both directions.
-pub(crate) fn tune_socket(tcp: &TcpStream) {
-    let _ = tcp.set_nodelay(true);
-    let sock = socket2::SockRef::from(tcp);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE_IDLE)
-        .with_interval(KEEPALIVE_INTERVAL)
-        .with_retries(KEEPALIVE_RETRIES);
-    let _ = sock.set_tcp_keepalive(&keepalive);
 }

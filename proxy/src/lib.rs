@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod port;
 pub mod relay;
 pub mod routes;
+pub mod socket;
 pub mod tls;
 pub mod wire;
 
@@ -29,19 +30,15 @@ pub trait Reset {
     fn set_reset_on_drop(&self);
 }
 
-fn linger_zero(tcp: &tokio::net::TcpStream) {
-    let _ = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO));
-}
-
-impl Reset for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+impl Reset for tokio_rustls::server::TlsStream<socket::TlsTransport> {
     fn set_reset_on_drop(&self) {
-        linger_zero(self.get_ref().0);
+        socket::reset_on_drop(self.get_ref().0.get_ref());
     }
 }
 
-impl Reset for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+impl Reset for tokio_rustls::client::TlsStream<socket::TlsTransport> {
     fn set_reset_on_drop(&self) {
-        linger_zero(self.get_ref().0);
+        socket::reset_on_drop(self.get_ref().0.get_ref());
     }
 }
 

@@ -45,7 +45,6 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, ctx: Arc<Expose
             ctx.metrics.handshake_failed("server", "-", "overload");
             continue;
         };
-        crate::connect::tune_socket(&tcp);
         let acceptor = acceptor.clone();
         let ctx = ctx.clone();
         tracker.spawn(async move {
@@ -63,9 +62,9 @@ async fn handshake(
     addr: SocketAddr,
     acceptor: &TlsAcceptor,
     ctx: &ExposeContext,
-) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity)> {
+) -> Option<(tokio_rustls::server::TlsStream<crate::socket::TlsTransport>, PeerIdentity)> {
     let result = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => r,
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(crate::socket::transport(tcp))) => r,
         _ = ctx.draining.cancelled() => return None,
     };
     let conn = match result {
