@@ -3,25 +3,34 @@
 //! Start-up binds every socket before serving anything, so a taken port or a live socket file
 //! is reported at once with the config key it belongs to. Shutdown is explicit: stop accepting
 //! (listener sockets are removed), let open streams finish until `drain_timeout`, then cut them.
+//!
+//! An [`AgentHandle`] is what the control plane holds: it adds and removes dynamic routes for
+//! one migration (scoped to one peer and one migration id) and opens control connections to
+//! peers. The data plane never depends on the control plane; the control plane registers a
+//! [`ControlHandler`] for the control connections the port accepts.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::connect::PeerConnector;
+use crate::connect::{ConnectError, PeerConnector};
 use crate::endpoint::{Endpoint, LocalListener};
 use crate::expose::ExposeContext;
 use crate::forward::ForwardContext;
 use crate::metrics::Metrics;
 use crate::routes::{ExposeRoute, RouteError, RouteTable};
-use crate::tls::{self, TlsSetupError, ALPN_DATA};
+use crate::tls::{self, PeerIdentity, TlsSetupError, ALPN_CONTROL, ALPN_DATA};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -31,26 +40,190 @@ pub enum AgentError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("`forward[{index}].listen`: cannot listen on {endpoint}: {source}")]
     Forward { index: usize, endpoint: Endpoint, source: std::io::Error },
+    #[error("dynamic forward for route {route:?}: cannot listen on {endpoint}: {source}")]
+    DynamicForward { route: String, endpoint: Endpoint, source: std::io::Error },
     #[error("`metrics`: cannot listen on {addr}: {source}")]
     Metrics { addr: SocketAddr, source: std::io::Error },
     #[error("`peer`: {name:?} is not a valid DNS name")]
     PeerName { name: String },
+    #[error("unknown peer {name:?}")]
+    UnknownPeer { name: String },
     #[error("`expose`: {0}")]
     Route(#[from] RouteError),
+    #[error("control connection to {peer}: {source}")]
+    Control { peer: String, source: ConnectError },
+    #[error("agent is shutting down")]
+    Draining,
+}
+
+/// A byte stream carrying the control protocol, whatever transport is under it.
+pub trait ControlIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ControlIo for T {}
+pub type ControlStream = Box<dyn ControlIo>;
+
+/// Serves one accepted control connection from an authenticated peer.
+pub type ControlHandler =
+    Arc<dyn Fn(ControlStream, PeerIdentity) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// What the running agent shares with its tasks and with the control plane.
+struct Shared {
+    name: String,
+    metrics: Arc<Metrics>,
+    routes: Arc<RouteTable>,
+    peers: HashMap<String, Arc<PeerConnector>>,
+    control_connector: TlsConnector,
+    tracker: TaskTracker,
+    draining: CancellationToken,
+    abort: CancellationToken,
+}
+
+/// A cheap, cloneable handle on a bound or running agent.
+#[derive(Clone)]
+pub struct AgentHandle {
+    shared: Arc<Shared>,
+}
+
+/// A dynamic forward: a local listener whose connections go to `route` on `peer`, naming
+/// `migration` in their preamble.
+#[derive(Clone, Debug)]
+pub struct DynamicForward {
+    pub listen: Endpoint,
+    pub mode: u32,
+    pub peer: String,
+    pub route: String,
+    pub migration: Option<String>,
+}
+
+/// Keeps a dynamic forward listening. Dropping it stops accepting (open streams continue);
+/// [`ForwardGuard::close`] also waits until the listener is gone and its socket file removed.
+pub struct ForwardGuard {
+    stop: CancellationToken,
+    task: Option<JoinHandle<()>>,
+    endpoint: Endpoint,
+}
+
+impl ForwardGuard {
+    /// Where the forward listens (with the real port for `tcp:...:0`).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub async fn close(mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ForwardGuard {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Keeps a dynamic route exposed; dropping it removes the route (open streams continue).
+pub struct ExposeGuard {
+    routes: Arc<RouteTable>,
+    name: String,
+}
+
+impl ExposeGuard {
+    pub fn route(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for ExposeGuard {
+    fn drop(&mut self) {
+        self.routes.remove(&self.name);
+    }
+}
+
+impl AgentHandle {
+    /// This host's name (a DNS SAN of its certificate).
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.shared.routes.clone()
+    }
+
+    /// Configured peers, by name.
+    pub fn peer_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.shared.peers.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.is_cancelled()
+    }
+
+    /// Starts a dynamic forward; it stops when the guard is dropped or the agent drains.
+    pub async fn add_forward(&self, spec: DynamicForward) -> Result<ForwardGuard, AgentError> {
+        if self.is_draining() {
+            return Err(AgentError::Draining);
+        }
+        let peer = self
+            .shared
+            .peers
+            .get(&spec.peer)
+            .cloned()
+            .ok_or_else(|| AgentError::UnknownPeer { name: spec.peer.clone() })?;
+        for name in std::iter::once(&spec.route).chain(spec.migration.as_ref()) {
+            crate::wire::validate_name(name)
+                .map_err(|why| AgentError::Route(RouteError::BadName { name: name.clone(), why }))?;
+        }
+        let listener = LocalListener::bind(&spec.listen, spec.mode).await.map_err(|source| {
+            AgentError::DynamicForward { route: spec.route.clone(), endpoint: spec.listen.clone(), source }
+        })?;
+        let endpoint = listener.endpoint().unwrap_or_else(|_| spec.listen.clone());
+        let ctx = Arc::new(ForwardContext {
+            metrics: self.shared.metrics.clone(),
+            peer,
+            route: spec.route,
+            migration: spec.migration,
+            abort: self.shared.abort.clone(),
+        });
+        let stop = self.shared.draining.child_token();
+        let task = self.shared.tracker.spawn(crate::forward::serve(listener, ctx, stop.clone(), self.shared.tracker.clone()));
+        Ok(ForwardGuard { stop, task: Some(task), endpoint })
+    }
+
+    /// Exposes a dynamic route until the guard is dropped.
+    pub fn add_expose(&self, route: ExposeRoute) -> Result<ExposeGuard, AgentError> {
+        if self.is_draining() {
+            return Err(AgentError::Draining);
+        }
+        let name = route.name.clone();
+        self.shared.routes.add(route)?;
+        Ok(ExposeGuard { routes: self.shared.routes.clone(), name })
+    }
+
+    /// Opens a control connection (ALPN `h2`) to a configured peer.
+    pub async fn connect_control(&self, peer: &str) -> Result<ControlStream, AgentError> {
+        let p = self.shared.peers.get(peer).ok_or_else(|| AgentError::UnknownPeer { name: peer.to_string() })?;
+        p.connect_with(&self.shared.control_connector)
+            .await
+            .map(|s| Box::new(s) as ControlStream)
+            .map_err(|e| AgentError::Control { peer: peer.to_string(), source: e })
+    }
 }
 
 /// A bound, not yet running agent.
 pub struct Agent {
     config: Config,
-    metrics: Arc<Metrics>,
-    routes: Arc<RouteTable>,
-    peers: HashMap<String, Arc<PeerConnector>>,
+    handle: AgentHandle,
     port: TcpListener,
-    acceptor: TlsAcceptor,
     forwards: Vec<(LocalListener, Arc<ForwardContext>)>,
     metrics_listener: Option<TcpListener>,
-    draining: CancellationToken,
-    abort: CancellationToken,
+    control: Option<ControlHandler>,
 }
 
 impl Agent {
@@ -68,12 +241,12 @@ impl Agent {
         let metrics = Arc::new(Metrics::new());
         let draining = CancellationToken::new();
         let abort = CancellationToken::new();
-        let acceptor = TlsAcceptor::from(tls::server_config(&config.tls, &[ALPN_DATA])?);
-        let connector = TlsConnector::from(tls::client_config(&config.tls, &[ALPN_DATA])?);
+        let data_connector = TlsConnector::from(tls::client_config(&config.tls, &[ALPN_DATA])?);
+        let control_connector = TlsConnector::from(tls::client_config(&config.tls, &[ALPN_CONTROL])?);
 
         let mut peers = HashMap::new();
         for p in &config.peers {
-            let c = PeerConnector::new(&p.name, &p.address, connector.clone(), metrics.clone(), draining.clone())
+            let c = PeerConnector::new(&p.name, &p.address, data_connector.clone(), metrics.clone(), draining.clone())
                 .map_err(|_| AgentError::PeerName { name: p.name.clone() })?;
             peers.insert(p.name.clone(), c);
         }
@@ -91,9 +264,7 @@ impl Agent {
                 .await
                 .map_err(|source| AgentError::Forward { index, endpoint: f.listen.clone(), source })?;
             // Config validation guarantees the peer exists.
-            let Some(peer) = peers.get(&f.peer).cloned() else {
-                return Err(AgentError::PeerName { name: f.peer.clone() });
-            };
+            let peer = peers.get(&f.peer).cloned().ok_or_else(|| AgentError::UnknownPeer { name: f.peer.clone() })?;
             let ctx = ForwardContext {
                 metrics: metrics.clone(),
                 peer,
@@ -113,7 +284,29 @@ impl Agent {
             None => None,
         };
 
-        Ok(Agent { config, metrics, routes, peers, port, acceptor, forwards, metrics_listener, draining, abort })
+        let shared = Shared {
+            name: config.name.clone(),
+            metrics,
+            routes,
+            peers,
+            control_connector,
+            tracker: TaskTracker::new(),
+            draining,
+            abort,
+        };
+        let handle = AgentHandle { shared: Arc::new(shared) };
+        Ok(Agent { config, handle, port, forwards, metrics_listener, control: None })
+    }
+
+    /// The handle the control plane keeps.
+    pub fn handle(&self) -> AgentHandle {
+        self.handle.clone()
+    }
+
+    /// Accepts control connections (ALPN `h2`) and hands them to `handler`. Without a handler the
+    /// port offers only data streams.
+    pub fn set_control_handler(&mut self, handler: ControlHandler) {
+        self.control = Some(handler);
     }
 
     /// The port's address (with the real port number if the config said 0).
@@ -127,11 +320,11 @@ impl Agent {
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
-        self.metrics.clone()
+        self.handle.metrics()
     }
 
     pub fn routes(&self) -> Arc<RouteTable> {
-        self.routes.clone()
+        self.handle.routes()
     }
 
     pub fn config(&self) -> &Config {
@@ -140,38 +333,43 @@ impl Agent {
 
     /// Serves until `shutdown` is cancelled, then drains: stop accepting, wait for open streams
     /// up to the configured drain timeout, close what is left.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let tracker = TaskTracker::new();
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let shared = self.handle.shared.clone();
+        let tracker = shared.tracker.clone();
+        let alpn: &[&[u8]] = if self.control.is_some() { &[ALPN_DATA, ALPN_CONTROL] } else { &[ALPN_DATA] };
+        let acceptor = TlsAcceptor::from(tls::server_config(&self.config.tls, alpn)?);
         let stop_metrics = CancellationToken::new();
         if let Some(l) = self.metrics_listener {
-            tokio::spawn(crate::metrics::serve(l, self.metrics.clone(), stop_metrics.clone()));
+            tokio::spawn(crate::metrics::serve(l, shared.metrics.clone(), stop_metrics.clone()));
         }
         let expose_ctx = Arc::new(ExposeContext {
-            metrics: self.metrics.clone(),
-            routes: self.routes.clone(),
-            draining: self.draining.clone(),
-            abort: self.abort.clone(),
+            metrics: shared.metrics.clone(),
+            routes: shared.routes.clone(),
+            draining: shared.draining.clone(),
+            abort: shared.abort.clone(),
+            control: self.control,
         });
-        tracker.spawn(crate::port::serve(self.port, self.acceptor, expose_ctx, tracker.clone()));
+        tracker.spawn(crate::port::serve(self.port, acceptor, expose_ctx, tracker.clone()));
         for (listener, ctx) in self.forwards {
-            tracker.spawn(crate::forward::serve(listener, ctx, self.draining.clone(), tracker.clone()));
+            tracker.spawn(crate::forward::serve(listener, ctx, shared.draining.clone(), tracker.clone()));
         }
         info!(name = %self.config.name, listen = %self.config.listen, "agent serving");
 
         shutdown.cancelled().await;
         let deadline = self.config.drain_timeout;
         info!(deadline_secs = deadline.as_secs(), "draining: no new streams; waiting for open ones");
-        self.draining.cancel();
-        for p in self.peers.values() {
+        shared.draining.cancel();
+        for p in shared.peers.values() {
             p.clear();
         }
         tracker.close();
         if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
             warn!(streams = tracker.len(), "drain deadline passed; closing the streams still open");
-            self.abort.cancel();
+            shared.abort.cancel();
             tracker.wait().await;
         }
         stop_metrics.cancel();
         info!("agent stopped");
+        Ok(())
     }
 }

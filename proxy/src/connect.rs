@@ -108,12 +108,19 @@ impl PeerConnector {
         Ok((self.connect().await?, false))
     }
 
-    /// Opens a new connection: resolve, TCP connect, TLS handshake, all within [`CONNECT_TIMEOUT`].
+    /// Opens a new data connection: resolve, TCP connect, TLS handshake, all within
+    /// [`CONNECT_TIMEOUT`].
     pub async fn connect(&self) -> Result<PeerStream, ConnectError> {
+        self.connect_with(&self.tls).await
+    }
+
+    /// Opens a new connection with another TLS client configuration (the control connection's
+    /// ALPN), same peer, same checks, same metrics.
+    pub async fn connect_with(&self, tls: &TlsConnector) -> Result<PeerStream, ConnectError> {
         if self.shutdown.is_cancelled() {
             return Err(ConnectError::ShuttingDown);
         }
-        let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner()).await.unwrap_or_else(|_| {
+        let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner(tls)).await.unwrap_or_else(|_| {
             Err(ConnectError::Unreachable {
                 address: self.address.clone(),
                 source: io::Error::new(io::ErrorKind::TimedOut, "connect and handshake timed out"),
@@ -127,7 +134,7 @@ impl PeerConnector {
         result
     }
 
-    async fn connect_inner(&self) -> Result<PeerStream, ConnectError> {
+    async fn connect_inner(&self, tls: &TlsConnector) -> Result<PeerStream, ConnectError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.address)
             .await
             .map_err(|source| ConnectError::Resolve { address: self.address.clone(), source })?
@@ -144,7 +151,7 @@ impl PeerConnector {
             }
         }
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
-        self.tls.connect(self.server_name.clone(), crate::socket::transport(tcp)).await.map_err(|source| ConnectError::Handshake {
+        tls.connect(self.server_name.clone(), crate::socket::transport(tcp)).await.map_err(|source| ConnectError::Handshake {
             address: self.address.clone(),
             reason: crate::tls::failure_reason(&source),
             source,

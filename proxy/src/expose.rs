@@ -35,6 +35,8 @@ pub struct ExposeContext {
     pub draining: CancellationToken,
     /// Cancelled when the drain deadline passes: open streams are cut.
     pub abort: CancellationToken,
+    /// Serves control connections, when the control plane runs in this agent.
+    pub control: Option<crate::agent::ControlHandler>,
 }
 
 /// Route label for requests that name no configured route: keeps metric labels bounded.

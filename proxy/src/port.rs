@@ -15,7 +15,16 @@ use tracing::{debug, warn};
 
 use crate::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
-use crate::tls::{failure_reason, PeerIdentity, ALPN_DATA};
+use crate::tls::{failure_reason, PeerIdentity, ALPN_CONTROL, ALPN_DATA};
+
+/// What an accepted connection carries, by its ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Alpn {
+    /// One tunnelled data stream.
+    Data,
+    /// The agent-to-agent control RPC.
+    Control,
+}
 
 /// A client must finish its handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,8 +59,18 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, ctx: Arc<Expose
         tracker.spawn(async move {
             let conn = handshake(tcp, addr, &acceptor, &ctx).await;
             drop(permit);
-            if let Some((conn, peer)) = conn {
-                expose::serve(conn, peer, &ctx).await;
+            let Some((conn, peer, alpn)) = conn else { return };
+            match (alpn, &ctx.control) {
+                (Alpn::Data, _) => expose::serve(conn, peer, &ctx).await,
+                (Alpn::Control, Some(handler)) => {
+                    // Control connections live as long as the control plane wants them; only
+                    // the drain deadline cuts them.
+                    tokio::select! {
+                        _ = handler(Box::new(conn), peer) => {}
+                        _ = ctx.abort.cancelled() => {}
+                    }
+                }
+                (Alpn::Control, None) => {}
             }
         });
     }
@@ -62,7 +81,7 @@ async fn handshake(
     addr: SocketAddr,
     acceptor: &TlsAcceptor,
     ctx: &ExposeContext,
-) -> Option<(tokio_rustls::server::TlsStream<crate::socket::TlsTransport>, PeerIdentity)> {
+) -> Option<(tokio_rustls::server::TlsStream<crate::socket::TlsTransport>, PeerIdentity, Alpn)> {
     let result = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(crate::socket::transport(tcp))) => r,
         _ = ctx.draining.cancelled() => return None,
@@ -84,12 +103,16 @@ async fn handshake(
     let (_, session) = conn.get_ref();
     let peer = PeerIdentity::from_certs(session.peer_certificates());
     ctx.metrics.handshake_done("server", session.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
-    if session.alpn_protocol() != Some(ALPN_DATA) {
-        let alpn = session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
-        warn!(%addr, peer = peer.name(), ?alpn, "unsupported application protocol; closing");
-        ctx.metrics.protocol_errors.get_or_create(&ReasonLabels { reason: "alpn" }).inc();
-        return None;
-    }
-    debug!(%addr, peer = peer.name(), "peer connected");
-    Some((conn, peer))
+    let alpn = match session.alpn_protocol() {
+        Some(p) if p == ALPN_DATA => Alpn::Data,
+        Some(p) if p == ALPN_CONTROL && ctx.control.is_some() => Alpn::Control,
+        other => {
+            let alpn = other.map(|p| String::from_utf8_lossy(p).into_owned());
+            warn!(%addr, peer = peer.name(), ?alpn, "unsupported application protocol; closing");
+            ctx.metrics.protocol_errors.get_or_create(&ReasonLabels { reason: "alpn" }).inc();
+            return None;
+        }
+    };
+    debug!(%addr, peer = peer.name(), ?alpn, "peer connected");
+    Some((conn, peer, alpn))
 }

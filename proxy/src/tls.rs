@@ -16,6 +16,8 @@ use crate::identity::dns_sans;
 
 /// ALPN of one tunnelled data stream per TLS connection.
 pub const ALPN_DATA: &[u8] = b"migtun/1";
+/// ALPN of the agent-to-agent control RPC (HTTP/2).
+pub const ALPN_CONTROL: &[u8] = b"h2";
 
 /// How many TLS 1.3 sessions a client remembers (one or two per peer is what is used).
 const CLIENT_SESSION_CACHE: usize = 1024;

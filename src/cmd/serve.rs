@@ -21,7 +21,7 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let agent = Agent::bind(config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
-        agent.run(shutdown).await;
+        agent.run(shutdown).await?;
         Ok(())
     })
 }

@@ -47,6 +47,7 @@ impl Pki {
 /// One agent running in this process.
 pub struct RunningAgent {
     pub name: String,
+    pub handle: migtun_proxy::agent::AgentHandle,
     pub addr: std::net::SocketAddr,
     pub metrics: Arc<Metrics>,
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -77,16 +78,32 @@ impl Drop for RunningAgent {
 /// Writes `toml` to `dir/NAME.toml`, loads it like `migtun serve` does, and starts the agent on
 /// the already bound `port`.
 pub async fn start_agent(dir: &Path, name: &str, toml: &str, port: TcpListener) -> RunningAgent {
+    start_agent_with(dir, name, toml, port, None).await
+}
+
+/// [`start_agent`] with a control-connection handler registered.
+pub async fn start_agent_with(
+    dir: &Path,
+    name: &str,
+    toml: &str,
+    port: TcpListener,
+    control: Option<migtun_proxy::agent::ControlHandler>,
+) -> RunningAgent {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml).expect("write config");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("config {name}: {e}\n{toml}"));
-    let agent = Agent::with_port(config, port).await.unwrap_or_else(|e| panic!("agent {name}: {e}"));
+    let mut agent = Agent::with_port(config, port).await.unwrap_or_else(|e| panic!("agent {name}: {e}"));
+    if let Some(h) = control {
+        agent.set_control_handler(h);
+    }
+    let handle = agent.handle();
     let addr = agent.local_addr();
     let metrics = agent.metrics();
     let metrics_addr = agent.metrics_addr();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(agent.run(shutdown.clone()));
-    RunningAgent { name: name.to_string(), addr, metrics, metrics_addr, shutdown, task: Some(task) }
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move { agent.run(token).await.expect("agent runs") });
+    RunningAgent { name: name.to_string(), handle, addr, metrics, metrics_addr, shutdown, task: Some(task) }
 }
 
 /// The `[tls]` table for `host` in `pki`.
