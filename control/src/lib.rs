@@ -1,1 +1,3 @@
 //! migtun control plane (QMP client and migration orchestration) — grows with the control-plane issue.
+
+pub mod rpc;
