@@ -1,3 +1,6 @@
 //! migtun control plane (QMP client and migration orchestration) — grows with the control-plane issue.
 
+pub mod qmp;
 pub mod rpc;
+pub mod incoming;
+pub mod messages;

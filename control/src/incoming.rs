@@ -1,0 +1,346 @@
+//! The destination's half of a migration: Prepare, the side channel, and Finish.
+//!
+//! Prepare runs the configured hook (which starts the destination QEMU with `-incoming defer`),
+//! connects to its QMP socket, starts an NBD server on a private UNIX socket, exports each
+//! copied disk, sets the migration capabilities, starts `migrate-incoming` on another private
+//! socket, and exposes both sockets as routes for this migration, to the source only.
+//!
+//! The destination's rule for the invariant: the guest runs here only after an explicit
+//! `finish` with success. If the control connection of the migration ends before that (the
+//! source agent died, or stopped answering pings), or `finish` reports failure, the destination
+//! QEMU is quit and everything the migration made here is removed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use migtun_proxy::agent::{AgentHandle, ExposeGuard};
+use migtun_proxy::endpoint::Endpoint;
+use migtun_proxy::routes::ExposeRoute;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use crate::messages::{Cookie, FinishReply, FinishRequest, PrepareReply};
+use crate::qmp::Qmp;
+use crate::rpc::{FileHeader, MethodError, Router, Session, Upload};
+
+/// The prepare hook must have started QEMU and printed its QMP socket within this time.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+/// After `quit`, how long QEMU may take to exit before it is killed.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+
+/// One prepared migration on this host.
+struct Prepared {
+    source: String,
+    qmp: Qmp,
+    pid: Option<u32>,
+    dir: PathBuf,
+    /// Dropping these removes the routes.
+    _routes: Vec<ExposeGuard>,
+}
+
+/// The destination side, shared by all control connections.
+pub struct Incoming {
+    agent: AgentHandle,
+    run_dir: PathBuf,
+    hook: Option<PathBuf>,
+    active: Mutex<HashMap<String, Arc<Prepared>>>,
+}
+
+impl Incoming {
+    pub fn new(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>) -> Arc<Incoming> {
+        Arc::new(Incoming { agent, run_dir, hook, active: Mutex::new(HashMap::new()) })
+    }
+
+    /// Adds `prepare`, `finish` and the side-channel upload to `router`.
+    pub fn register(self: &Arc<Self>, router: Router) -> Router {
+        let (p, f, u) = (self.clone(), self.clone(), self.clone());
+        router
+            .method("prepare", move |session, args| {
+                let this = p.clone();
+                async move {
+                    let cookie: Cookie = serde_json::from_value(args).map_err(|e| MethodError::bad_request(format!("cookie: {e}")))?;
+                    let reply = this.prepare(session, cookie).await?;
+                    Ok(serde_json::to_value(reply).unwrap_or_default())
+                }
+            })
+            .method("finish", move |session, args| {
+                let this = f.clone();
+                async move {
+                    let req: FinishRequest = serde_json::from_value(args).map_err(|e| MethodError::bad_request(format!("finish: {e}")))?;
+                    let reply = this.finish(&session, req).await?;
+                    Ok(serde_json::to_value(reply).unwrap_or_default())
+                }
+            })
+            .upload(move |session, header, upload| {
+                let this = u.clone();
+                async move { this.receive_file(&session, header, upload).await }
+            })
+    }
+
+    /// Migrations prepared here and not finished yet.
+    pub fn active(&self) -> Vec<String> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    async fn prepare(self: &Arc<Self>, session: Session, mut cookie: Cookie) -> Result<PrepareReply, MethodError> {
+        let id = cookie.migration.clone();
+        migtun_proxy::wire::validate_name(&id).map_err(|why| MethodError::bad_request(format!("migration id {id:?}: {why}")))?;
+        let source = session.peer.name().to_string();
+        if source != cookie.source {
+            return Err(MethodError::forbidden(format!("{source} may not prepare a migration from {}", cookie.source)));
+        }
+        if self.active.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
+            return Err(MethodError::bad_request(format!("migration {id} is already prepared")));
+        }
+        let hook = self.hook.clone().ok_or_else(|| MethodError::failed("this agent has no qemu.prepare_hook configured"))?;
+        let dir = self.run_dir.join(&id);
+        create_private_dir(&dir).map_err(|e| MethodError::failed(format!("creating {}: {e}", dir.display())))?;
+        cookie.image_dir = dir.join("images").display().to_string();
+        create_private_dir(Path::new(&cookie.image_dir)).map_err(|e| MethodError::failed(format!("creating {}: {e}", cookie.image_dir)))?;
+
+        let qmp_path = match run_hook(&hook, &cookie).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(MethodError::failed(e));
+            }
+        };
+        let qmp = match Qmp::connect(&qmp_path).await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(MethodError::failed(format!("prepare hook printed {}, but: {e}", qmp_path.display())));
+            }
+        };
+        let pid = qmp.peer_pid();
+        match self.start_incoming(&session, &cookie, &qmp, &dir).await {
+            Ok((reply, routes)) => {
+                info!(migration = %id, %source, qemu_pid = ?pid, "prepared: destination QEMU waits for the migration");
+                let prepared = Arc::new(Prepared { source, qmp, pid, dir, _routes: routes });
+                self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), prepared);
+                // The destination's rule: no finish on this connection, no guest here.
+                let this = self.clone();
+                tokio::spawn(async move {
+                    session.closed.cancelled().await;
+                    this.abandon(&id, "the source's control connection ended before finish").await;
+                });
+                Ok(reply)
+            }
+            Err(e) => {
+                quit_qemu(&qmp, pid).await;
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_incoming(
+        &self,
+        session: &Session,
+        cookie: &Cookie,
+        qmp: &Qmp,
+        dir: &Path,
+    ) -> Result<(PrepareReply, Vec<ExposeGuard>), MethodError> {
+        let qemu = |e: crate::qmp::QmpError| MethodError::failed(e.to_string());
+        let id = &cookie.migration;
+        let (major, minor, micro) = qmp.version();
+        let ram_sock = dir.join("migration.sock");
+        let nbd_sock = dir.join("nbd.sock");
+        let copied: Vec<_> = cookie.disks.iter().filter(|d| d.copy).collect();
+        let mut routes = Vec::new();
+        let allow = vec![session.peer.name().to_string()];
+        if !copied.is_empty() {
+            qmp.execute("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd_sock}}}))
+                .await
+                .map_err(qemu)?;
+            for d in &copied {
+                qmp.execute(
+                    "block-export-add",
+                    json!({"type": "nbd", "id": format!("mig-{}", d.node_name), "node-name": d.node_name, "writable": true, "name": d.node_name}),
+                )
+                .await
+                .map_err(qemu)?;
+            }
+            routes.push(self.expose(format!("{id}.nbd"), &nbd_sock, &allow, id)?);
+        }
+        let mut caps = vec![json!({"capability": "multifd", "state": cookie.params.multifd_channels.is_some()})];
+        if cookie.params.postcopy {
+            caps.push(json!({"capability": "postcopy-ram", "state": true}));
+        }
+        qmp.execute("migrate-set-capabilities", json!({ "capabilities": caps })).await.map_err(qemu)?;
+        if let Some(n) = cookie.params.multifd_channels {
+            qmp.execute("migrate-set-parameters", json!({"multifd-channels": n})).await.map_err(qemu)?;
+        }
+        qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", ram_sock.display())})).await.map_err(qemu)?;
+        routes.push(self.expose(format!("{id}.ram"), &ram_sock, &allow, id)?);
+        let reply = PrepareReply {
+            ram_route: format!("{id}.ram"),
+            nbd_route: (!copied.is_empty()).then(|| format!("{id}.nbd")),
+            qemu_version: format!("{major}.{minor}.{micro}"),
+        };
+        Ok((reply, routes))
+    }
+
+    fn expose(&self, name: String, sock: &Path, allow: &[String], id: &str) -> Result<ExposeGuard, MethodError> {
+        self.agent
+            .add_expose(ExposeRoute {
+                name,
+                target: Endpoint::Unix(sock.to_path_buf()),
+                allow: allow.to_vec(),
+                migration: Some(id.to_string()),
+            })
+            .map_err(|e| MethodError::failed(e.to_string()))
+    }
+
+    async fn finish(&self, session: &Session, req: FinishRequest) -> Result<FinishReply, MethodError> {
+        let prepared = self.take(&req.migration, session.peer.name())?;
+        if !req.success {
+            self.cleanup(&req.migration, &prepared, "the source reported failure").await;
+            return Ok(FinishReply { guest_kept: false, detail: "destination QEMU quit".into() });
+        }
+        let qmp = &prepared.qmp;
+        let result = async {
+            if qmp.execute("nbd-server-stop", json!({})).await.is_err() {
+                // No NBD server when no disk was copied: nothing to stop.
+            }
+            if req.resume {
+                qmp.execute("cont", json!({})).await?;
+            }
+            Ok::<_, crate::qmp::QmpError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                info!(migration = %req.migration, resumed = req.resume, "finished: the guest lives here now");
+                // Keep the image directory (the disks are the guest's now); only the sockets go.
+                let _ = std::fs::remove_file(prepared.dir.join("migration.sock"));
+                let _ = std::fs::remove_file(prepared.dir.join("nbd.sock"));
+                Ok(FinishReply { guest_kept: true, detail: String::new() })
+            }
+            Err(e) => {
+                warn!(migration = %req.migration, error = %e, "finish failed; quitting the destination QEMU so the source can resume");
+                self.cleanup(&req.migration, &prepared, "finish failed").await;
+                Ok(FinishReply { guest_kept: false, detail: format!("destination could not resume the guest: {e}") })
+            }
+        }
+    }
+
+    async fn receive_file(&self, session: &Session, header: FileHeader, mut upload: Upload) -> Result<serde_json::Value, MethodError> {
+        let dir = {
+            let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            let p = active
+                .get(&header.migration)
+                .ok_or_else(|| MethodError::bad_request(format!("no migration {} here", header.migration)))?;
+            if p.source != session.peer.name() {
+                return Err(MethodError::forbidden("another host's migration"));
+            }
+            p.dir.join("images")
+        };
+        migtun_proxy::wire::validate_name(&header.name)
+            .map_err(|why| MethodError::bad_request(format!("file name {:?}: {why}", header.name)))?;
+        let tmp = dir.join(format!(".{}.partial", header.name));
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| MethodError::failed(format!("{}: {e}", tmp.display())))?;
+        let mut hasher = Sha256::new();
+        let mut n = 0u64;
+        while let Some(chunk) = upload.chunk().await {
+            let chunk = chunk.map_err(|e| MethodError::failed(format!("receiving {}: {e}", header.name)))?;
+            n += chunk.len() as u64;
+            if n > header.size {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(MethodError::bad_request(format!("{}: more than the announced {} bytes", header.name, header.size)));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(|e| MethodError::failed(format!("{}: {e}", tmp.display())))?;
+        }
+        file.sync_all().await.map_err(|e| MethodError::failed(e.to_string()))?;
+        let sha = hex::encode(hasher.finalize());
+        if n != header.size || sha != header.sha256 {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(MethodError::bad_request(format!("{}: received {n} bytes with sha256 {sha}, expected {} bytes {}", header.name, header.size, header.sha256)));
+        }
+        let dest = dir.join(&header.name);
+        tokio::fs::rename(&tmp, &dest).await.map_err(|e| MethodError::failed(e.to_string()))?;
+        Ok(json!({ "path": dest, "bytes": n, "sha256": sha }))
+    }
+
+    fn take(&self, id: &str, peer: &str) -> Result<Arc<Prepared>, MethodError> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        match active.get(id) {
+            None => Err(MethodError::bad_request(format!("no migration {id} here (finished, abandoned, or never prepared)"))),
+            Some(p) if p.source != peer => Err(MethodError::forbidden("another host's migration")),
+            Some(_) => Ok(active.remove(id).expect("present: checked under the same lock")),
+        }
+    }
+
+    /// Ends a prepared migration that will not finish: quit QEMU, remove routes and files.
+    async fn abandon(&self, id: &str, reason: &str) {
+        let prepared = self.active.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        if let Some(p) = prepared {
+            self.cleanup(id, &p, reason).await;
+        }
+    }
+
+    async fn cleanup(&self, id: &str, p: &Prepared, reason: &str) {
+        warn!(migration = %id, source = %p.source, reason, "abandoning the migration: quitting the destination QEMU");
+        quit_qemu(&p.qmp, p.pid).await;
+        let _ = std::fs::remove_dir_all(&p.dir);
+    }
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+/// Runs the prepare hook: the cookie on stdin, the QMP socket path on the last line of stdout.
+async fn run_hook(hook: &Path, cookie: &Cookie) -> Result<PathBuf, String> {
+    let input = serde_json::to_vec_pretty(cookie).map_err(|e| e.to_string())?;
+    let mut child = tokio::process::Command::new(hook)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run the prepare hook {}: {e}", hook.display()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A hook that does not read its input gets EPIPE here; its exit status tells the story.
+        let _ = stdin.write_all(&input).await;
+    }
+    let output = tokio::time::timeout(HOOK_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| format!("the prepare hook {} did not finish within {}s", hook.display(), HOOK_TIMEOUT.as_secs()))?
+        .map_err(|e| format!("the prepare hook {}: {e}", hook.display()))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let tail: Vec<&str> = stderr.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+    if !output.status.success() {
+        return Err(format!("the prepare hook {} failed ({}): {}", hook.display(), output.status, tail.join(" / ")));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim).unwrap_or_default();
+    if !line.starts_with('/') {
+        return Err(format!("the prepare hook {} must print the destination QMP socket's absolute path; it printed {line:?}", hook.display()));
+    }
+    Ok(PathBuf::from(line))
+}
+
+/// Quits QEMU over QMP; kills it if it does not go.
+async fn quit_qemu(qmp: &Qmp, pid: Option<u32>) {
+    let _ = qmp.execute_with_timeout("quit", json!({}), QUIT_GRACE).await;
+    let Some(pid) = pid else { return };
+    let deadline = tokio::time::Instant::now() + QUIT_GRACE;
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if tokio::time::Instant::now() > deadline {
+            warn!(pid, "QEMU did not quit; killing it");
+            // SAFETY: kill(2) has no memory effects; the pid came from SO_PEERCRED of the QMP
+            // connection, i.e. the QEMU process we were talking to.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
