@@ -40,6 +40,50 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Live-migrate a QEMU VM, with its disks, to a peer (the local agent runs it).
+    Migrate {
+        /// The local agent's admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+        /// The VM's QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// The destination peer.
+        #[arg(long)]
+        to: String,
+        /// Copy only these disks (device, qdev id or node name), comma-separated.
+        #[arg(long, value_delimiter = ',', conflicts_with = "shared_storage")]
+        disks: Option<Vec<String>>,
+        /// Copy no disk: both hosts see the same storage.
+        #[arg(long)]
+        shared_storage: bool,
+        /// multifd channels.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
+        parallel: Option<u8>,
+        #[arg(long)]
+        postcopy: bool,
+        /// Bytes per second.
+        #[arg(long)]
+        max_bandwidth: Option<u64>,
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// Migrate even with host (VFIO) devices attached.
+        #[arg(long)]
+        force: bool,
+        /// A file to carry to the destination with the migration (repeatable).
+        #[arg(long = "with-file")]
+        with_file: Vec<PathBuf>,
+        /// Machine-readable events (JSON lines) instead of progress bars.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Running migrations and open streams of the local agent.
+    Status {
+        #[arg(long)]
+        admin: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Two agents and a tunnelled transfer on this machine, with no set-up.
     Demo {
         /// How much data to carry through the tunnel.
@@ -71,6 +115,24 @@ fn main() -> ExitCode {
         Command::Check { config } => cmd::serve::check(&config),
         Command::Certs { command: CertsCommand::Init { dir } } => cmd::certs::init(&dir),
         Command::Certs { command: CertsCommand::Issue { dir, name } } => cmd::certs::issue(&dir, &name),
+        Command::Migrate {
+            admin, qmp, to, disks, shared_storage, parallel, postcopy, max_bandwidth, downtime_ms, force, with_file, json,
+        } => cmd::migrate::check_files(&with_file).and_then(|files| {
+            let args = migtun_control::messages::MigrateArgs {
+                qmp: std::fs::canonicalize(&qmp).unwrap_or(qmp),
+                to,
+                disks,
+                shared_storage,
+                parallel,
+                postcopy,
+                max_bandwidth,
+                downtime_ms,
+                force,
+                files,
+            };
+            cmd::migrate::migrate(&admin, args, json)
+        }),
+        Command::Status { admin, json } => cmd::migrate::status(&admin, json),
         Command::Demo { size_mib } => cmd::logging::init_quiet(cli.log_format).and_then(|()| cmd::demo::run(size_mib)),
     };
     match result {

@@ -30,6 +30,8 @@ use crate::rpc::{FileHeader, MethodError, Router, Session, Upload};
 
 /// The prepare hook must have started QEMU and printed its QMP socket within this time.
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+/// After the source reports `completed`, the destination must finish loading within this time.
+const INCOMING_COMPLETE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After `quit`, how long QEMU may take to exit before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -205,6 +207,9 @@ impl Incoming {
         }
         let qmp = &prepared.qmp;
         let result = async {
+            // The source reports `completed` as soon as it has sent everything; this side may
+            // still be loading device state. Take over only a fully loaded guest.
+            wait_incoming_complete(qmp).await?;
             if qmp.execute("nbd-server-stop", json!({})).await.is_err() {
                 // No NBD server when no disk was copied: nothing to stop.
             }
@@ -289,6 +294,32 @@ impl Incoming {
         warn!(migration = %id, source = %p.source, reason, "abandoning the migration: quitting the destination QEMU");
         quit_qemu(&p.qmp, p.pid).await;
         let _ = std::fs::remove_dir_all(&p.dir);
+    }
+}
+
+/// Waits until the incoming migration has completed here (or fails if it did not).
+async fn wait_incoming_complete(qmp: &Qmp) -> Result<(), crate::qmp::QmpError> {
+    let deadline = tokio::time::Instant::now() + INCOMING_COMPLETE_TIMEOUT;
+    loop {
+        let info = qmp.query_migrate().await?;
+        match info.status.as_str() {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(crate::qmp::QmpError::Protocol(format!(
+                    "the incoming migration {}: {}",
+                    info.status,
+                    info.error_desc.unwrap_or_default()
+                )))
+            }
+            _ if tokio::time::Instant::now() > deadline => {
+                return Err(crate::qmp::QmpError::Protocol(format!(
+                    "the incoming migration is still {:?} after {}s",
+                    info.status,
+                    INCOMING_COMPLETE_TIMEOUT.as_secs()
+                )))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
 }
 

@@ -4,3 +4,6 @@ pub mod qmp;
 pub mod rpc;
 pub mod incoming;
 pub mod messages;
+pub mod admin;
+pub mod machine;
+pub mod driver;

@@ -106,3 +106,67 @@ mod tests {
         }
     }
 }
+
+/// What `migtun migrate` asks the local agent to do.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateArgs {
+    /// The source VM's QMP socket.
+    pub qmp: std::path::PathBuf,
+    /// The destination peer's name.
+    pub to: String,
+    /// Copy only these disks (device, qdev id or node name); `None`: every writable disk.
+    pub disks: Option<Vec<String>>,
+    /// Copy no disk: the destination sees the same storage.
+    pub shared_storage: bool,
+    /// multifd channels.
+    pub parallel: Option<u8>,
+    pub postcopy: bool,
+    /// Bytes per second.
+    pub max_bandwidth: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    /// Migrate even with host (VFIO) devices attached.
+    pub force: bool,
+    /// Files carried to the destination's image directory with the migration.
+    pub files: Vec<std::path::PathBuf>,
+}
+
+/// How a migration ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutcomeKind {
+    /// The guest runs (or waits, if it was paused) on the destination; the source has quit.
+    Succeeded,
+    /// Refused before anything was touched.
+    Refused,
+    /// Failed and rolled back: the guest runs on the source as before.
+    Failed,
+    /// Cancelled and rolled back: the guest runs on the source as before.
+    Cancelled,
+    /// The outcome could not be established (the destination vanished after being told to
+    /// take over): the source guest is kept paused; an operator must look.
+    Unknown,
+}
+
+/// A line of the admin API's event stream for one migration (`--json` prints these).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Report {
+    Accepted { id: String, vm: String, to: String },
+    Phase { phase: String, message: String },
+    Progress {
+        /// `mirror` (disks) or `ram`.
+        stage: String,
+        done: u64,
+        total: u64,
+        /// Bytes per second.
+        rate: f64,
+        /// Seconds to go at the current rate, if known.
+        eta_secs: Option<f64>,
+        /// Pages per second dirtied by the guest (RAM stage).
+        dirty_rate: Option<u64>,
+        /// Milliseconds QEMU expects the switchover to take (RAM stage).
+        expected_downtime_ms: Option<i64>,
+    },
+    Log { message: String },
+    Done { outcome: OutcomeKind, message: String },
+}

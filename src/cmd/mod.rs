@@ -3,4 +3,5 @@
 pub mod certs;
 pub mod demo;
 pub mod logging;
+pub mod migrate;
 pub mod serve;

@@ -3,6 +3,15 @@
 use std::path::Path;
 
 use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use migtun_control::admin::{self, Registry, Starter};
+use migtun_control::driver::{self, Outgoing};
+use migtun_control::incoming::Incoming;
+use migtun_control::messages::{MigrateArgs, OutcomeKind, Report};
+use migtun_control::rpc::Router;
+use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -18,11 +27,51 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
-        let agent = Agent::bind(config).await?;
+        let mut agent = Agent::bind(config).await?;
+        let handle = agent.handle();
+        let qemu = agent.config().qemu.clone();
+        let admin_path = agent.config().admin.clone();
+
+        // The destination side answers prepare/finish/files when [qemu] is configured; every
+        // agent answers the hello, so peers can tell what it supports.
+        let mut router = Router::new(handle.name());
+        if let Some(q) = &qemu {
+            router = Incoming::new(handle.clone(), q.run_dir.clone(), q.prepare_hook.clone()).register(router);
+        }
+        agent.set_control_handler(router.into_handler());
+
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
+        if let Some(path) = admin_path {
+            let registry = Arc::new(Registry::default());
+            let starter = starter(handle.clone(), qemu.map(|q| q.run_dir));
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = admin::serve(&path, handle, registry, starter, stop).await {
+                    tracing::error!(path = %path.display(), error = %e, "admin socket failed; `migtun migrate` cannot reach this agent");
+                }
+            });
+        }
         agent.run(shutdown).await?;
         Ok(())
+    })
+}
+
+/// Runs migrations submitted on the admin socket (the source side).
+fn starter(agent: AgentHandle, run_dir: Option<PathBuf>) -> Starter {
+    Arc::new(move |args: MigrateArgs, tracked| {
+        let agent = agent.clone();
+        let run_dir = run_dir.clone();
+        Box::pin(async move {
+            let Some(run_dir) = run_dir else {
+                tracked.report(Report::Done {
+                    outcome: OutcomeKind::Refused,
+                    message: "this agent has no [qemu] run_dir configured; it cannot run migrations".into(),
+                });
+                return;
+            };
+            driver::run(Arc::new(Outgoing { agent, run_dir }), args, tracked).await
+        })
     })
 }
 

@@ -1,0 +1,563 @@
+//! The source's driver: performs the [`Machine`]'s actions against QMP, the destination's
+//! control RPC and the agent's routes, and feeds every result and every QEMU event back.
+//!
+//! The machine decides everything (order, rollback, the point of no return); this module only
+//! translates. One migration is one task: actions run one at a time in the order the machine
+//! gave them; between actions the task waits for QEMU events, a progress tick, a cancel
+//! request, or the loss of the destination's control connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use migtun_proxy::agent::{AgentHandle, DynamicForward, ForwardGuard};
+use migtun_proxy::endpoint::Endpoint;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use crate::admin::Tracked;
+use crate::machine::{
+    Action, Disk, DiskSelection, Event, Machine, MigrationId, MigrationSettings, MigrationStatus, Options, Outcome, PrepareRequest,
+    Progress, Report as MachineReport, Routes, SideFile, Step, VmInfo,
+};
+use crate::messages::{Cookie, DiskSpec, FinishReply, FinishRequest, MigrateArgs, MigrationParams, OutcomeKind, PrepareReply, Report};
+use crate::qmp::{Event as QmpEvent, Qmp};
+use crate::rpc::{FileHeader, RpcClient};
+
+/// How often progress is polled (`query-migrate`, `query-block-jobs`) and reported.
+const PROGRESS_TICK: Duration = Duration::from_millis(500);
+/// A side-channel file may take this long to upload.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Prepare starts a QEMU on the destination: allow for a slow hook.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
+/// With nothing happening at all (no event, no progress) for this long, the machine is told
+/// that time is up, so that it rolls back rather than hang on a stuck QEMU or peer.
+const STALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What the source side needs to run migrations.
+pub struct Outgoing {
+    pub agent: AgentHandle,
+    /// Private sockets of migrations live in `run_dir/<id>/`.
+    pub run_dir: PathBuf,
+}
+
+/// Runs one migration to its end, reporting to `tracked`.
+pub async fn run(out: Arc<Outgoing>, args: MigrateArgs, tracked: Arc<Tracked>) {
+    let (outcome, message) = match drive(&out, &args, &tracked).await {
+        Ok(o) => o,
+        Err(reason) => (OutcomeKind::Refused, reason),
+    };
+    info!(migration = %tracked.id, ?outcome, %message, "migration ended");
+    tracked.report(Report::Done { outcome, message });
+}
+
+async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<(OutcomeKind, String), String> {
+    let id = tracked.id.clone();
+    let qmp = Qmp::connect(&args.qmp).await.map_err(|e| e.to_string())?;
+    let io = out.agent.connect_control(&args.to).await.map_err(|e| e.to_string())?;
+    let rpc = RpcClient::connect(io, &args.to, out.agent.name()).await.map_err(|e| e.to_string())?;
+    rpc.require("prepare").map_err(|e| e.to_string())?;
+    tracked.report(Report::Log {
+        message: format!("{} runs migtun {} (control protocol {})", args.to, rpc.peer_hello().agent, rpc.peer_hello().version),
+    });
+
+    let options = Options {
+        disks: if args.shared_storage {
+            DiskSelection::SharedStorage
+        } else if let Some(d) = &args.disks {
+            DiskSelection::Only(d.clone())
+        } else {
+            DiskSelection::All
+        },
+        parallel: args.parallel,
+        postcopy: args.postcopy,
+        max_bandwidth: args.max_bandwidth,
+        downtime_ms: args.downtime_ms,
+        force: args.force,
+        files: args
+            .files
+            .iter()
+            .map(|p| SideFile { name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), path: p.clone() })
+            .collect(),
+    };
+    let mut exec = Executor {
+        id: id.clone(),
+        qmp,
+        rpc,
+        agent: out.agent.clone(),
+        dir: out.run_dir.join(&id),
+        source_qmp: args.qmp.clone(),
+        vm: tracked.vm.clone(),
+        cmdline: Vec::new(),
+        disks: HashMap::new(),
+        forwards: Vec::new(),
+        migration_started: false,
+        last_status: String::new(),
+    };
+    let mut events = exec.qmp.events();
+    let (mut machine, first) = Machine::new(MigrationId(id.clone()), options);
+    let mut queue: VecDeque<Action> = first.into();
+    let mut tick = tokio::time::interval(PROGRESS_TICK);
+    let mut last_phase = String::new();
+    let mut cancel_sent = false;
+    let mut peer_lost_sent = false;
+    let mut last_activity = tokio::time::Instant::now();
+    loop {
+        while let Some(action) = queue.pop_front() {
+            if let Some(event) = exec.perform(action, tracked).await {
+                queue.extend(machine.handle(event));
+            }
+            let phase = machine.phase().to_string();
+            if phase != last_phase {
+                tracked.report(Report::Phase { phase: phase.clone(), message: phase_message(&phase) });
+                last_phase = phase;
+            }
+        }
+        if let Some(outcome) = machine.outcome() {
+            exec.cleanup_dir();
+            return Ok(summarize(outcome));
+        }
+        let event = tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(ev) => exec.translate(&ev),
+                Err(broadcast::error::RecvError::Lagged(_)) => None,
+                // QEMU went away: the machine learns it from the next command's failure; give it
+                // a status so it does not wait for events that will never come.
+                Err(broadcast::error::RecvError::Closed) => Some(Event::MigrationState(MigrationStatus::Failed)),
+            },
+            _ = tick.tick() => exec.progress(tracked).await,
+            _ = tracked.cancel.cancelled(), if !cancel_sent => {
+                cancel_sent = true;
+                Some(Event::CancelRequested)
+            }
+            _ = exec.rpc.closed(), if !peer_lost_sent => {
+                peer_lost_sent = true;
+                Some(Event::PeerLost(format!("the control connection to {} ended", args.to)))
+            }
+        };
+        match event {
+            Some(Event::Progress(_)) | None => {
+                if last_activity.elapsed() > STALL_TIMEOUT {
+                    last_activity = tokio::time::Instant::now();
+                    queue.extend(machine.handle(Event::TimedOut));
+                } else if let Some(e) = event {
+                    queue.extend(machine.handle(e));
+                }
+            }
+            Some(e) => {
+                last_activity = tokio::time::Instant::now();
+                queue.extend(machine.handle(e));
+            }
+        }
+    }
+}
+
+fn phase_message(phase: &str) -> String {
+    match phase {
+        "begin" => "inspecting the VM".into(),
+        "prepare" => "the destination starts its QEMU".into(),
+        "finish" => "handing the guest over".into(),
+        "confirm" => "finishing on the source".into(),
+        p => p.to_string(),
+    }
+}
+
+fn summarize(outcome: &Outcome) -> (OutcomeKind, String) {
+    let kind = match outcome {
+        Outcome::Succeeded => OutcomeKind::Succeeded,
+        Outcome::Failed { .. } => OutcomeKind::Failed,
+        Outcome::Refused { .. } => OutcomeKind::Refused,
+        Outcome::Cancelled => OutcomeKind::Cancelled,
+        Outcome::Unknown { .. } => OutcomeKind::Unknown,
+    };
+    let message = match outcome {
+        Outcome::Succeeded => "the guest now lives on the destination; the source QEMU has quit".to_string(),
+        Outcome::Cancelled => "cancelled; the guest runs on the source as before".to_string(),
+        Outcome::Failed { .. } => format!("{outcome}; the guest runs on the source as before"),
+        other => other.to_string(),
+    };
+    (kind, message)
+}
+
+/// The I/O side of one migration.
+struct Executor {
+    id: String,
+    qmp: Qmp,
+    rpc: RpcClient,
+    agent: AgentHandle,
+    /// `run_dir/<id>`: the forward sockets.
+    dir: PathBuf,
+    source_qmp: PathBuf,
+    vm: String,
+    cmdline: Vec<String>,
+    /// Disk key (the machine's `Disk::device`) -> (index, disk).
+    disks: HashMap<String, (usize, Disk)>,
+    forwards: Vec<ForwardGuard>,
+    migration_started: bool,
+    /// The last migration status seen (event or poll), so each change reaches the machine once.
+    last_status: String,
+}
+
+impl Executor {
+    fn target_node(&self, disk: &str) -> String {
+        format!("mt{}", self.disks.get(disk).map(|d| d.0).unwrap_or(0))
+    }
+
+    fn job_id(&self, disk: &str) -> String {
+        format!("mj{}", self.disks.get(disk).map(|d| d.0).unwrap_or(0))
+    }
+
+    fn disk_of_job(&self, job: &str) -> Option<String> {
+        self.disks.iter().find(|(_, (i, _))| format!("mj{i}") == job).map(|(k, _)| k.clone())
+    }
+
+    /// Performs one action; the immediate result, if the machine wants one.
+    async fn perform(&mut self, action: Action, tracked: &Tracked) -> Option<Event> {
+        let step = action.step();
+        let result: Result<Option<Event>, String> = match action {
+            Action::Report(r) => {
+                match r {
+                    MachineReport::Info(m) => tracked.report(Report::Log { message: m }),
+                    MachineReport::Warning(m) => {
+                        warn!(migration = %self.id, "{m}");
+                        tracked.report(Report::Log { message: format!("warning: {m}") })
+                    }
+                    MachineReport::Progress(_) => {}
+                }
+                return None;
+            }
+            Action::Inspect => self.inspect().await.map(|vm| Some(Event::Inspected(vm))),
+            Action::Prepare(req) => self.prepare(req).await.map(|r| Some(Event::Prepared(r))),
+            Action::OpenForwards(routes) => self.open_forwards(routes).await.map(|()| None),
+            Action::AddNbdTarget(disk) => {
+                let node = self.disks.get(&disk).map(|d| d.1.node_name.clone()).unwrap_or_default();
+                let args = json!({
+                    "driver": "nbd",
+                    "server": {"type": "unix", "path": self.dir.join("nbd.sock")},
+                    "export": node,
+                    "node-name": self.target_node(&disk),
+                });
+                self.qmp_do("blockdev-add", args).await
+            }
+            Action::StartMirror(disk) => {
+                let node = self.disks.get(&disk).map(|d| d.1.node_name.clone()).unwrap_or_default();
+                let args = json!({
+                    "job-id": self.job_id(&disk), "device": node, "target": self.target_node(&disk), "sync": "full",
+                });
+                self.qmp_do("blockdev-mirror", args).await
+            }
+            Action::SendFiles(files) => self.send_files(files, tracked).await.map(|()| None),
+            Action::SetMigrationSettings(s) => self.set_settings(s).await.map(|()| None),
+            Action::StartMigration => {
+                self.migration_started = true;
+                let uri = format!("unix:{}", self.dir.join("ram.sock").display());
+                self.qmp_do("migrate", json!({ "uri": uri })).await
+            }
+            Action::StartPostcopy => self.qmp_do("migrate-start-postcopy", json!({})).await,
+            Action::CompleteMirror(disk) => self.qmp_do("block-job-cancel", json!({"device": self.job_id(&disk)})).await,
+            Action::ContinueMigration => self.qmp_do("migrate-continue", json!({"state": "pre-switchover"})).await,
+            Action::FinishPeer { success, resume } => {
+                let req = FinishRequest { migration: self.id.clone(), success, resume };
+                match self.rpc.call::<_, FinishReply>("finish", &req).await {
+                    Ok(r) if r.guest_kept || !success => Ok(Some(Event::Finished(Ok(())))),
+                    Ok(r) => Ok(Some(Event::Finished(Err(r.detail)))),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Action::QuitSource => {
+                // QEMU closes the connection as it quits; that is success.
+                let _ = self.qmp.execute("quit", json!({})).await;
+                Ok(None)
+            }
+            Action::ResumeSource => self.qmp_do("cont", json!({})).await,
+            Action::CancelMirror(disk) => {
+                self.qmp_do("block-job-cancel", json!({"device": self.job_id(&disk), "force": true})).await
+            }
+            Action::CancelMigration => self.qmp_do("migrate_cancel", json!({})).await,
+            Action::RemoveNbdTarget(disk) => self.qmp_do("blockdev-del", json!({"node-name": self.target_node(&disk)})).await,
+            Action::CloseForwards => {
+                for f in self.forwards.drain(..) {
+                    f.close().await;
+                }
+                Ok(None)
+            }
+        };
+        let step = step.unwrap_or(Step::Inspect);
+        match result {
+            Ok(Some(e)) => Some(e),
+            Ok(None) => Some(Event::Done(step)),
+            Err(msg) => Some(Event::Failed(step, msg)),
+        }
+    }
+
+    async fn qmp_do(&self, cmd: &str, args: Value) -> Result<Option<Event>, String> {
+        self.qmp.execute(cmd, args).await.map(|_| None).map_err(|e| e.to_string())
+    }
+
+    async fn inspect(&mut self) -> Result<VmInfo, String> {
+        let status = self.qmp.query_status().await.map_err(|e| e.to_string())?;
+        let blocks = self.qmp.query_block().await.map_err(|e| e.to_string())?;
+        let jobs = self.qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
+        let migrate = self.qmp.execute("query-migrate", json!({})).await.map_err(|e| e.to_string())?;
+        if let Some(pid) = self.qmp.peer_pid() {
+            self.cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|b| b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+                .unwrap_or_default();
+        }
+        if let Some(name) = vm_name(&self.cmdline) {
+            self.vm = name;
+        }
+        let mut disks = Vec::new();
+        for b in blocks {
+            let Some(ins) = b.inserted else { continue };
+            if ins.ro {
+                continue;
+            }
+            let key = disk_key(&b.device, b.qdev.as_deref(), &ins.node_name);
+            let format = if ins.image.format.is_empty() { ins.drv.clone() } else { ins.image.format.clone() };
+            let disk = Disk { device: key.clone(), node_name: ins.node_name.clone(), size: ins.image.virtual_size, format, file: file_of(&ins.file) };
+            self.disks.insert(key, (disks.len(), disk.clone()));
+            disks.push(disk);
+        }
+        let blockers = migrate
+            .get("blocked-reasons")
+            .and_then(|r| r.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let vfio_devices = self.cmdline.iter().filter(|a| a.contains("vfio-pci")).cloned().collect();
+        Ok(VmInfo { running: status.running, disks, has_active_block_jobs: !jobs.is_empty(), blockers, vfio_devices })
+    }
+
+    async fn prepare(&mut self, req: PrepareRequest) -> Result<Routes, String> {
+        let cookie = Cookie {
+            migration: self.id.clone(),
+            vm: self.vm.clone(),
+            source: self.agent.name().to_string(),
+            cmdline: self.cmdline.clone(),
+            disks: req
+                .disks
+                .iter()
+                .map(|p| DiskSpec {
+                    device: p.disk.device.clone(),
+                    node_name: p.disk.node_name.clone(),
+                    size: p.disk.size,
+                    format: p.disk.format.clone(),
+                    source_file: p.disk.file.clone(),
+                    copy: p.copy,
+                })
+                .collect(),
+            params: MigrationParams { multifd_channels: req.multifd_channels, postcopy: req.postcopy },
+            image_dir: String::new(),
+            running: req.running,
+        };
+        let reply: PrepareReply = self.rpc.call_with_timeout("prepare", &cookie, PREPARE_TIMEOUT).await.map_err(|e| e.to_string())?;
+        info!(migration = %self.id, qemu = %reply.qemu_version, source_qmp = %self.source_qmp.display(), "destination prepared");
+        Ok(Routes { ram: reply.ram_route, nbd: reply.nbd_route })
+    }
+
+    async fn open_forwards(&mut self, routes: Routes) -> Result<(), String> {
+        create_private_dir(&self.dir).map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        let add = |sock: &str, route: String| DynamicForward {
+            listen: Endpoint::Unix(self.dir.join(sock)),
+            mode: 0o600,
+            peer: self.rpc_peer(),
+            route,
+            migration: Some(self.id.clone()),
+        };
+        let mut specs = vec![add("ram.sock", routes.ram)];
+        if let Some(nbd) = routes.nbd {
+            specs.push(add("nbd.sock", nbd));
+        }
+        for spec in specs {
+            let guard = self.agent.add_forward(spec).await.map_err(|e| e.to_string())?;
+            self.forwards.push(guard);
+        }
+        Ok(())
+    }
+
+    fn rpc_peer(&self) -> String {
+        self.rpc.peer_hello().name.clone()
+    }
+
+    async fn send_files(&self, files: Vec<SideFile>, tracked: &Tracked) -> Result<(), String> {
+        for f in files {
+            let mut file = tokio::fs::File::open(&f.path).await.map_err(|e| format!("{}: {e}", f.path.display()))?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            let mut buf = vec![0u8; 256 << 10];
+            loop {
+                let n = file.read(&mut buf).await.map_err(|e| format!("{}: {e}", f.path.display()))?;
+                if n == 0 {
+                    break;
+                }
+                size += n as u64;
+                hasher.update(&buf[..n]);
+            }
+            let header = FileHeader { migration: self.id.clone(), name: f.name.clone(), size, sha256: hex::encode(hasher.finalize()) };
+            let file = tokio::fs::File::open(&f.path).await.map_err(|e| format!("{}: {e}", f.path.display()))?;
+            let reply: Value = self.rpc.upload(&header, file, UPLOAD_TIMEOUT).await.map_err(|e| e.to_string())?;
+            tracked.report(Report::Log { message: format!("sent {} ({size} bytes, sha256 verified by the destination: {})", f.name, reply["path"]) });
+        }
+        Ok(())
+    }
+
+    async fn set_settings(&self, s: MigrationSettings) -> Result<(), String> {
+        // `events`: without it QEMU sends no MIGRATION events (progress polling would still see
+        // the status change, a tick later).
+        let mut caps = vec![
+            ("events", true),
+            ("pause-before-switchover", s.pause_before_switchover),
+            ("multifd", s.multifd_channels.is_some()),
+        ];
+        if s.postcopy {
+            caps.push(("postcopy-ram", true));
+        }
+        self.qmp.migrate_set_capabilities(&caps).await.map_err(|e| e.to_string())?;
+        let mut params = serde_json::Map::new();
+        if let Some(n) = s.multifd_channels {
+            params.insert("multifd-channels".into(), json!(n));
+        }
+        if let Some(b) = s.max_bandwidth {
+            params.insert("max-bandwidth".into(), json!(b));
+        }
+        if let Some(d) = s.downtime_ms {
+            params.insert("downtime-limit".into(), json!(d));
+        }
+        if !params.is_empty() {
+            self.qmp.migrate_set_parameters(Value::Object(params)).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// A QEMU event as a machine event.
+    fn translate(&mut self, ev: &QmpEvent) -> Option<Event> {
+        let device = ev.data.get("device").and_then(|d| d.as_str()).unwrap_or_default();
+        match ev.name.as_str() {
+            "MIGRATION" => {
+                let status = ev.data.get("status").and_then(|s| s.as_str())?;
+                if status == self.last_status {
+                    return None;
+                }
+                self.last_status = status.to_string();
+                Some(Event::MigrationState(MigrationStatus::parse(status)))
+            }
+            "BLOCK_JOB_READY" => self.disk_of_job(device).map(Event::MirrorReady),
+            "BLOCK_JOB_COMPLETED" => {
+                let disk = self.disk_of_job(device)?;
+                match ev.data.get("error").and_then(|e| e.as_str()) {
+                    Some(err) => Some(Event::MirrorFailed(disk, err.to_string())),
+                    None => Some(Event::MirrorCompleted(disk)),
+                }
+            }
+            "BLOCK_JOB_CANCELLED" => self.disk_of_job(device).map(Event::MirrorCancelled),
+            "BLOCK_JOB_ERROR" => {
+                let disk = self.disk_of_job(device)?;
+                let op = ev.data.get("operation").and_then(|o| o.as_str()).unwrap_or("I/O");
+                Some(Event::MirrorFailed(disk, format!("{op} error on the mirror")))
+            }
+            _ => None,
+        }
+    }
+
+    /// Polls progress; reports it and hands RAM progress (or a status change that no event
+    /// announced) to the machine.
+    async fn progress(&mut self, tracked: &Tracked) -> Option<Event> {
+        if self.migration_started {
+            let info = self.qmp.query_migrate().await.ok()?;
+            if info.status != self.last_status {
+                self.last_status = info.status.clone();
+                return Some(Event::MigrationState(MigrationStatus::parse(&info.status)));
+            }
+            let ram = info.ram?;
+            let rate = ram.mbps * 1e6 / 8.0;
+            tracked.report(Report::Progress {
+                stage: "ram".into(),
+                done: ram.transferred,
+                total: ram.total.max(ram.transferred + ram.remaining),
+                rate,
+                eta_secs: (rate > 0.0).then(|| ram.remaining as f64 / rate),
+                dirty_rate: Some(ram.dirty_pages_rate),
+                expected_downtime_ms: info.expected_downtime,
+            });
+            return Some(Event::Progress(Progress { transferred: ram.transferred, remaining: ram.remaining, total: ram.total }));
+        }
+        let jobs = self.qmp.query_block_jobs().await.ok()?;
+        let ours: Vec<_> = jobs.iter().filter(|j| self.disk_of_job(&j.device).is_some()).collect();
+        if !ours.is_empty() {
+            let done: u64 = ours.iter().map(|j| j.offset).sum();
+            let total: u64 = ours.iter().map(|j| j.len).sum();
+            let rate: f64 = ours.iter().map(|j| j.speed as f64).sum();
+            tracked.report(Report::Progress {
+                stage: "mirror".into(),
+                done,
+                total,
+                rate,
+                eta_secs: None,
+                dirty_rate: None,
+                expected_downtime_ms: None,
+            });
+        }
+        None
+    }
+
+    fn cleanup_dir(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The machine's name for a disk: the guest device, else the qdev id, else the node name
+/// (`-blockdev` disks have no device name; their qdev path is `/machine/peripheral/ID/...`).
+fn disk_key(device: &str, qdev: Option<&str>, node: &str) -> String {
+    if !device.is_empty() {
+        return device.to_string();
+    }
+    if let Some(id) = qdev.and_then(|q| q.strip_prefix("/machine/peripheral/")).and_then(|q| q.split('/').next()) {
+        return id.to_string();
+    }
+    if let Some(q) = qdev.filter(|q| !q.is_empty()) {
+        return q.to_string();
+    }
+    node.to_string()
+}
+
+/// The image file behind `query-block`'s `file` (a `json:{...}` filename keeps its `filename`).
+fn file_of(file: &str) -> String {
+    if let Some(j) = file.strip_prefix("json:") {
+        if let Ok(v) = serde_json::from_str::<Value>(j) {
+            if let Some(f) = v.pointer("/file/filename").and_then(|f| f.as_str()) {
+                return f.to_string();
+            }
+        }
+    }
+    file.to_string()
+}
+
+fn vm_name(cmdline: &[String]) -> Option<String> {
+    let i = cmdline.iter().position(|a| a == "-name")?;
+    let v = cmdline.get(i + 1)?;
+    let first = v.split(',').next()?;
+    Some(first.strip_prefix("guest=").unwrap_or(first).to_string())
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_are_named_by_device_qdev_or_node() {
+        assert_eq!(disk_key("drive0", None, "n"), "drive0");
+        assert_eq!(disk_key("", Some("/machine/peripheral/vd0/virtio-backend"), "n"), "vd0");
+        assert_eq!(disk_key("", None, "node7"), "node7");
+        assert_eq!(file_of(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"/x/a.qcow2"}}"#), "/x/a.qcow2");
+        assert_eq!(vm_name(&["qemu".into(), "-name".into(), "guest=web1,debug-threads=on".into()]).as_deref(), Some("web1"));
+    }
+}
