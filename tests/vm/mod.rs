@@ -1,0 +1,239 @@
+//! Harness for migration tests: two real `migtun serve` agents (admin sockets, run dirs, a
+//! prepare hook) and real QEMU guests with random RAM and disks on tmpfs.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+
+pub const MIGTUN: &str = env!("CARGO_BIN_EXE_migtun");
+pub const RAM_MIB: u64 = 256;
+
+/// Finds QEMU; under CI its absence fails the test, elsewhere it is skipped loudly.
+pub fn qemu() -> Option<PathBuf> {
+    let found = ["qemu-system-x86_64"].iter().find_map(|b| {
+        std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(b)).find(|p| p.exists())
+    });
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("qemu-system-x86_64 not found, and CI=true: .ci/run must install qemu-system-x86");
+        }
+        eprintln!("SKIPPED: qemu-system-x86_64 not found; install qemu-system-x86 and qemu-utils to run the migration tests");
+    }
+    found
+}
+
+pub fn accel() -> &'static str {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+        "kvm"
+    } else {
+        "tcg"
+    }
+}
+
+/// Kills what it holds on drop.
+pub struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Kills a daemonized QEMU by its pidfile on drop.
+pub struct PidFile(pub PathBuf);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) on the pid QEMU wrote; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+pub fn random_file(path: &Path, size: u64, seed: u64) {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..size / (1 << 20) {
+        rng.fill_bytes(&mut buf);
+        f.write_all(&buf).unwrap();
+    }
+}
+
+pub fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub struct Hosts {
+    pub dir: tempfile::TempDir,
+    pub agents: Procs,
+}
+
+impl Hosts {
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Two agents with admin sockets, run dirs, and the example prepare hook.
+    pub fn start() -> Hosts {
+        Hosts::start_with_hook(&Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/prepare-hook"))
+    }
+
+    pub fn start_with_hook(hook: &Path) -> Hosts {
+        let dir = tempfile::Builder::new().prefix("mt-").tempdir_in("/dev/shm").unwrap();
+        let pki = dir.path().join("pki");
+        run(Command::new(MIGTUN).args(["certs", "init", "--dir"]).arg(&pki));
+        for h in ["host-a", "host-b"] {
+            run(Command::new(MIGTUN).args(["certs", "issue", "--dir"]).arg(&pki).args(["--name", h]));
+        }
+        let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (pa, pb) = (port(0), port(1));
+        let mut agents = Procs(Vec::new());
+        for (name, me, other, peer) in [("host-a", pa, pb, "host-b"), ("host-b", pb, pa, "host-a")] {
+            let run_dir = dir.path().join(format!("run-{name}"));
+            let config = format!(
+                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\n\n[qemu]\nrun_dir = \"{r}\"\nprepare_hook = \"{h}\"\n",
+                d = dir.path().display(),
+                p = pki.display(),
+                r = run_dir.display(),
+                h = hook.display(),
+            );
+            let path = dir.path().join(format!("{name}.toml"));
+            std::fs::write(&path, config).unwrap();
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
+            agents.0.push(
+                Command::new(MIGTUN).args(["serve", "--config"]).arg(&path).stderr(log).stdout(Stdio::null()).spawn().unwrap(),
+            );
+        }
+        let hosts = Hosts { dir, agents };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(hosts.path("host-a.admin").exists() && hosts.path("host-b.admin").exists()) {
+            assert!(Instant::now() < deadline, "agents did not start:\n{}", hosts.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        hosts
+    }
+
+    pub fn logs(&self) -> String {
+        ["host-a", "host-b"]
+            .iter()
+            .map(|h| format!("--- {h}\n{}", std::fs::read_to_string(self.path(&format!("{h}.log"))).unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// A source guest: random RAM, a raw and a qcow2 disk with random contents.
+pub struct Guest {
+    pub ram: PathBuf,
+    pub disks: Vec<(PathBuf, &'static str)>,
+    pub qmp: PathBuf,
+    pub proc: Procs,
+}
+
+pub fn start_guest(hosts: &Hosts, qemu: &Path, running: bool) -> Guest {
+    let ram = hosts.path("ram-src");
+    random_file(&ram, RAM_MIB << 20, 1);
+    let raw = hosts.path("disk0.raw");
+    random_file(&raw, 64 << 20, 2);
+    let qcow_src = hosts.path("disk1-content.raw");
+    random_file(&qcow_src, 32 << 20, 3);
+    let qcow = hosts.path("disk1.qcow2");
+    run(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&qcow_src).arg(&qcow));
+    let qmp = hosts.path("src.qmp");
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-name", "guest=testvm", "-machine", "pc,memory-backend=ram0", "-accel", accel(), "-m"])
+        .arg(format!("{RAM_MIB}M"))
+        .args(["-nodefaults", "-display", "none", "-object"])
+        .arg(format!("memory-backend-file,id=ram0,size={RAM_MIB}M,mem-path={},share=on", ram.display()))
+        .arg("-blockdev")
+        .arg(format!("driver=file,filename={},node-name=f0", raw.display()))
+        .args(["-blockdev", "driver=raw,file=f0,node-name=d0", "-device", "virtio-blk-pci,drive=d0,id=vd0"])
+        .arg("-blockdev")
+        .arg(format!("driver=file,filename={},node-name=f1", qcow.display()))
+        .args(["-blockdev", "driver=qcow2,file=f1,node-name=d1", "-device", "virtio-blk-pci,drive=d1,id=vd1"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    if !running {
+        cmd.arg("-S");
+    }
+    let child = cmd.stderr(std::fs::File::create(hosts.path("qemu-src.log")).unwrap()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !qmp.exists() {
+        assert!(Instant::now() < deadline, "source QEMU did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Guest { ram, disks: vec![(raw, "raw"), (qcow, "qcow2")], qmp, proc: Procs(vec![child]) }
+}
+
+pub fn migrate(hosts: &Hosts, guest: &Guest, extra: &[&str]) -> (bool, Vec<serde_json::Value>) {
+    let out = Command::new(MIGTUN)
+        .arg("migrate")
+        .arg("--admin")
+        .arg(hosts.path("host-a.admin"))
+        .arg("--qmp")
+        .arg(&guest.qmp)
+        .args(["--to", "host-b", "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let events = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    if !out.status.success() {
+        eprintln!("migrate failed: {}\n{}", String::from_utf8_lossy(&out.stderr), hosts.logs());
+    }
+    (out.status.success(), events)
+}
+
+/// The destination's directory for the migration (`run-host-b/<id>`).
+pub fn dest_dir(hosts: &Hosts, events: &[serde_json::Value]) -> PathBuf {
+    let id = events.iter().find_map(|e| e.get("id").and_then(|i| i.as_str())).expect("accepted event with id");
+    hosts.path("run-host-b").join(id)
+}
+
+pub fn wait_exit(mut pid_alive: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pid_alive() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+pub fn qmp_status(sock: &Path) -> serde_json::Value {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let q = migtun_control::qmp::Qmp::connect(sock).await.expect("destination QMP");
+        q.execute("query-status", serde_json::Value::Null).await.expect("query-status")
+    })
+}
+
+pub fn source_status(guest: &Guest) -> serde_json::Value {
+    qmp_status(&guest.qmp)
+}
+
+/// Nothing of the migration is left on the destination: no QEMU, no directory, no route.
+pub fn destination_is_clean(hosts: &Hosts) {
+    let left: Vec<_> = std::fs::read_dir(hosts.path("run-host-b")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "left behind on the destination: {left:?}\n{}", hosts.logs());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut routes = Vec::new();
+    rt.block_on(migtun_control::admin::request(&hosts.path("host-b.admin"), &migtun_control::admin::Request::Status, |v| {
+        routes = v["routes"].as_array().cloned().unwrap_or_default();
+        false
+    }))
+    .unwrap();
+    assert!(routes.is_empty(), "dynamic routes left on the destination: {routes:?}");
+}
+
