@@ -158,12 +158,21 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
 
 fn phase_message(phase: &str) -> String {
     match phase {
-        "begin" => "inspecting the VM".into(),
-        "prepare" => "the destination starts its QEMU".into(),
-        "finish" => "handing the guest over".into(),
-        "confirm" => "finishing on the source".into(),
-        p => p.to_string(),
+        "begin" => "inspecting the VM",
+        "prepare" => "the destination starts its QEMU",
+        "perform (opening-forwards)" => "opening this migration's routes through the tunnel",
+        "perform (starting-mirrors)" => "starting the disk mirrors",
+        "perform (syncing-disks)" => "copying the disks while the guest runs on",
+        "perform (starting-migration)" => "starting the RAM migration",
+        "perform (migrating)" => "copying RAM",
+        "perform (completing-mirrors)" => "switchover: completing the disk mirrors",
+        "perform (switchover)" => "switchover: the last RAM pages and device state",
+        "finish" => "handing the guest over",
+        "confirm" => "finishing on the source",
+        "done" => "done",
+        p => p,
     }
+    .to_string()
 }
 
 fn summarize(outcome: &Outcome) -> (OutcomeKind, String) {
