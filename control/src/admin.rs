@@ -85,6 +85,8 @@ pub struct Tracked {
 
 #[derive(Default)]
 struct TrackedState {
+    /// The VM's real name (`-name`), once Begin has read it.
+    vm_name: Option<String>,
     phase: String,
     outcome: Option<OutcomeKind>,
     history: Vec<Report>,
@@ -117,9 +119,15 @@ impl Tracked {
         let _ = self.events.send(r);
     }
 
+    /// Names the VM by what Begin found (its `-name`) rather than its QMP socket's file name.
+    pub fn set_vm_name(&self, name: &str) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).vm_name = Some(name.to_string());
+    }
+
     fn summary(&self) -> MigrationSummary {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        MigrationSummary { id: self.id.clone(), vm: self.vm.clone(), to: self.to.clone(), phase: s.phase.clone(), outcome: s.outcome }
+        let vm = s.vm_name.clone().unwrap_or_else(|| self.vm.clone());
+        MigrationSummary { id: self.id.clone(), vm, to: self.to.clone(), phase: s.phase.clone(), outcome: s.outcome }
     }
 
     fn subscribe(&self) -> (Vec<Report>, broadcast::Receiver<Report>) {

@@ -37,6 +37,9 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
 /// With nothing happening at all (no event, no progress) for this long, the machine is told
 /// that time is up, so that it rolls back rather than hang on a stuck QEMU or peer.
 const STALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a cancelled mirror job or migration may take to end before the rollback goes on
+/// without it.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(30);
 
 /// What the source side needs to run migrations.
 pub struct Outgoing {
@@ -239,7 +242,11 @@ impl Executor {
                 }
                 return None;
             }
-            Action::Inspect => self.inspect().await.map(|vm| Some(Event::Inspected(vm))),
+            Action::Inspect => {
+                let result = self.inspect().await;
+                tracked.set_vm_name(&self.vm);
+                result.map(|vm| Some(Event::Inspected(vm)))
+            }
             Action::Prepare(req) => self.prepare(req).await.map(|r| Some(Event::Prepared(r))),
             Action::OpenForwards(routes) => self.open_forwards(routes).await.map(|()| None),
             Action::AddNbdTarget(disk) => {
@@ -283,10 +290,8 @@ impl Executor {
                 Ok(None)
             }
             Action::ResumeSource => self.qmp_do("cont", json!({})).await,
-            Action::CancelMirror(disk) => {
-                self.qmp_do("block-job-cancel", json!({"device": self.job_id(&disk), "force": true})).await
-            }
-            Action::CancelMigration => self.qmp_do("migrate_cancel", json!({})).await,
+            Action::CancelMirror(disk) => self.cancel_mirror(&disk).await,
+            Action::CancelMigration => self.cancel_migration().await,
             Action::RemoveNbdTarget(disk) => self.qmp_do("blockdev-del", json!({"node-name": self.target_node(&disk)})).await,
             Action::CloseForwards => {
                 for f in self.forwards.drain(..) {
@@ -300,6 +305,54 @@ impl Executor {
             Ok(Some(e)) => Some(e),
             Ok(None) => Some(Event::Done(step)),
             Err(msg) => Some(Event::Failed(step, msg)),
+        }
+    }
+
+    /// Forced `block-job-cancel`, then waits until the job is gone: the machine deletes the NBD
+    /// target next, which QEMU refuses while a job still uses it. A job that has already ended
+    /// (failed, or completed) counts as cancelled.
+    async fn cancel_mirror(&self, disk: &str) -> Result<Option<Event>, String> {
+        let job = self.job_id(disk);
+        let exists = |jobs: &[crate::qmp::BlockJobInfo]| jobs.iter().any(|j| j.device == job);
+        let jobs = self.qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
+        if !exists(&jobs) {
+            return Ok(None);
+        }
+        if let Err(e) = self.qmp.execute("block-job-cancel", json!({"device": job, "force": true})).await {
+            // It may have ended between the query and the cancel.
+            let jobs = self.qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
+            if exists(&jobs) {
+                return Err(e.to_string());
+            }
+            return Ok(None);
+        }
+        let deadline = tokio::time::Instant::now() + TEARDOWN_WAIT;
+        loop {
+            let jobs = self.qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
+            if !exists(&jobs) {
+                return Ok(None);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("the mirror job {job} still exists {}s after it was cancelled", TEARDOWN_WAIT.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `migrate_cancel`, then waits for a terminal status (the guest may only be resumed, and the
+    /// forwards closed, once QEMU has stopped migrating).
+    async fn cancel_migration(&self) -> Result<Option<Event>, String> {
+        self.qmp.execute("migrate_cancel", json!({})).await.map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now() + TEARDOWN_WAIT;
+        loop {
+            let info = self.qmp.query_migrate().await.map_err(|e| e.to_string())?;
+            if matches!(info.status.as_str(), "cancelled" | "failed" | "completed" | "none") {
+                return Ok(None);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("the migration is still {:?} {}s after migrate_cancel", info.status, TEARDOWN_WAIT.as_secs()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

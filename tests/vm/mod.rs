@@ -52,10 +52,17 @@ pub struct PidFile(pub PathBuf);
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.0).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
-            // SAFETY: kill(2) on the pid QEMU wrote; no memory is involved.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        kill_qemu_of_pidfile(&self.0);
+    }
+}
+
+/// SIGKILLs the QEMU whose pid a pidfile holds (if that pid is still a QEMU).
+pub fn kill_qemu_of_pidfile(path: &Path) {
+    let Some(pid) = std::fs::read_to_string(path).ok().and_then(|p| p.trim().parse::<i32>().ok()) else { return };
+    let is_qemu = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains("qemu")).unwrap_or(false);
+    if is_qemu {
+        // SAFETY: kill(2) on the pid QEMU wrote; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 
@@ -77,6 +84,18 @@ pub fn run(cmd: &mut Command) {
 pub struct Hosts {
     pub dir: tempfile::TempDir,
     pub agents: Procs,
+}
+
+/// Whatever a test leaves behind (it may have panicked before its own guards existed): every
+/// destination QEMU still recorded under `run-host-b/*/qemu.pid` is killed.
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        if let Ok(dirs) = std::fs::read_dir(self.path("run-host-b")) {
+            for d in dirs.flatten() {
+                kill_qemu_of_pidfile(&d.path().join("qemu.pid"));
+            }
+        }
+    }
 }
 
 impl Hosts {
@@ -137,24 +156,54 @@ pub struct Guest {
     pub ram: PathBuf,
     pub disks: Vec<(PathBuf, &'static str)>,
     pub qmp: PathBuf,
+    /// A second QMP monitor for the test itself (the agent holds `qmp` during a migration).
+    pub monitor: PathBuf,
     pub proc: Procs,
 }
 
+/// What [`start_guest_with`] builds.
+#[derive(Clone, Debug)]
+pub struct GuestOpts {
+    /// Prefix of the guest's files (and its `-name`); empty: the historic names (`ram-src`, ...).
+    pub name: &'static str,
+    pub running: bool,
+    pub ram_mib: u64,
+    /// Size of the raw disk (vd0); the qcow2 disk (vd1) has 32 MiB.
+    pub raw_mib: u64,
+}
+
+impl Default for GuestOpts {
+    fn default() -> Self {
+        GuestOpts { name: "", running: true, ram_mib: RAM_MIB, raw_mib: 64 }
+    }
+}
+
 pub fn start_guest(hosts: &Hosts, qemu: &Path, running: bool) -> Guest {
-    let ram = hosts.path("ram-src");
-    random_file(&ram, RAM_MIB << 20, 1);
-    let raw = hosts.path("disk0.raw");
-    random_file(&raw, 64 << 20, 2);
-    let qcow_src = hosts.path("disk1-content.raw");
-    random_file(&qcow_src, 32 << 20, 3);
-    let qcow = hosts.path("disk1.qcow2");
+    start_guest_with(hosts, qemu, &GuestOpts { running, ..GuestOpts::default() })
+}
+
+pub fn start_guest_with(hosts: &Hosts, qemu: &Path, o: &GuestOpts) -> Guest {
+    let file = |n: &str| if o.name.is_empty() { hosts.path(n) } else { hosts.path(&format!("{}-{n}", o.name)) };
+    let seed = o.name.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64)) << 8;
+    let ram = file("ram-src");
+    random_file(&ram, o.ram_mib << 20, seed + 1);
+    let raw = file("disk0.raw");
+    random_file(&raw, o.raw_mib << 20, seed + 2);
+    let qcow_src = file("disk1-content.raw");
+    random_file(&qcow_src, 32 << 20, seed + 3);
+    let qcow = file("disk1.qcow2");
     run(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&qcow_src).arg(&qcow));
-    let qmp = hosts.path("src.qmp");
+    let _ = std::fs::remove_file(&qcow_src);
+    let qmp = file("src.qmp");
+    let monitor = file("mon.qmp");
+    let vm = if o.name.is_empty() { "testvm" } else { o.name };
     let mut cmd = Command::new(qemu);
-    cmd.args(["-name", "guest=testvm", "-machine", "pc,memory-backend=ram0", "-accel", accel(), "-m"])
-        .arg(format!("{RAM_MIB}M"))
+    cmd.arg("-name")
+        .arg(format!("guest={vm}"))
+        .args(["-machine", "pc,memory-backend=ram0", "-accel", accel(), "-m"])
+        .arg(format!("{}M", o.ram_mib))
         .args(["-nodefaults", "-display", "none", "-object"])
-        .arg(format!("memory-backend-file,id=ram0,size={RAM_MIB}M,mem-path={},share=on", ram.display()))
+        .arg(format!("memory-backend-file,id=ram0,size={}M,mem-path={},share=on", o.ram_mib, ram.display()))
         .arg("-blockdev")
         .arg(format!("driver=file,filename={},node-name=f0", raw.display()))
         .args(["-blockdev", "driver=raw,file=f0,node-name=d0", "-device", "virtio-blk-pci,drive=d0,id=vd0"])
@@ -162,17 +211,153 @@ pub fn start_guest(hosts: &Hosts, qemu: &Path, running: bool) -> Guest {
         .arg(format!("driver=file,filename={},node-name=f1", qcow.display()))
         .args(["-blockdev", "driver=qcow2,file=f1,node-name=d1", "-device", "virtio-blk-pci,drive=d1,id=vd1"])
         .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-    if !running {
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+    if !o.running {
         cmd.arg("-S");
     }
-    let child = cmd.stderr(std::fs::File::create(hosts.path("qemu-src.log")).unwrap()).spawn().unwrap();
+    let log = if o.name.is_empty() { "qemu-src.log".to_string() } else { format!("qemu-{}.log", o.name) };
+    let child = cmd.stderr(std::fs::File::create(hosts.path(&log)).unwrap()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !qmp.exists() {
+    while !(qmp.exists() && monitor.exists()) {
         assert!(Instant::now() < deadline, "source QEMU did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Guest { ram, disks: vec![(raw, "raw"), (qcow, "qcow2")], qmp, proc: Procs(vec![child]) }
+    Guest { ram, disks: vec![(raw, "raw"), (qcow, "qcow2")], qmp, monitor, proc: Procs(vec![child]) }
+}
+
+/// A QMP connection of the test's own (blocking calls).
+pub struct Monitor {
+    rt: tokio::runtime::Runtime,
+    qmp: migtun_control::qmp::Qmp,
+}
+
+impl Monitor {
+    pub fn connect(sock: &Path) -> Monitor {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let qmp = rt.block_on(migtun_control::qmp::Qmp::connect(sock)).unwrap_or_else(|e| panic!("QMP {}: {e}", sock.display()));
+        Monitor { rt, qmp }
+    }
+
+    pub fn cmd(&self, command: &str, args: serde_json::Value) -> Result<serde_json::Value, String> {
+        self.rt.block_on(self.qmp.execute(command, args)).map_err(|e| e.to_string())
+    }
+
+    /// `query-status`'s `running`.
+    pub fn running(&self) -> bool {
+        self.cmd("query-status", serde_json::Value::Null).expect("query-status")["running"] == true
+    }
+
+    /// An HMP command (e.g. `qemu-io`), its output.
+    pub fn hmp(&self, line: &str) -> String {
+        let v = self.cmd("human-monitor-command", serde_json::json!({ "command-line": line })).expect("human-monitor-command");
+        v.as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// The source after a failed migration: it runs as before, with no block job and no NBD node
+/// of the migration left.
+pub fn source_is_intact(guest: &Guest, was_running: bool) {
+    let mon = Monitor::connect(&guest.monitor);
+    // The rollback has ended when `migtun migrate` returns; allow QEMU a moment for job ends.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let jobs = mon.cmd("query-block-jobs", serde_json::Value::Null).unwrap();
+        let nodes = mon.cmd("query-named-block-nodes", serde_json::Value::Null).unwrap();
+        let nbd: Vec<_> = nodes.as_array().unwrap().iter().filter(|n| n["drv"] == "nbd").map(|n| n["node-name"].clone()).collect();
+        let empty = jobs.as_array().is_some_and(|j| j.is_empty()) && nbd.is_empty();
+        if empty {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left on the source: jobs {jobs}, NBD nodes {nbd:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(mon.running(), was_running, "the source runs as it ran before");
+}
+
+/// Is this pid a live process (zombies count as gone)?
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// Waits for a pidfile and returns its pid.
+pub fn read_pidfile(path: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "no pid in {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `migtun migrate --json` running in the background; its events are read as they come.
+pub struct Running {
+    pub child: Procs,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    pub events: Vec<serde_json::Value>,
+    pub stderr: PathBuf,
+}
+
+pub fn spawn_migrate(hosts: &Hosts, guest: &Guest, extra: &[&str]) -> Running {
+    let stderr = guest.qmp.with_extension("cli.log");
+    let mut child = Command::new(MIGTUN)
+        .arg("migrate")
+        .arg("--admin")
+        .arg(hosts.path("host-a.admin"))
+        .arg("--qmp")
+        .arg(&guest.qmp)
+        .args(["--to", "host-b", "--json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    Running { child: Procs(vec![child]), lines: std::io::BufRead::lines(std::io::BufReader::new(stdout)), events: Vec::new(), stderr }
+}
+
+impl Running {
+    /// Reads events until one satisfies `pred` (panics if the stream ends first).
+    pub fn wait_for(&mut self, what: &str, mut pred: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+        for line in self.lines.by_ref() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line.unwrap()) else { continue };
+            self.events.push(v.clone());
+            if pred(&v) {
+                return v;
+            }
+        }
+        panic!("the migration ended before {what}: {:#?}
+{}", self.events, std::fs::read_to_string(&self.stderr).unwrap_or_default());
+    }
+
+    pub fn id(&self) -> String {
+        self.events.iter().find_map(|e| e.get("id").and_then(|i| i.as_str())).expect("accepted event").to_string()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.0[0].id() as i32
+    }
+
+    /// Reads the remaining events and waits for the exit: (success, stderr).
+    pub fn finish(&mut self) -> (bool, String) {
+        for line in self.lines.by_ref() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line.unwrap()) {
+                self.events.push(v);
+            }
+        }
+        let status = self.child.0[0].wait().unwrap();
+        (status.success(), std::fs::read_to_string(&self.stderr).unwrap_or_default())
+    }
+
+    pub fn done(&self) -> serde_json::Value {
+        self.events.iter().rev().find(|e| e["event"] == "done").cloned().unwrap_or_default()
+    }
 }
 
 pub fn migrate(hosts: &Hosts, guest: &Guest, extra: &[&str]) -> (bool, Vec<serde_json::Value>) {
