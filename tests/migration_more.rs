@@ -316,3 +316,32 @@ fn status_lists_a_running_migration_and_then_its_outcome() {
     assert_eq!(mine["outcome"], "succeeded", "{mine}");
     assert_eq!(mine["phase"], "done", "{mine}");
 }
+
+/// Begin refuses a VM with an active block job, before anything is touched on either host, and
+/// says why.
+#[test]
+fn active_block_job_is_refused_at_begin() {
+    let Some(qemu) = qemu() else { return };
+    let hosts = Hosts::start();
+    let guest = start_guest_with(&hosts, &qemu, &GuestOpts { name: "busy", running: true, ram_mib: 64, raw_mib: 64 });
+    let mon = Monitor::connect(&guest.monitor);
+    // Someone else's job: a throttled backup of vd0 to a local file.
+    let target = hosts.path("busy-backup.raw");
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&target).arg("64M"));
+    mon.cmd("blockdev-add", json!({"driver": "file", "filename": target, "node-name": "bk-file"})).unwrap();
+    mon.cmd("blockdev-add", json!({"driver": "raw", "file": "bk-file", "node-name": "bk"})).unwrap();
+    mon.cmd("blockdev-backup", json!({"job-id": "theirs", "device": "d0", "target": "bk", "sync": "full", "speed": 1024})).unwrap();
+
+    let (ok, events) = migrate(&hosts, &guest, &[]);
+    assert!(!ok, "refused");
+    let done = events.last().expect("a done event");
+    assert_eq!(done["outcome"], "refused", "{done}");
+    assert!(done["message"].as_str().unwrap_or_default().contains("block job"), "the reason names the block job: {done}");
+    assert!(mon.running(), "the guest still runs");
+    let jobs = mon.cmd("query-block-jobs", json!(null)).unwrap();
+    assert_eq!(jobs.as_array().map(|j| j.len()), Some(1), "their job is untouched: {jobs}");
+    assert!(
+        std::fs::read_dir(hosts.path("run-host-b")).map(|d| d.count()).unwrap_or(0) == 0,
+        "nothing was prepared on the destination"
+    );
+}
