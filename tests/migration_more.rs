@@ -345,3 +345,23 @@ fn active_block_job_is_refused_at_begin() {
         "nothing was prepared on the destination"
     );
 }
+
+/// Postcopy: the migration switches to postcopy once RAM copying has started; the guest runs on
+/// the destination afterwards and the source has quit.
+#[test]
+fn postcopy_migration_completes() {
+    let Some(qemu) = qemu() else { return };
+    let hosts = Hosts::start();
+    let mut guest = start_guest_with(&hosts, &qemu, &GuestOpts { name: "pc", running: true, ..Default::default() });
+    let (ok, events) = migrate(&hosts, &guest, &["--postcopy"]);
+    assert!(ok, "postcopy migration succeeds: {events:#?}\n{}", hosts.logs());
+    assert!(
+        events.iter().any(|e| e["message"].as_str().is_some_and(|m| m.contains("postcopy-active"))),
+        "the migration went through postcopy: {events:#?}"
+    );
+    let dir = dest_dir(&hosts, &events);
+    let _dest = PidFile(dir.join("qemu.pid"));
+    assert_eq!(qmp_status(&dir.join("qmp.sock"))["running"], true, "the guest runs on the destination");
+    let src = &mut guest.proc.0[0];
+    wait_exit(|| src.try_wait().unwrap().is_none(), "the source QEMU quits");
+}
