@@ -29,7 +29,7 @@ const IO_SIZE: usize = MIB;
 /// Sampled verification: the first `SAMPLE_LEN` bytes of every `SAMPLE_EVERY` bytes of the stream.
 const SAMPLE_EVERY: u64 = 64 * 1024;
 const SAMPLE_LEN: u64 = 4096;
-const ALL_PATHS: [&str; 5] = ["direct", "socat", "stunnel", "ssh", "migtun"];
+const ALL_PATHS: [&str; 6] = ["direct", "socat", "stunnel", "ssh", "migtun", "migtun-quic"];
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -42,12 +42,14 @@ struct Args {
     only: Vec<String>,
     full_verify: bool,
     json: PathBuf,
+    /// Parallel streams per rep; the rep's bytes are split evenly between them.
+    streams: usize,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench throughput -- [--size-gib N] [--reps N] \
-         [--only direct,socat,stunnel,ssh,migtun] [--verify sample|full] [--json FILE]"
+         [--only direct,socat,stunnel,ssh,migtun,migtun-quic] [--streams N] [--verify sample|full] [--json FILE]"
     );
     std::process::exit(2)
 }
@@ -62,6 +64,7 @@ fn parse_args() -> Args {
         only: ALL_PATHS.iter().map(|s| s.to_string()).collect(),
         full_verify: false,
         json: target_dir.join("bench").join("throughput.json"),
+        streams: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -78,6 +81,7 @@ fn parse_args() -> Args {
         match key.as_str() {
             "--size-gib" => a.size_gib = val(&mut it).parse().unwrap_or_else(|_| usage()),
             "--reps" => a.reps = val(&mut it).parse().unwrap_or_else(|_| usage()),
+            "--streams" => a.streams = val(&mut it).parse().unwrap_or_else(|_| usage()),
             "--only" => {
                 a.only = val(&mut it)
                     .split(',')
@@ -102,7 +106,7 @@ fn parse_args() -> Args {
             _ => {}
         }
     }
-    if a.size_gib.is_nan() || a.size_gib <= 0.0 || a.reps == 0 {
+    if a.size_gib.is_nan() || a.size_gib <= 0.0 || a.reps == 0 || a.streams == 0 || a.streams > 64 {
         usage();
     }
     a
@@ -323,6 +327,76 @@ fn run_rep(
         secs,
         gbps: r.bytes as f64 / secs / 1e9,
         first_byte_latency_ms: first_ms,
+    })
+}
+
+/// `streams` connections at once, `total / streams` bytes each (at least 2, so results are not
+/// mistaken for probes); throughput is all bytes over the time from the first write to the last
+/// byte of the last stream at the sink.
+fn run_rep_parallel(
+    target: &Target,
+    pattern: &Arc<Vec<u8>>,
+    total: u64,
+    streams: usize,
+    rx: &Receiver<SinkResult>,
+) -> Result<Rep, String> {
+    if streams == 1 {
+        return run_rep(target, pattern, total, rx);
+    }
+    drain(rx);
+    let each = (total / streams as u64).max(2);
+    let t0 = Instant::now();
+    let writers: Vec<_> = (0..streams)
+        .map(|_| {
+            let (target, pattern) = (target.clone(), pattern.clone());
+            thread::spawn(move || -> Result<Conn, String> {
+                let mut conn =
+                    Conn::connect(&target).map_err(|e| format!("connect {target:?}: {e}"))?;
+                let mut sent = 0u64;
+                while sent < each {
+                    let po = (sent % PATTERN_LEN as u64) as usize;
+                    let n = (each - sent)
+                        .min(IO_SIZE as u64)
+                        .min((PATTERN_LEN - po) as u64) as usize;
+                    conn.write_all(&pattern[po..po + n])
+                        .map_err(|e| format!("write after {sent} bytes: {e}"))?;
+                    sent += n as u64;
+                }
+                conn.shutdown_write()
+                    .map_err(|e| format!("shutdown(write): {e}"))?;
+                Ok(conn)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for _ in 0..streams {
+        results.push(wait_result(rx, each, IO_TIMEOUT)?);
+    }
+    for w in writers {
+        w.join().map_err(|_| "writer panicked".to_string())??;
+    }
+    let mut last = t0;
+    let mut first = None::<Instant>;
+    let mut bytes = 0;
+    for r in results {
+        if let Some(e) = r.error {
+            return Err(e);
+        }
+        bytes += r.bytes;
+        last = last.max(r.last_byte.ok_or("no data")?);
+        first = match (first, r.first_byte) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    let secs = last.duration_since(t0).as_secs_f64();
+    Ok(Rep {
+        bytes,
+        secs,
+        gbps: bytes as f64 / secs / 1e9,
+        first_byte_latency_ms: first
+            .map(|f| f.duration_since(t0).as_secs_f64() * 1e3)
+            .unwrap_or(0.0),
     })
 }
 
@@ -811,9 +885,9 @@ fn setup_ssh(tmp: &Path, sink: &Path) -> Result<Setup, String> {
     }))
 }
 
-fn setup_migtun(tmp: &Path, sink: &Path) -> Result<Setup, String> {
+fn setup_migtun(tmp: &Path, sink: &Path, transport: &str) -> Result<Setup, String> {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_migtun"));
-    let d = tmp.join("migtun");
+    let d = tmp.join(format!("migtun-{transport}"));
     let certs = d.join("certs");
     fs::create_dir_all(&certs).map_err(|e| e.to_string())?;
     let mut cert_note = "certs: migtun certs";
@@ -866,7 +940,7 @@ fn setup_migtun(tmp: &Path, sink: &Path) -> Result<Setup, String> {
     fs::write(
         &conf_a,
         format!(
-            "name = \"host-a\"\nlisten = \"127.0.0.1:{pa}\"\n\n{tls}\n[[peer]]\nname = \"host-b\"\naddress = \"127.0.0.1:{pb}\"\ntransport = \"tls\"\n\n\
+            "name = \"host-a\"\nlisten = \"127.0.0.1:{pa}\"\n\n{tls}\n[[peer]]\nname = \"host-b\"\naddress = \"127.0.0.1:{pb}\"\ntransport = \"{transport}\"\n\n\
              [[forward]]\nlisten = \"unix:{a}\"\npeer = \"host-b\"\nroute = \"bench\"\n",
             tls = tls("host-a"),
             a = a.display()
@@ -876,7 +950,7 @@ fn setup_migtun(tmp: &Path, sink: &Path) -> Result<Setup, String> {
     fs::write(
         &conf_b,
         format!(
-            "name = \"host-b\"\nlisten = \"127.0.0.1:{pb}\"\n\n{tls}\n[[peer]]\nname = \"host-a\"\naddress = \"127.0.0.1:{pa}\"\ntransport = \"tls\"\n\n\
+            "name = \"host-b\"\nlisten = \"127.0.0.1:{pb}\"\n\n{tls}\n[[peer]]\nname = \"host-a\"\naddress = \"127.0.0.1:{pa}\"\ntransport = \"{transport}\"\n\n\
              [[expose]]\nroute = \"bench\"\ntarget = \"unix:{s}\"\nallow = [\"host-a\"]\n",
             tls = tls("host-b"),
             s = sink.display()
@@ -898,7 +972,13 @@ fn setup_migtun(tmp: &Path, sink: &Path) -> Result<Setup, String> {
     Ok(Setup::Up(Up {
         target: Target::Unix(a),
         procs,
-        note: format!("TLS 1.3, mutual, one connection per stream; {cert_note}"),
+        note: match transport {
+            "quic" => format!(
+                "QUIC (quinn), TLS 1.3, mutual, one connection, a stream per stream; congestion {}; {cert_note}",
+                std::env::var("MIGTUN_QUIC_CONGESTION").unwrap_or_else(|_| "default".into())
+            ),
+            _ => format!("TLS 1.3, mutual, one connection per stream; {cert_note}"),
+        },
     }))
 }
 
@@ -1030,7 +1110,8 @@ fn main() {
             "socat" => setup_socat(tmp.path(), &sink),
             "stunnel" => setup_stunnel(tmp.path(), &sink),
             "ssh" => setup_ssh(tmp.path(), &sink),
-            "migtun" => setup_migtun(tmp.path(), &sink),
+            "migtun" => setup_migtun(tmp.path(), &sink, "tls"),
+            "migtun-quic" => setup_migtun(tmp.path(), &sink, "quic"),
             _ => unreachable!(),
         };
         let mut up = match setup {
@@ -1061,7 +1142,7 @@ fn main() {
             }
         }
         for i in 0..args.reps {
-            match run_rep(&up.target, &pattern, total, &rx) {
+            match run_rep_parallel(&up.target, &pattern, total, args.streams, &rx) {
                 Ok(r) => {
                     eprintln!(
                         "{name}: rep {}/{}: {:.3} GB/s ({} bytes in {:.3} s)",
@@ -1095,7 +1176,15 @@ fn main() {
         }
     });
     let mut out = String::new();
-    let _ = writeln!(out, "## migtun single-stream throughput\n");
+    let _ = if args.streams == 1 {
+        writeln!(out, "## migtun single-stream throughput\n")
+    } else {
+        writeln!(
+            out,
+            "## migtun throughput, {} parallel streams\n",
+            args.streams
+        )
+    };
     let _ = writeln!(out, "- CPU: {cpu} (nproc {nproc})");
     let _ = writeln!(out, "- kernel: {kernel}");
     let _ = writeln!(
@@ -1117,8 +1206,13 @@ fn main() {
     }
     let _ = writeln!(
         out,
-        "- {} GiB per rep through one stream, UNIX socket to UNIX socket, median of {} reps; verify: {}\n",
+        "- {} GiB per rep through {}, UNIX socket to UNIX socket, median of {} reps; verify: {}\n",
         args.size_gib,
+        if args.streams == 1 {
+            "one stream".to_string()
+        } else {
+            format!("{} parallel streams", args.streams)
+        },
         args.reps,
         if args.full_verify {
             "every byte"

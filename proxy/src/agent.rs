@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Config;
-use crate::connect::{ConnectError, PeerConnector};
+use crate::config::{Config, Transport};
+use crate::connect::{ConnectError, PeerConnector, QuicClient};
 use crate::endpoint::{Endpoint, LocalListener};
 use crate::expose::ExposeContext;
 use crate::forward::ForwardContext;
@@ -38,6 +38,8 @@ pub enum AgentError {
     Tls(#[from] TlsSetupError),
     #[error("`listen`: cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("`listen`: cannot listen on UDP {addr} for QUIC, which `peer[{peer}].transport` asks for: {source}")]
+    ListenUdp { addr: SocketAddr, peer: usize, source: std::io::Error },
     #[error("`forward[{index}].listen`: cannot listen on {endpoint}: {source}")]
     Forward { index: usize, endpoint: Endpoint, source: std::io::Error },
     #[error("dynamic forward for route {route:?}: cannot listen on {endpoint}: {source}")]
@@ -72,6 +74,8 @@ struct Shared {
     routes: Arc<RouteTable>,
     peers: HashMap<String, Arc<PeerConnector>>,
     control_connector: TlsConnector,
+    /// The QUIC endpoint on the port number, when UDP could be bound.
+    quic: Option<quinn::Endpoint>,
     tracker: TaskTracker,
     draining: CancellationToken,
     abort: CancellationToken,
@@ -165,6 +169,21 @@ impl AgentHandle {
         self.shared.draining.is_cancelled()
     }
 
+    /// The agent's QUIC endpoint (UDP, same port number as `listen`), if it has one. Tests use it
+    /// to rebind the agent to another UDP socket (connection migration).
+    pub fn quic_endpoint(&self) -> Option<quinn::Endpoint> {
+        self.shared.quic.clone()
+    }
+
+    /// The transport new streams to `peer` take now: `tls` or `quic` (for `auto`, whichever it
+    /// currently uses). `None` for an unknown peer.
+    pub fn peer_transport(&self, peer: &str) -> Option<&'static str> {
+        self.shared.peers.get(peer).map(|p| match p.choice() {
+            crate::transport::Choice::Quic => "quic",
+            crate::transport::Choice::Tls => "tls",
+        })
+    }
+
     /// Starts a dynamic forward; it stops when the guard is dropped or the agent drains.
     pub async fn add_forward(&self, spec: DynamicForward) -> Result<ForwardGuard, AgentError> {
         if self.is_draining() {
@@ -235,19 +254,55 @@ impl Agent {
         Agent::with_port(config, port).await
     }
 
-    /// Like [`Agent::bind`] with the port already bound (tests bind port 0 first and tell each
-    /// agent the other's address).
+    /// Like [`Agent::bind`] with the TCP port already bound (tests bind port 0 first and tell
+    /// each agent the other's address). The QUIC endpoint is bound on UDP at the same address.
+    ///
+    /// If that UDP port cannot be bound, the agent refuses to start when a peer uses QUIC
+    /// (`transport = "quic"` or `"auto"`); otherwise it logs a warning and serves TLS only.
     pub async fn with_port(config: Config, port: TcpListener) -> Result<Agent, AgentError> {
+        let addr = port.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
+        let quic = match crate::quic::bind_udp(addr).and_then(crate::quic::endpoint) {
+            Ok(endpoint) => Some(endpoint),
+            Err(source) => {
+                if let Some(peer) = config.peers.iter().position(|p| p.transport != Transport::Tls) {
+                    return Err(AgentError::ListenUdp { addr, peer, source });
+                }
+                warn!(udp = %addr, error = %source, "cannot listen on UDP: QUIC is not served, only TLS over TCP");
+                None
+            }
+        };
+        Agent::with_sockets(config, port, quic).await
+    }
+
+    async fn with_sockets(config: Config, port: TcpListener, quic: Option<quinn::Endpoint>) -> Result<Agent, AgentError> {
         let metrics = Arc::new(Metrics::new());
         let draining = CancellationToken::new();
         let abort = CancellationToken::new();
         let data_connector = TlsConnector::from(tls::client_config(&config.tls, &[ALPN_DATA])?);
         let control_connector = TlsConnector::from(tls::client_config(&config.tls, &[ALPN_CONTROL])?);
 
+        let quic_client = match &quic {
+            Some(_) if config.peers.iter().any(|p| p.transport != Transport::Tls) => {
+                Some(crate::quic::client_config(&config.tls, &[ALPN_DATA])?)
+            }
+            _ => None,
+        };
         let mut peers = HashMap::new();
         for p in &config.peers {
-            let c = PeerConnector::new(&p.name, &p.address, data_connector.clone(), metrics.clone(), draining.clone())
-                .map_err(|_| AgentError::PeerName { name: p.name.clone() })?;
+            let quic = match (&quic, &quic_client, p.transport) {
+                (Some(e), Some(c), Transport::Quic | Transport::Auto) => Some(QuicClient::new(e.clone(), c.clone())),
+                _ => None,
+            };
+            let c = PeerConnector::with_transport(
+                &p.name,
+                &p.address,
+                data_connector.clone(),
+                p.transport,
+                quic,
+                metrics.clone(),
+                draining.clone(),
+            )
+            .map_err(|_| AgentError::PeerName { name: p.name.clone() })?;
             peers.insert(p.name.clone(), c);
         }
 
@@ -290,6 +345,7 @@ impl Agent {
             routes,
             peers,
             control_connector,
+            quic,
             tracker: TaskTracker::new(),
             draining,
             abort,
@@ -349,11 +405,15 @@ impl Agent {
             abort: shared.abort.clone(),
             control: self.control,
         });
+        if let Some(endpoint) = &shared.quic {
+            endpoint.set_server_config(Some(crate::quic::server_config(&self.config.tls, &[ALPN_DATA])?));
+            tracker.spawn(crate::quic::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));
+        }
         tracker.spawn(crate::port::serve(self.port, acceptor, expose_ctx, tracker.clone()));
         for (listener, ctx) in self.forwards {
             tracker.spawn(crate::forward::serve(listener, ctx, shared.draining.clone(), tracker.clone()));
         }
-        info!(name = %self.config.name, listen = %self.config.listen, "agent serving");
+        info!(name = %self.config.name, listen = %self.config.listen, quic = shared.quic.is_some(), "agent serving");
 
         shutdown.cancelled().await;
         let deadline = self.config.drain_timeout;
@@ -367,6 +427,12 @@ impl Agent {
             warn!(streams = tracker.len(), "drain deadline passed; closing the streams still open");
             shared.abort.cancel();
             tracker.wait().await;
+        }
+        if let Some(endpoint) = &shared.quic {
+            // Tell peers at once (their streams to us are done or cut), then give the close
+            // frames a moment to leave.
+            endpoint.close(crate::quic::codes::SHUTDOWN, b"agent stopped");
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         }
         stop_metrics.cancel();
         info!("agent stopped");

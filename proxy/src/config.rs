@@ -32,7 +32,7 @@ const MAX_UNIX_PATH: usize = 107;
 pub struct Config {
     /// This host's name; a DNS SAN of `tls.cert`.
     pub name: String,
-    /// TCP (TLS) and, later, UDP (QUIC) listening address.
+    /// TCP (TLS) and UDP (QUIC) listening address: one port number for both.
     pub listen: SocketAddr,
     /// Local control API socket for the CLI.
     pub admin: Option<PathBuf>,
@@ -184,6 +184,11 @@ impl Config {
             subjects.join("; ")
         );
         let _ = writeln!(out, "listen: TCP {} (TLS 1.3, mutual TLS; peers must present a certificate from the CA above)", self.listen);
+        let _ = writeln!(
+            out,
+            "        UDP {} (QUIC, same TLS 1.3 identity and checks)",
+            self.listen
+        );
 
         if self.peers.is_empty() {
             let _ = writeln!(out, "peers: none");
@@ -724,16 +729,12 @@ impl Validator<'_> {
             check_address(&p.address).or_else(|e| err(k("address"), e))?;
             let transport = match p.transport.as_deref() {
                 None | Some("tls") => Transport::Tls,
-                Some(t @ ("quic" | "auto")) => {
-                    return err(
-                        k("transport"),
-                        format!("transport {t:?} is not available in this version of migtun; use \"tls\""),
-                    )
-                }
+                Some("quic") => Transport::Quic,
+                Some("auto") => Transport::Auto,
                 Some(t) => {
                     return err(
                         k("transport"),
-                        format!("unknown transport {t:?} (expected \"tls\"; \"quic\" and \"auto\" come later)"),
+                        format!("unknown transport {t:?} (expected \"tls\", \"quic\" or \"auto\")"),
                     )
                 }
             };
@@ -1394,20 +1395,20 @@ prepare_hook = "/etc/migtun/prepare"
             "address = \"192.0.2.2:7443\"\ntransport = \"udp\"",
         ));
         assert_key(&e, "peer[0].transport", "unknown transport \"udp\"");
-        let e = pki.err(&pki.valid("").replace(
-            "address = \"192.0.2.2:7443\"",
-            "address = \"192.0.2.2:7443\"\ntransport = \"quic\"",
-        ));
         assert_key(
             &e,
             "peer[0].transport",
-            "transport \"quic\" is not available in this version of migtun; use \"tls\"",
+            "expected \"tls\", \"quic\" or \"auto\"",
         );
-        let e = pki.err(&pki.valid("").replace(
-            "address = \"192.0.2.2:7443\"",
-            "address = \"192.0.2.2:7443\"\ntransport = \"auto\"",
-        ));
-        assert_key(&e, "peer[0].transport", "not available");
+        for (name, t) in [("quic", Transport::Quic), ("auto", Transport::Auto)] {
+            let c = pki
+                .load(&pki.valid("").replace(
+                    "address = \"192.0.2.2:7443\"",
+                    &format!("address = \"192.0.2.2:7443\"\ntransport = \"{name}\""),
+                ))
+                .unwrap();
+            assert_eq!(c.peers[0].transport, t);
+        }
         let c = pki
             .load(&pki.valid("").replace(
                 "address = \"192.0.2.2:7443\"",
@@ -1570,11 +1571,11 @@ prepare_hook = "/etc/migtun/prepare"
         let pki = Pki::new();
         let e = pki.err(&pki.valid("").replace(
             "address = \"192.0.2.2:7443\"",
-            "address = \"192.0.2.2:7443\"\ntransport = \"quic\"",
+            "address = \"192.0.2.2:7443\"\ntransport = \"udp\"",
         ));
         let s = e.to_string();
         assert!(
-            s.starts_with("test.toml: `peer[0].transport`: transport \"quic\""),
+            s.starts_with("test.toml: `peer[0].transport`: unknown transport \"udp\""),
             "{s}"
         );
         assert_eq!(s.lines().count(), 1);

@@ -1,9 +1,16 @@
-//! Outgoing TLS connections to one peer, with a few of them handshaked ahead of need.
+//! Outgoing streams to one peer, on the peer's transport.
 //!
-//! Each tunnelled stream is one TLS connection (see DESIGN.md for why: per-stream kernel flow
-//! control, no head-of-line blocking, multifd spread across cores). The handshake is kept off
-//! the critical path twice over: a small pool of idle, already-handshaked connections is kept
-//! warm after a peer is first used, and every new connection resumes a TLS 1.3 session.
+//! TLS over TCP: each tunnelled stream is one TLS connection (see DESIGN.md for why: per-stream
+//! kernel flow control, no head-of-line blocking, multifd spread across cores). The handshake is
+//! kept off the critical path twice over: a small pool of idle, already-handshaked connections is
+//! kept warm after a peer is first used, and every new connection resumes a TLS 1.3 session.
+//!
+//! QUIC: one connection per peer, dialled on first use (and again when it dies); each stream is
+//! a bidirectional QUIC stream on it, which costs no round trip to open.
+//!
+//! `auto`: QUIC, unless it does not get through within [`AUTO_QUIC_TIMEOUT`]; then TLS over TCP
+//! for new streams (logged once) while QUIC is probed in the background, and QUIC again for new
+//! streams once a probe gets through ([`AutoPolicy`] decides).
 
 use std::collections::VecDeque;
 use std::io;
@@ -17,8 +24,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
+use crate::config::Transport;
 use crate::metrics::Metrics;
+use crate::quic::QuicStream;
+pub use crate::transport::PeerStream;
+use crate::transport::{AutoPolicy, Choice, Switch, AUTO_QUIC_TIMEOUT};
 
 /// Idle pre-handshaked connections kept per peer: enough for a migration's RAM stream and a
 /// disk or two to open without waiting; more streams at once get freshly resumed sessions.
@@ -32,7 +44,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed refill, wait this long before trying to warm the pool again.
 const REFILL_BACKOFF: Duration = Duration::from_secs(2);
 
-pub type PeerStream = TlsStream<crate::socket::TlsTransport>;
+/// One TLS-over-TCP connection to a peer.
+pub type TlsPeerStream = TlsStream<crate::socket::TlsTransport>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -40,7 +53,7 @@ pub enum ConnectError {
     Resolve { address: String, source: io::Error },
     #[error("cannot reach {address}: {source}")]
     Unreachable { address: String, source: io::Error },
-    #[error("TLS handshake with {address} failed ({reason}): {source}")]
+    #[error("handshake with {address} failed ({reason}): {source}")]
     Handshake { address: String, reason: &'static str, source: io::Error },
     #[error("agent is shutting down")]
     ShuttingDown,
@@ -59,7 +72,7 @@ impl ConnectError {
 }
 
 struct Idle {
-    stream: PeerStream,
+    stream: TlsPeerStream,
     since: Instant,
 }
 
@@ -73,6 +86,31 @@ pub struct PeerConnector {
     pool: Mutex<VecDeque<Idle>>,
     refilling: AtomicBool,
     shutdown: CancellationToken,
+    transport: Transport,
+    /// The QUIC side, for transports `quic` and `auto`.
+    quic: Option<QuicClient>,
+    policy: Mutex<AutoPolicy>,
+    probing: AtomicBool,
+}
+
+/// The client side of QUIC for one peer: the agent's endpoint and the peer's one connection.
+pub struct QuicClient {
+    pub endpoint: quinn::Endpoint,
+    pub config: quinn::ClientConfig,
+    conn: Mutex<Option<quinn::Connection>>,
+    /// One handshake at a time: streams that arrive meanwhile wait for it and share it.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl QuicClient {
+    pub fn new(endpoint: quinn::Endpoint, config: quinn::ClientConfig) -> QuicClient {
+        QuicClient { endpoint, config, conn: Mutex::new(None), dialing: tokio::sync::Mutex::new(()) }
+    }
+
+    fn alive(&self) -> Option<quinn::Connection> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.as_ref().filter(|c| c.close_reason().is_none()).cloned()
+    }
 }
 
 impl PeerConnector {
@@ -80,6 +118,19 @@ impl PeerConnector {
         name: &str,
         address: &str,
         tls: TlsConnector,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<PeerConnector>, rustls::pki_types::InvalidDnsNameError> {
+        PeerConnector::with_transport(name, address, tls, Transport::Tls, None, metrics, shutdown)
+    }
+
+    /// A connector for a peer on `transport`; `quic` is required for `quic` and `auto`.
+    pub fn with_transport(
+        name: &str,
+        address: &str,
+        tls: TlsConnector,
+        transport: Transport,
+        quic: Option<QuicClient>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Arc<PeerConnector>, rustls::pki_types::InvalidDnsNameError> {
@@ -92,31 +143,196 @@ impl PeerConnector {
             pool: Mutex::new(VecDeque::new()),
             refilling: AtomicBool::new(false),
             shutdown,
+            transport: if quic.is_some() { transport } else { Transport::Tls },
+            quic,
+            policy: Mutex::new(AutoPolicy::default()),
+            probing: AtomicBool::new(false),
         }))
     }
 
-    /// A connection for a new stream: a warm one if there is one, else a new one. `true` in the
-    /// result means it came from the pool (and may have been closed by the peer meanwhile).
+    /// The configured transport (`tls` when no QUIC endpoint was given).
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Which transport a new stream takes now.
+    pub fn choice(&self) -> Choice {
+        match self.transport {
+            Transport::Tls => Choice::Tls,
+            Transport::Quic => Choice::Quic,
+            Transport::Auto => self.policy.lock().unwrap_or_else(|p| p.into_inner()).choose(),
+        }
+    }
+
+    /// A stream to the peer: on TLS a warm connection if there is one, else a new one; on QUIC a
+    /// new stream on the peer's connection. `true` in the result means the connection existed
+    /// before (and may have been closed by the peer meanwhile: then [`PeerConnector::connect`]).
     pub async fn get(self: &Arc<Self>) -> Result<(PeerStream, bool), ConnectError> {
+        if self.choice() == Choice::Quic {
+            match self.quic_stream(false).await {
+                Ok((s, reused)) => return Ok((PeerStream::Quic(s), reused)),
+                Err(e) => self.quic_failed(e)?,
+            }
+        }
         if let Some(s) = self.take_warm() {
             self.refill();
-            return Ok((s, true));
+            return Ok((PeerStream::Tls(Box::new(s)), true));
         }
         // No refill yet: the caller calls `refill` once this connection has read its first
         // reply, which carries the session tickets, so that the warm connections resume the
         // session instead of racing it with full handshakes of their own.
-        Ok((self.connect().await?, false))
+        Ok((PeerStream::Tls(Box::new(self.connect_with(&self.tls).await?)), false))
     }
 
-    /// Opens a new data connection: resolve, TCP connect, TLS handshake, all within
+    /// A stream on a new connection (TLS), or on a live one (QUIC: a connection found dead is
+    /// dialled again): for when the connection [`PeerConnector::get`] gave turned out stale.
+    pub async fn connect(self: &Arc<Self>) -> Result<PeerStream, ConnectError> {
+        if self.choice() == Choice::Quic {
+            match self.quic_stream(false).await {
+                Ok((s, _)) => return Ok(PeerStream::Quic(s)),
+                Err(e) => self.quic_failed(e)?,
+            }
+        }
+        Ok(PeerStream::Tls(Box::new(self.connect_with(&self.tls).await?)))
+    }
+
+    /// After a QUIC failure: `Ok` means "use TLS for this stream" (`auto` and UDP does not get
+    /// through); anything else is the stream's error.
+    fn quic_failed(self: &Arc<Self>, err: ConnectError) -> Result<(), ConnectError> {
+        if self.transport != Transport::Auto || !matches!(err, ConnectError::Unreachable { .. }) {
+            return Err(err);
+        }
+        let switch = self.policy.lock().unwrap_or_else(|p| p.into_inner()).quic_unreachable();
+        if switch == Switch::ToTls {
+            warn!(peer = %self.name, address = %self.address, error = %err,
+                "QUIC does not get through; new streams use TLS over TCP until it does (retrying QUIC in the background)");
+            self.metrics.transport_switched(&self.name, "tls");
+            self.spawn_probe();
+        }
+        Ok(())
+    }
+
+    /// While `auto` has fallen back: tries QUIC again with a growing interval until it works.
+    fn spawn_probe(self: &Arc<Self>) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let delay = this.policy.lock().unwrap_or_else(|p| p.into_inner()).next_probe_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = this.shutdown.cancelled() => break,
+                }
+                match this.quic_connection(true).await {
+                    Ok(_) => {
+                        if this.policy.lock().unwrap_or_else(|p| p.into_inner()).quic_up() == Switch::ToQuic {
+                            info!(peer = %this.name, address = %this.address, "QUIC gets through again; new streams use QUIC");
+                            this.metrics.transport_switched(&this.name, "quic");
+                        }
+                        break;
+                    }
+                    Err(e) => debug!(peer = %this.name, error = %e, "QUIC probe failed"),
+                }
+            }
+            this.probing.store(false, Ordering::Release);
+        });
+    }
+
+    /// A new bidirectional stream on the peer's QUIC connection, dialling it if needed.
+    async fn quic_stream(&self, probe: bool) -> Result<(QuicStream, bool), ConnectError> {
+        let (conn, reused) = self.quic_connection(probe).await?;
+        match conn.open_bi().await {
+            Ok((send, recv)) => return Ok((QuicStream::new(send, recv), reused)),
+            Err(e) if !reused => return Err(self.lost(e)),
+            Err(_) => {} // the connection died since it was last used: dial again, once
+        }
+        let (conn, _) = self.quic_connection(probe).await?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| self.lost(e))?;
+        Ok((QuicStream::new(send, recv), false))
+    }
+
+    fn lost(&self, e: quinn::ConnectionError) -> ConnectError {
+        ConnectError::Unreachable { address: self.address.clone(), source: io::Error::new(io::ErrorKind::ConnectionAborted, e) }
+    }
+
+    /// The peer's live QUIC connection, or a new one; `true` if it existed before.
+    async fn quic_connection(&self, probe: bool) -> Result<(quinn::Connection, bool), ConnectError> {
+        let Some(q) = &self.quic else {
+            return Err(ConnectError::Unreachable {
+                address: self.address.clone(),
+                source: io::Error::new(io::ErrorKind::Unsupported, "no QUIC endpoint"),
+            });
+        };
+        if let Some(c) = q.alive() {
+            return Ok((c, true));
+        }
+        let _dialing = q.dialing.lock().await;
+        if let Some(c) = q.alive() {
+            return Ok((c, true));
+        }
+        if !probe && self.choice() == Choice::Tls {
+            // `auto` fell back while this stream waited for another stream's handshake.
+            return Err(ConnectError::Unreachable {
+                address: self.address.clone(),
+                source: io::Error::new(io::ErrorKind::TimedOut, "QUIC does not get through"),
+            });
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(ConnectError::ShuttingDown);
+        }
+        let timeout = if self.transport == Transport::Auto { AUTO_QUIC_TIMEOUT } else { CONNECT_TIMEOUT };
+        let result = tokio::time::timeout(timeout, self.dial_quic(q)).await.unwrap_or_else(|_| {
+            Err(ConnectError::Unreachable {
+                address: self.address.clone(),
+                source: io::Error::new(io::ErrorKind::TimedOut, "QUIC handshake timed out"),
+            })
+        });
+        match &result {
+            Ok(c) => {
+                self.metrics.handshake_done_on("quic", "client", false);
+                debug!(peer = %self.name, remote = %c.remote_address(), "QUIC connection up");
+                *q.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                crate::quic::trace_stats(c.clone(), self.name.clone());
+            }
+            Err(ConnectError::Handshake { reason, .. }) => self.metrics.handshake_failed_on("quic", "client", &self.name, reason),
+            Err(_) => {}
+        }
+        Ok((result?, false))
+    }
+
+    async fn dial_quic(&self, q: &QuicClient) -> Result<quinn::Connection, ConnectError> {
+        let unreachable = |source| ConnectError::Unreachable { address: self.address.clone(), source };
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.address)
+            .await
+            .map_err(|source| ConnectError::Resolve { address: self.address.clone(), source })?
+            .collect();
+        let v6 = q.endpoint.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv6() == v6)
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| unreachable(io::Error::new(io::ErrorKind::NotFound, "no addresses")))?;
+        let connecting = q
+            .endpoint
+            .connect_with(q.config.clone(), addr, &self.name)
+            .map_err(|e| unreachable(io::Error::other(e)))?;
+        connecting.await.map_err(|e| {
+            let reason = crate::quic::failure_reason(&e);
+            if crate::quic::is_crypto_error(&e) {
+                ConnectError::Handshake { address: self.address.clone(), reason, source: io::Error::other(e) }
+            } else {
+                unreachable(io::Error::other(e))
+            }
+        })
+    }
+
+    /// Opens a new TLS connection with a TLS client configuration (this peer's data connector, or
+    /// the control connection's ALPN): resolve, TCP connect, TLS handshake, all within
     /// [`CONNECT_TIMEOUT`].
-    pub async fn connect(&self) -> Result<PeerStream, ConnectError> {
-        self.connect_with(&self.tls).await
-    }
-
-    /// Opens a new connection with another TLS client configuration (the control connection's
-    /// ALPN), same peer, same checks, same metrics.
-    pub async fn connect_with(&self, tls: &TlsConnector) -> Result<PeerStream, ConnectError> {
+    pub async fn connect_with(&self, tls: &TlsConnector) -> Result<TlsPeerStream, ConnectError> {
         if self.shutdown.is_cancelled() {
             return Err(ConnectError::ShuttingDown);
         }
@@ -134,7 +350,7 @@ impl PeerConnector {
         result
     }
 
-    async fn connect_inner(&self, tls: &TlsConnector) -> Result<PeerStream, ConnectError> {
+    async fn connect_inner(&self, tls: &TlsConnector) -> Result<TlsPeerStream, ConnectError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.address)
             .await
             .map_err(|source| ConnectError::Resolve { address: self.address.clone(), source })?
@@ -158,7 +374,7 @@ impl PeerConnector {
         })
     }
 
-    fn take_warm(&self) -> Option<PeerStream> {
+    fn take_warm(&self) -> Option<TlsPeerStream> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(idle) = pool.pop_front() {
             if idle.since.elapsed() < POOL_MAX_IDLE {
@@ -168,9 +384,10 @@ impl PeerConnector {
         None
     }
 
-    /// Tops the pool up to [`WARM_CONNECTIONS`] in the background (one refill at a time).
+    /// Tops the TLS pool up to [`WARM_CONNECTIONS`] in the background (one refill at a time).
+    /// Nothing to do while streams go over QUIC.
     pub fn refill(self: &Arc<Self>) {
-        if self.shutdown.is_cancelled() || self.refilling.swap(true, Ordering::AcqRel) {
+        if self.choice() == Choice::Quic || self.shutdown.is_cancelled() || self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
@@ -184,13 +401,13 @@ impl PeerConnector {
                 if missing == 0 || this.shutdown.is_cancelled() {
                     break;
                 }
-                match this.connect().await {
+                match this.connect_with(&this.tls).await {
                     Ok(stream) => {
                         let mut pool = this.pool.lock().unwrap_or_else(|p| p.into_inner());
                         pool.push_back(Idle { stream, since: Instant::now() });
                     }
                     Err(e) => {
-                        tracing::debug!(peer = %this.name, error = %e, "could not warm a connection");
+                        debug!(peer = %this.name, error = %e, "could not warm a connection");
                         tokio::time::sleep(REFILL_BACKOFF).await;
                         break;
                     }

@@ -165,6 +165,9 @@ async fn read_request<S: AsyncRead + Unpin>(
     let mut buf = [0u8; MAX_REQUEST_LEN];
     let mut have = 0;
     let first = tokio::select! {
+        // Bytes already there are read first: a preamble that arrived as the agent began to
+        // drain is answered `draining` rather than dropped without a reply.
+        biased;
         r = tokio::time::timeout(IDLE_PREAMBLE_TIMEOUT, conn.read(&mut buf)) => r,
         _ = ctx.draining.cancelled() => return Ok(None),
     };

@@ -64,10 +64,24 @@ impl OpenError {
             OpenError::BadReply(_) => "bad-reply",
             // A peer that rejects our certificate says so with an alert on the first read.
             OpenError::Io(e) => match crate::tls::failure_reason(e) {
-                "io" | "eof" => "peer-io",
+                // Over QUIC the peer's verdict on our certificate closes the connection.
+                "io" | "eof" => quic_lost_reason(e).unwrap_or("peer-io"),
                 r => r,
             },
         }
+    }
+}
+
+/// The reason a QUIC connection was lost under a stream's I/O error, if it was.
+fn quic_lost_reason(e: &std::io::Error) -> Option<&'static str> {
+    let inner = e.get_ref()?;
+    let lost = match (inner.downcast_ref::<quinn::ReadError>(), inner.downcast_ref::<quinn::WriteError>()) {
+        (Some(quinn::ReadError::ConnectionLost(c)), _) | (_, Some(quinn::WriteError::ConnectionLost(c))) => c,
+        _ => return None,
+    };
+    match crate::quic::failure_reason(lost) {
+        "closed" | "protocol" => None,
+        r => Some(r),
     }
 }
 
@@ -110,7 +124,7 @@ async fn stream(mut local: LocalStream, ctx: &ForwardContext, my_turn: Option<on
         }
     };
     let m = ctx.metrics.stream(peer_name, route, Side::Source);
-    debug!(peer = peer_name, route, "stream open");
+    debug!(peer = peer_name, route, transport = conn.transport(), "stream open");
     if !early.is_empty() {
         if let Err(e) = local.write_all(&early).await {
             warn!(peer = peer_name, route, error = %e, "local side closed at once");
@@ -125,7 +139,10 @@ async fn stream(mut local: LocalStream, ctx: &ForwardContext, my_turn: Option<on
         _ = ctx.abort.cancelled() => Err(RelayError::Local(std::io::Error::other("drain deadline passed"))),
     };
     match result {
-        Ok(t) => info!(peer = peer_name, route, to_peer = t.local_to_peer, from_peer = t.peer_to_local, "stream closed"),
+        Ok(t) => info!(
+            peer = peer_name, route, transport = conn.transport(), to_peer = t.local_to_peer, from_peer = t.peer_to_local,
+            "stream closed"
+        ),
         Err(e) => {
             warn!(peer = peer_name, route, error = %e, "stream reset");
             local.set_reset_on_drop();

@@ -1,10 +1,12 @@
-//! migtun data plane: one TLS port carrying any number of tunnelled byte streams between hosts.
+//! migtun data plane: one port (TLS over TCP, QUIC over UDP) carrying any number of tunnelled
+//! byte streams between hosts.
 //!
 //! A connection accepted on a local `[[forward]]` listener becomes one mutually authenticated
 //! TLS 1.3 connection to the peer's port ([`forward`], [`connect`]); a short preamble names the
 //! route ([`wire`]); the peer checks who may open it ([`routes`]), connects to the `[[expose]]`
-//! target ([`expose`]) and the bytes are relayed both ways ([`relay`]). [`agent`] ties the pieces
-//! to one validated [`config::Config`] and drains them on shutdown.
+//! target ([`expose`]) and the bytes are relayed both ways ([`relay`]). Over QUIC ([`quic`]) a
+//! stream is a QUIC stream on the peer's one connection instead; [`transport`] hides which.
+//! [`agent`] ties the pieces to one validated [`config::Config`] and drains them on shutdown.
 
 pub mod agent;
 pub mod config;
@@ -15,10 +17,12 @@ pub mod forward;
 pub mod identity;
 pub mod metrics;
 pub mod port;
+pub mod quic;
 pub mod relay;
 pub mod routes;
 pub mod socket;
 pub mod tls;
+pub mod transport;
 pub mod wire;
 
 pub use agent::{Agent, AgentError};

@@ -84,6 +84,8 @@ pub struct HandshakeLabels {
     pub role: &'static str,
     /// `full` or `resumed`.
     pub kind: &'static str,
+    /// `tls` (TLS over TCP) or `quic`.
+    pub transport: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,6 +94,15 @@ pub struct HandshakeFailureLabels {
     /// The peer's name when it is known (client role), `-` otherwise.
     pub peer: String,
     pub reason: &'static str,
+    /// `tls` (TLS over TCP) or `quic`.
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SwitchLabels {
+    pub peer: String,
+    /// The transport new streams use from now on: `tls` or `quic`.
+    pub to: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +120,7 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub handshake_failures: Family<HandshakeFailureLabels, Counter>,
     pub protocol_errors: Family<ReasonLabels, Counter>,
+    pub transport_switches: Family<SwitchLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -127,12 +139,22 @@ impl Metrics {
         let handshakes = Family::default();
         let handshake_failures = Family::default();
         let protocol_errors = Family::default();
+        let transport_switches = Family::default();
         registry.register("bytes", "Bytes relayed, by peer, route and direction (tx: towards the peer)", bytes.clone());
         registry.register("streams_open", "Tunnelled streams open now", streams_open.clone());
         registry.register("stream_opens", "Tunnelled streams opened successfully", stream_opens.clone());
         registry.register("stream_failures", "Tunnelled streams that failed to open, by reason", stream_failures.clone());
-        registry.register("handshakes", "Completed TLS handshakes, by role and kind", handshakes.clone());
-        registry.register("handshake_failures", "Failed TLS handshakes, by role and reason", handshake_failures.clone());
+        registry.register("handshakes", "Completed TLS handshakes, by transport, role and kind", handshakes.clone());
+        registry.register(
+            "handshake_failures",
+            "Failed TLS handshakes, by transport, role and reason",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "transport_switches",
+            "Peers with transport \"auto\": new streams moved to `to` (tls: UDP blocked, quic: works again)",
+            transport_switches.clone(),
+        );
         registry.register("protocol_errors", "Malformed or unexpected data on the port", protocol_errors.clone());
         registry.register(
             "build",
@@ -148,6 +170,7 @@ impl Metrics {
             handshakes,
             handshake_failures,
             protocol_errors,
+            transport_switches,
         }
     }
 
@@ -170,15 +193,32 @@ impl Metrics {
             .inc();
     }
 
+    /// A failed TLS-over-TCP handshake.
     pub fn handshake_failed(&self, role: &'static str, peer: &str, reason: &'static str) {
+        self.handshake_failed_on("tls", role, peer, reason)
+    }
+
+    /// A failed handshake on `transport` (`tls` or `quic`).
+    pub fn handshake_failed_on(&self, transport: &'static str, role: &'static str, peer: &str, reason: &'static str) {
         self.handshake_failures
-            .get_or_create(&HandshakeFailureLabels { role, peer: peer.to_string(), reason })
+            .get_or_create(&HandshakeFailureLabels { transport, role, peer: peer.to_string(), reason })
             .inc();
     }
 
+    /// A completed TLS-over-TCP handshake.
     pub fn handshake_done(&self, role: &'static str, resumed: bool) {
+        self.handshake_done_on("tls", role, resumed)
+    }
+
+    /// A completed handshake on `transport` (`tls` or `quic`).
+    pub fn handshake_done_on(&self, transport: &'static str, role: &'static str, resumed: bool) {
         let kind = if resumed { "resumed" } else { "full" };
-        self.handshakes.get_or_create(&HandshakeLabels { role, kind }).inc();
+        self.handshakes.get_or_create(&HandshakeLabels { transport, role, kind }).inc();
+    }
+
+    /// `auto` transport: a peer's streams moved from QUIC to TLS over TCP, or back.
+    pub fn transport_switched(&self, peer: &str, to: &'static str) {
+        self.transport_switches.get_or_create(&SwitchLabels { peer: peer.to_string(), to }).inc();
     }
 
     /// Counters and the open-streams gauge for one stream; the gauge goes down on drop.

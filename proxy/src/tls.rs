@@ -35,6 +35,8 @@ pub enum TlsSetupError {
     Verifier(String),
     #[error("TLS 1.3 is not available from the crypto provider: {0}")]
     Protocol(rustls::Error),
+    #[error("QUIC cannot use this TLS configuration: {0}")]
+    Quic(String),
 }
 
 /// The crypto provider: aws-lc-rs, TLS 1.3 suites only, AES-128-GCM first.

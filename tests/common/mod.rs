@@ -115,9 +115,17 @@ pub fn tls_table(pki: &Path, host: &str) -> String {
     )
 }
 
-/// Binds a port for an agent before its config is written, so that peers can name it.
+/// Binds a port for an agent before its config is written, so that peers can name it. The agent
+/// also binds UDP (QUIC) at the same port number, so a TCP port whose UDP twin is taken is
+/// skipped.
 pub async fn bind_port() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").await.expect("bind port")
+    for _ in 0..100 {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind port");
+        if std::net::UdpSocket::bind(tcp.local_addr().unwrap()).is_ok() {
+            return tcp;
+        }
+    }
+    panic!("no TCP port whose UDP port number is free");
 }
 
 /// Two agents: host-a forwards, host-b exposes. `forwards` are `(route, socket name)` on A;

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 use super::*;
 
 /// Expands to one `#[tokio::test]` per suite function, for the given transport.
+#[allow(unused_macros)] // test binaries that include `common` without running the suite
 macro_rules! transport_suite {
     ($transport:literal) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,6 +48,7 @@ macro_rules! transport_suite {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use transport_suite;
 
 const GIB: u64 = 1 << 30;
