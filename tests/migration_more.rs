@@ -365,3 +365,29 @@ fn postcopy_migration_completes() {
     let src = &mut guest.proc.0[0];
     wait_exit(|| src.try_wait().unwrap().is_none(), "the source QEMU quits");
 }
+
+/// A migration with storage whose streams (RAM and NBD) travel over QUIC.
+#[test]
+fn migration_with_storage_over_quic() {
+    let Some(qemu) = qemu() else { return };
+    let hosts = Hosts::start_with(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/prepare-hook"), "quic");
+    let guest = start_guest_with(&hosts, &qemu, &GuestOpts { name: "q", running: false, ..Default::default() });
+    let (ok, events) = migrate(&hosts, &guest, &[]);
+    assert!(ok, "the migration succeeds over QUIC: {events:#?}\n{}", hosts.logs());
+    let dir = dest_dir(&hosts, &events);
+    let _dest = PidFile(dir.join("qemu.pid"));
+    let images = dir.join("images");
+    assert!(same_file(&guest.ram, &images.join(guest.ram.file_name().unwrap())), "RAM byte-exact");
+    for (disk, format) in &guest.disks {
+        run(Command::new("qemu-img").args(["compare", "-U", "-q", "-f", format, "-F", format]).arg(disk).arg(images.join(disk.file_name().unwrap())));
+    }
+    assert!(
+        hosts.metric(0, "migtun_handshakes_total", &[("transport", "quic"), ("role", "client")]) >= 1.0,
+        "host-a reached host-b over QUIC"
+    );
+    assert_eq!(
+        hosts.metric(0, "migtun_handshakes_total", &[("transport", "tls"), ("role", "client")]),
+        1.0,
+        "one TLS connection (the control RPC); the data streams did not use TLS"
+    );
+}

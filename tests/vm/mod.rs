@@ -84,6 +84,8 @@ pub fn run(cmd: &mut Command) {
 pub struct Hosts {
     pub dir: tempfile::TempDir,
     pub agents: Procs,
+    /// The agents' metrics endpoints: host-a, host-b.
+    pub metrics: [std::net::SocketAddr; 2],
 }
 
 /// Whatever a test leaves behind (it may have panicked before its own guards existed): every
@@ -109,6 +111,12 @@ impl Hosts {
     }
 
     pub fn start_with_hook(hook: &Path) -> Hosts {
+        Hosts::start_with(hook, "tls")
+    }
+
+    /// Agents whose peers use `transport` for data streams, each with a metrics endpoint
+    /// (`metrics_addr`).
+    pub fn start_with(hook: &Path, transport: &str) -> Hosts {
         let dir = tempfile::Builder::new().prefix("mt-").tempdir_in("/dev/shm").unwrap();
         let pki = dir.path().join("pki");
         run(Command::new(MIGTUN).args(["certs", "init", "--dir"]).arg(&pki));
@@ -117,11 +125,13 @@ impl Hosts {
         }
         let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let (pa, pb) = (port(0), port(1));
+        let metrics = [port(2), port(3)];
         let mut agents = Procs(Vec::new());
-        for (name, me, other, peer) in [("host-a", pa, pb, "host-b"), ("host-b", pb, pa, "host-a")] {
+        for (i, (name, me, other, peer)) in [("host-a", pa, pb, "host-b"), ("host-b", pb, pa, "host-a")].into_iter().enumerate() {
             let run_dir = dir.path().join(format!("run-{name}"));
             let config = format!(
-                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\n\n[qemu]\nrun_dir = \"{r}\"\nprepare_hook = \"{h}\"\n",
+                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"{transport}\"\n\n[qemu]\nrun_dir = \"{r}\"\nprepare_hook = \"{h}\"\n",
+                m = metrics[i],
                 d = dir.path().display(),
                 p = pki.display(),
                 r = run_dir.display(),
@@ -134,13 +144,23 @@ impl Hosts {
                 Command::new(MIGTUN).args(["serve", "--config"]).arg(&path).stderr(log).stdout(Stdio::null()).spawn().unwrap(),
             );
         }
-        let hosts = Hosts { dir, agents };
+        let hosts = Hosts { dir, agents, metrics };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(hosts.path("host-a.admin").exists() && hosts.path("host-b.admin").exists()) {
             assert!(Instant::now() < deadline, "agents did not start:\n{}", hosts.logs());
             std::thread::sleep(Duration::from_millis(50));
         }
         hosts
+    }
+
+    /// Sum of the samples of `name` with all `labels` on agent `i` (0: host-a, 1: host-b).
+    pub fn metric(&self, i: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics[i]).expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        migtun_proxy::metrics::sum_samples(&text, name, labels)
     }
 
     pub fn logs(&self) -> String {
