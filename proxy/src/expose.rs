@@ -12,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metrics::{Metrics, Side};
-use crate::relay::{relay, RelayError};
 use crate::routes::RouteTable;
 use crate::tls::PeerIdentity;
 use crate::wire::{Reply, ReplyCode, Request, WireError, MAX_REQUEST_LEN};
@@ -97,29 +96,13 @@ where
     }
     let stream_metrics = ctx.metrics.stream(&peer_name, route_name, Side::Target);
     debug!(peer = %peer_name, route = route_name, target = %route.target, "stream open");
-    if !leftover.is_empty() {
-        if let Err(e) = target.write_all(&leftover).await {
-            warn!(peer = %peer_name, route = route_name, error = %e, "target closed at once");
-            target.set_reset_on_drop();
-            conn.set_reset_on_drop();
-            return;
-        }
-        stream_metrics.rx.inc_by(leftover.len() as u64);
-    }
-    let result = tokio::select! {
-        r = relay(&mut target, &mut conn, &stream_metrics.tx, &stream_metrics.rx) => r,
-        _ = ctx.abort.cancelled() => Err(RelayError::Local(std::io::Error::other("drain deadline passed"))),
-    };
+    let result = crate::relay::run(&mut target, &mut conn, &leftover, &stream_metrics, &ctx.abort).await;
     match result {
         Ok(t) => info!(
             peer = %peer_name, route = route_name, from_peer = t.peer_to_local, to_peer = t.local_to_peer,
             "stream closed"
         ),
-        Err(e) => {
-            warn!(peer = %peer_name, route = route_name, error = %e, "stream reset");
-            target.set_reset_on_drop();
-            conn.set_reset_on_drop();
-        }
+        Err(e) => warn!(peer = %peer_name, route = route_name, error = %e, "stream reset"),
     }
 }
 

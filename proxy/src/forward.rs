@@ -19,9 +19,7 @@ use tracing::{debug, info, warn};
 use crate::connect::{ConnectError, PeerConnector, PeerStream};
 use crate::endpoint::{LocalListener, LocalStream};
 use crate::metrics::{Metrics, Side};
-use crate::relay::{relay, RelayError};
 use crate::wire::{Reply, ReplyCode, Request, MAX_REPLY_LEN};
-use crate::Reset;
 
 /// The reply must come within the peer's target connect timeout plus a margin for the network.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -125,29 +123,13 @@ async fn stream(mut local: LocalStream, ctx: &ForwardContext, my_turn: Option<on
     };
     let m = ctx.metrics.stream(peer_name, route, Side::Source);
     debug!(peer = peer_name, route, transport = conn.transport(), "stream open");
-    if !early.is_empty() {
-        if let Err(e) = local.write_all(&early).await {
-            warn!(peer = peer_name, route, error = %e, "local side closed at once");
-            local.set_reset_on_drop();
-            conn.set_reset_on_drop();
-            return;
-        }
-        m.rx.inc_by(early.len() as u64);
-    }
-    let result = tokio::select! {
-        r = relay(&mut local, &mut conn, &m.tx, &m.rx) => r,
-        _ = ctx.abort.cancelled() => Err(RelayError::Local(std::io::Error::other("drain deadline passed"))),
-    };
+    let result = crate::relay::run(&mut local, &mut conn, &early, &m, &ctx.abort).await;
     match result {
         Ok(t) => info!(
             peer = peer_name, route, transport = conn.transport(), to_peer = t.local_to_peer, from_peer = t.peer_to_local,
             "stream closed"
         ),
-        Err(e) => {
-            warn!(peer = peer_name, route, error = %e, "stream reset");
-            local.set_reset_on_drop();
-            conn.set_reset_on_drop();
-        }
+        Err(e) => warn!(peer = peer_name, route, error = %e, "stream reset"),
     }
 }
 

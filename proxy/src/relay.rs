@@ -147,6 +147,39 @@ where
     Ok(Transferred { local_to_peer: up.total, peer_to_local: down.total })
 }
 
+/// Runs one stream to its end: first `early` (peer bytes that arrived with the preamble or its
+/// reply) to the local side, then [`relay`] until both directions are done, or until `abort`
+/// (the drain deadline). On any failure both sides are set to reset when dropped, so the far
+/// ends see a reset, not a clean end of stream.
+pub async fn run<L, P>(
+    local: &mut L,
+    peer: &mut P,
+    early: &[u8],
+    metrics: &crate::metrics::StreamMetrics,
+    abort: &tokio_util::sync::CancellationToken,
+) -> Result<Transferred, RelayError>
+where
+    L: AsyncRead + AsyncWrite + Unpin + crate::Reset,
+    P: AsyncRead + AsyncWrite + Unpin + crate::Reset,
+{
+    let result = async {
+        if !early.is_empty() {
+            tokio::io::AsyncWriteExt::write_all(local, early).await.map_err(RelayError::Local)?;
+            metrics.rx.inc_by(early.len() as u64);
+        }
+        tokio::select! {
+            r = relay(local, peer, &metrics.tx, &metrics.rx) => r,
+            _ = abort.cancelled() => Err(RelayError::Local(io::Error::other("drain deadline passed"))),
+        }
+    }
+    .await;
+    if result.is_err() {
+        local.set_reset_on_drop();
+        peer.set_reset_on_drop();
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
