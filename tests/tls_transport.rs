@@ -238,3 +238,31 @@ async fn metrics_endpoint_serves_prometheus_text() {
         assert!(body.contains(needle), "missing {needle:?} in\n{body}");
     }
 }
+
+/// A burst of 1,000 streams opened at once: every one arrives (the source paces its dials
+/// below the peer's cap on handshakes in progress instead of having them dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_a_thousand_opens_all_arrive() {
+    let pair = Pair::start(PairSpec {
+        forwards: &[("burst", "burst.sock")],
+        exposes: &[("burst", "hash.sock", &["host-a"])],
+        ..Default::default()
+    })
+    .await;
+    let _target = spawn_hash_target(pair.sock("hash.sock"));
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        conns.push(pair.connect("burst.sock").await);
+    }
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| tokio::spawn(async move { send_and_hash(s, 4096, i as u64).await }))
+        .collect();
+    for t in tasks {
+        let (answer, sent) = tokio::time::timeout(Duration::from_secs(120), t).await.expect("stream finishes").unwrap();
+        assert_eq!(answer, sent);
+    }
+    assert_eq!(pair.a.sample("migtun_stream_failures_total", &[]), 0.0);
+    assert_eq!(pair.b.sample("migtun_handshake_failures_total", &[]), 0.0, "no handshake dropped by the peer");
+}

@@ -35,6 +35,11 @@ use crate::transport::{AutoPolicy, Choice, Switch, AUTO_QUIC_TIMEOUT};
 /// Idle pre-handshaked connections kept per peer: enough for a migration's RAM stream and a
 /// disk or two to open without waiting; more streams at once get freshly resumed sessions.
 pub const WARM_CONNECTIONS: usize = 2;
+/// TLS dials in progress to one peer at once. Well under the receiver's
+/// [`crate::port::MAX_PENDING_HANDSHAKES`] (256), so that one busy source never has its own
+/// handshakes dropped by the peer's flood protection; a resumed handshake takes about a
+/// millisecond, so 64 at a time still opens 1,000 streams in well under a second.
+pub const MAX_CONCURRENT_DIALS: usize = 64;
 /// Age after which an idle pooled connection is closed rather than used. Well under the
 /// receiver's [`crate::expose::IDLE_PREAMBLE_TIMEOUT`], so we never hand out a connection the
 /// peer is about to close.
@@ -85,6 +90,8 @@ pub struct PeerConnector {
     metrics: Arc<Metrics>,
     pool: Mutex<VecDeque<Idle>>,
     refilling: AtomicBool,
+    /// Bounds this agent's TLS dials in progress to the peer (see [`MAX_CONCURRENT_DIALS`]).
+    dials: tokio::sync::Semaphore,
     shutdown: CancellationToken,
     transport: Transport,
     /// The QUIC side, for transports `quic` and `auto`.
@@ -142,6 +149,7 @@ impl PeerConnector {
             metrics,
             pool: Mutex::new(VecDeque::new()),
             refilling: AtomicBool::new(false),
+            dials: tokio::sync::Semaphore::new(MAX_CONCURRENT_DIALS),
             shutdown,
             transport: if quic.is_some() { transport } else { Transport::Tls },
             quic,
@@ -336,6 +344,9 @@ impl PeerConnector {
         if self.shutdown.is_cancelled() {
             return Err(ConnectError::ShuttingDown);
         }
+        // A burst of opens (1,000 streams at once) waits here, in order, rather than overflowing
+        // the peer's cap on handshakes in progress, which drops what is over it.
+        let _permit = self.dials.acquire().await.map_err(|_| ConnectError::ShuttingDown)?;
         let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner(tls)).await.unwrap_or_else(|_| {
             Err(ConnectError::Unreachable {
                 address: self.address.clone(),
