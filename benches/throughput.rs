@@ -4,15 +4,17 @@
 //!
 //! `cargo bench --bench throughput [-- --size-gib 4 --reps 3 --only direct,migtun --verify sample]`
 
+mod common;
+
+use common::{find_bin, first_line, free_port, install_signal_handlers, loadavg, openssl_certs, run_ok, Proc};
+use common::READY_TIMEOUT;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
@@ -30,7 +32,6 @@ const IO_SIZE: usize = MIB;
 const SAMPLE_EVERY: u64 = 64 * 1024;
 const SAMPLE_LEN: u64 = 4096;
 const ALL_PATHS: [&str; 6] = ["direct", "socat", "stunnel", "ssh", "migtun", "migtun-quic"];
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
@@ -442,112 +443,6 @@ fn wait_ready(
     ))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Child processes, each in its own process group, killed on drop (also on panic).
-
-/// Process groups of running children, so that SIGINT/SIGTERM of the bench also stops them
-/// (they are in their own groups and do not see the terminal's Ctrl-C).
-static PGIDS: [AtomicI32; 16] = [const { AtomicI32::new(0) }; 16];
-
-fn register_pgid(pgid: i32) {
-    for slot in &PGIDS {
-        if slot
-            .compare_exchange(0, pgid, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-        {
-            return;
-        }
-    }
-}
-
-fn unregister_pgid(pgid: i32) {
-    for slot in &PGIDS {
-        let _ = slot.compare_exchange(pgid, 0, Ordering::SeqCst, Ordering::SeqCst);
-    }
-}
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    // Only async-signal-safe calls here.
-    for slot in &PGIDS {
-        let pgid = slot.load(Ordering::SeqCst);
-        if pgid > 0 {
-            unsafe { libc::kill(-pgid, libc::SIGTERM) };
-        }
-    }
-    unsafe { libc::_exit(128 + sig) };
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Proc, String> {
-        let f = fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let f2 = f.try_clone().map_err(|e| e.to_string())?;
-        cmd.stdin(Stdio::null())
-            .stdout(f)
-            .stderr(f2)
-            .process_group(0);
-        let child = cmd.spawn().map_err(|e| format!("spawn {name}: {e}"))?;
-        register_pgid(child.id() as i32);
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log,
-        })
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(30)..];
-        format!(
-            "--- {} ({}), last lines:\n{}",
-            self.name,
-            self.log.display(),
-            tail.join("\n")
-        )
-    }
-}
-
-impl Proc {
-    fn stop(&mut self) {
-        let pgid = self.child.id() as libc::pid_t;
-        if let Ok(Some(_)) = self.child.try_wait() {
-            // Leader gone; still take down anything left in its group.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-            return;
-        }
-        unsafe { libc::kill(-pgid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                unsafe { libc::kill(-pgid, libc::SIGKILL) };
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-        unregister_pgid(self.child.id() as i32);
-    }
-}
-
 /// A running path: its processes (stopped in reverse start order) and where to connect.
 struct Up {
     target: Target,
@@ -561,103 +456,6 @@ impl Drop for Up {
             drop(p);
         }
     }
-}
-
-fn find_bin(names: &[&str]) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    for d in [
-        "/usr/local/sbin",
-        "/usr/local/bin",
-        "/usr/sbin",
-        "/usr/bin",
-        "/sbin",
-        "/bin",
-    ] {
-        dirs.push(PathBuf::from(d));
-    }
-    for n in names {
-        for d in &dirs {
-            let p = d.join(n);
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn run_ok(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?}: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The first line of a command's output that contains `needle` (version strings).
-fn first_line(cmd: &mut Command, needle: &str) -> String {
-    match cmd.output() {
-        Ok(o) => {
-            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
-            s.push_str(&String::from_utf8_lossy(&o.stderr));
-            s.lines()
-                .find(|l| l.contains(needle))
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        }
-        Err(_) => String::new(),
-    }
-}
-
-/// A CA and host certificates (ECDSA P-256, DNS SAN = host name) made with openssl.
-fn openssl_certs(dir: &Path, hosts: &[&str]) -> Result<(), String> {
-    fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    // Arguments are split on whitespace: only simple file names, run inside `dir`.
-    let o = |args: &str| {
-        run_ok(
-            Command::new("openssl")
-                .args(args.split_whitespace())
-                .current_dir(dir),
-        )
-        .map(|_| ())
-    };
-    let p256 = "-algorithm EC -pkeyopt ec_paramgen_curve:P-256";
-    o(&format!("genpkey {p256} -out ca.key"))?;
-    o(
-        "req -x509 -new -key ca.key -subj /CN=bench-ca -days 2 -out ca.pem \
-       -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
-    )?;
-    for h in hosts {
-        fs::write(
-            dir.join(format!("{h}.ext")),
-            format!(
-                "subjectAltName=DNS:{h}\nbasicConstraints=critical,CA:FALSE\n\
-                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n"
-            ),
-        )
-        .map_err(|e| e.to_string())?;
-        o(&format!("genpkey {p256} -out {h}.key"))?;
-        o(&format!("req -new -key {h}.key -subj /CN={h} -out {h}.csr"))?;
-        o(&format!(
-            "x509 -req -in {h}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out {h}.pem -extfile {h}.ext"
-        ))?;
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1034,12 +832,6 @@ fn json_num(x: Option<f64>) -> String {
         Some(v) if v.is_finite() => format!("{v}"),
         _ => "null".into(),
     }
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn machine_info() -> (usize, String, String) {
