@@ -82,11 +82,20 @@ pub enum RpcError {
     #[error("{peer} did not answer {method} within {secs}s")]
     Timeout { peer: String, method: String, secs: u64 },
     #[error("{peer} refused {method}: {message}")]
-    Remote { peer: String, method: String, status: u16, message: String },
+    Remote {
+        peer: String,
+        method: String,
+        status: u16,
+        message: String,
+    },
     #[error("{peer} speaks control protocol version {theirs}, this agent {ours}")]
     Version { peer: String, theirs: u32, ours: u32 },
     #[error("{peer} does not support {capability:?} (it offers: {offers})")]
-    Unsupported { peer: String, capability: String, offers: String },
+    Unsupported {
+        peer: String,
+        capability: String,
+        offers: String,
+    },
     #[error("control protocol error with {peer}: {detail}")]
     Protocol { peer: String, detail: String },
     #[error("{0}")]
@@ -103,17 +112,26 @@ pub struct MethodError {
 impl MethodError {
     /// The request was wrong (bad arguments, unknown migration): 400.
     pub fn bad_request(message: impl Into<String>) -> MethodError {
-        MethodError { status: 400, message: message.into() }
+        MethodError {
+            status: 400,
+            message: message.into(),
+        }
     }
 
     /// The caller may not do this: 403.
     pub fn forbidden(message: impl Into<String>) -> MethodError {
-        MethodError { status: 403, message: message.into() }
+        MethodError {
+            status: 403,
+            message: message.into(),
+        }
     }
 
     /// It failed on this side: 500.
     pub fn failed(message: impl Into<String>) -> MethodError {
-        MethodError { status: 500, message: message.into() }
+        MethodError {
+            status: 500,
+            message: message.into(),
+        }
     }
 }
 
@@ -128,8 +146,10 @@ pub struct Session {
     pub closed: CancellationToken,
 }
 
-type MethodFn = Arc<dyn Fn(Session, serde_json::Value) -> BoxFuture<Result<serde_json::Value, MethodError>> + Send + Sync>;
-type UploadFn = Arc<dyn Fn(Session, FileHeader, Upload) -> BoxFuture<Result<serde_json::Value, MethodError>> + Send + Sync>;
+type MethodFn =
+    Arc<dyn Fn(Session, serde_json::Value) -> BoxFuture<Result<serde_json::Value, MethodError>> + Send + Sync>;
+type UploadFn =
+    Arc<dyn Fn(Session, FileHeader, Upload) -> BoxFuture<Result<serde_json::Value, MethodError>> + Send + Sync>;
 
 /// The server side: methods by name, an optional upload handler.
 #[derive(Clone, Default)]
@@ -142,7 +162,10 @@ pub struct Router {
 impl Router {
     /// `name` is this agent's host name, told to peers in the hello.
     pub fn new(name: &str) -> Router {
-        Router { name: name.to_string(), ..Router::default() }
+        Router {
+            name: name.to_string(),
+            ..Router::default()
+        }
     }
 
     /// Registers `method`; it takes and returns JSON.
@@ -151,7 +174,8 @@ impl Router {
         F: Fn(Session, serde_json::Value) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<serde_json::Value, MethodError>> + Send + 'static,
     {
-        self.methods.insert(method.to_string(), Arc::new(move |s, v| Box::pin(f(s, v))));
+        self.methods
+            .insert(method.to_string(), Arc::new(move |s, v| Box::pin(f(s, v))));
         self
     }
 
@@ -171,7 +195,12 @@ impl Router {
             capabilities.push("files".to_string());
         }
         capabilities.sort();
-        Hello { version: PROTOCOL_VERSION, agent: env!("CARGO_PKG_VERSION").to_string(), name: self.name.clone(), capabilities }
+        Hello {
+            version: PROTOCOL_VERSION,
+            agent: env!("CARGO_PKG_VERSION").to_string(),
+            name: self.name.clone(),
+            capabilities,
+        }
     }
 
     /// The handler to register with the agent (`Agent::set_control_handler`).
@@ -197,7 +226,10 @@ impl Router {
                 return;
             }
         };
-        let session = Session { peer: peer.clone(), closed: CancellationToken::new() };
+        let session = Session {
+            peer: peer.clone(),
+            closed: CancellationToken::new(),
+        };
         if let Some(pp) = conn.ping_pong() {
             tokio::spawn(keepalive(pp, session.closed.clone(), peer.name().to_string()));
         }
@@ -224,41 +256,49 @@ impl Router {
 
     async fn handle(&self, session: Session, req: Request<RecvStream>, mut respond: server::SendResponse<Bytes>) {
         let path = req.uri().path().to_string();
-        let result = if req.method() != Method::POST {
-            Err(MethodError { status: 405, message: "only POST".into() })
+        if path == UPLOAD_PATH && req.method() == Method::POST {
+            let result = self.handle_upload(session, req).await;
+            return respond_json(&mut respond, result);
+        }
+        // Read the whole request before answering, whatever the answer: a server that answers
+        // early resets the rest of the request stream, and the client would see a reset instead
+        // of the answer.
+        let is_post = req.method() == Method::POST;
+        let args = read_json_body(req.into_body()).await;
+        let result = if !is_post {
+            Err(MethodError {
+                status: 405,
+                message: "only POST".into(),
+            })
         } else if path == HELLO_PATH {
             Ok(serde_json::to_value(self.hello()).unwrap_or_default())
-        } else if path == UPLOAD_PATH {
-            self.handle_upload(session, req).await
         } else if let Some(method) = path.strip_prefix(CALL_PREFIX) {
-            match self.methods.get(method).cloned() {
-                None => Err(MethodError { status: 404, message: format!("unknown method {method:?}") }),
-                Some(f) => match read_json_body(req.into_body()).await {
-                    Ok(args) => f(session, args).await,
-                    Err(e) => Err(MethodError::bad_request(e)),
-                },
+            match (self.methods.get(method).cloned(), args) {
+                (None, _) => Err(MethodError {
+                    status: 404,
+                    message: format!("unknown method {method:?}"),
+                }),
+                (Some(_), Err(e)) => Err(MethodError::bad_request(e)),
+                (Some(f), Ok(args)) => f(session, args).await,
             }
         } else {
-            Err(MethodError { status: 404, message: format!("no such path {path:?}") })
+            Err(MethodError {
+                status: 404,
+                message: format!("no such path {path:?}"),
+            })
         };
-        let (status, body) = match result {
-            Ok(v) => (StatusCode::OK, v),
-            Err(e) => (
-                StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                serde_json::json!({ "error": e.message }),
-            ),
-        };
-        let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
-        let response = Response::builder().status(status).header("content-type", "application/json").body(());
-        let Ok(response) = response else { return };
-        if let Ok(mut send) = respond.send_response(response, false) {
-            let _ = send.send_data(body, true);
-        }
+        respond_json(&mut respond, result);
     }
-
-    async fn handle_upload(&self, session: Session, req: Request<RecvStream>) -> Result<serde_json::Value, MethodError> {
+    async fn handle_upload(
+        &self,
+        session: Session,
+        req: Request<RecvStream>,
+    ) -> Result<serde_json::Value, MethodError> {
         let Some(f) = self.upload.clone() else {
-            return Err(MethodError { status: 404, message: "this agent does not accept files".into() });
+            return Err(MethodError {
+                status: 404,
+                message: "this agent does not accept files".into(),
+            });
         };
         let header: FileHeader = req
             .headers()
@@ -286,6 +326,26 @@ impl Upload {
             }
             Err(e) => Err(std::io::Error::other(e)),
         })
+    }
+}
+
+/// Sends `result` as the JSON answer of a request.
+fn respond_json(respond: &mut server::SendResponse<Bytes>, result: Result<serde_json::Value, MethodError>) {
+    let (status, body) = match result {
+        Ok(v) => (StatusCode::OK, v),
+        Err(e) => (
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            serde_json::json!({ "error": e.message }),
+        ),
+    };
+    let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(());
+    let Ok(response) = response else { return };
+    if let Ok(mut send) = respond.send_response(response, false) {
+        let _ = send.send_data(body, true);
     }
 }
 
@@ -345,7 +405,10 @@ impl RpcClient {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|source| RpcError::Handshake { peer: peer.to_string(), source })?;
+            .map_err(|source| RpcError::Handshake {
+                peer: peer.to_string(),
+                source,
+            })?;
         let closed = CancellationToken::new();
         let pp = conn.ping_pong();
         {
@@ -365,13 +428,27 @@ impl RpcClient {
         let mut client = RpcClient {
             peer: peer.to_string(),
             send,
-            hello: Hello { version: 0, agent: String::new(), name: String::new(), capabilities: Vec::new() },
+            hello: Hello {
+                version: 0,
+                agent: String::new(),
+                name: String::new(),
+                capabilities: Vec::new(),
+            },
             closed,
         };
-        let mine = Hello { version: PROTOCOL_VERSION, agent: env!("CARGO_PKG_VERSION").to_string(), name: me.to_string(), capabilities: Vec::new() };
+        let mine = Hello {
+            version: PROTOCOL_VERSION,
+            agent: env!("CARGO_PKG_VERSION").to_string(),
+            name: me.to_string(),
+            capabilities: Vec::new(),
+        };
         let theirs: Hello = client.request(HELLO_PATH, "hello", &mine, CALL_TIMEOUT).await?;
         if theirs.version != PROTOCOL_VERSION {
-            return Err(RpcError::Version { peer: peer.to_string(), theirs: theirs.version, ours: PROTOCOL_VERSION });
+            return Err(RpcError::Version {
+                peer: peer.to_string(),
+                theirs: theirs.version,
+                ours: PROTOCOL_VERSION,
+            });
         }
         client.hello = theirs;
         Ok(client)
@@ -407,7 +484,11 @@ impl RpcClient {
         self.closed.is_cancelled()
     }
 
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, method: &str, args: &Req) -> Result<Resp, RpcError> {
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: &str,
+        args: &Req,
+    ) -> Result<Resp, RpcError> {
         self.call_with_timeout(method, args, CALL_TIMEOUT).await
     }
 
@@ -417,7 +498,8 @@ impl RpcClient {
         args: &Req,
         timeout: Duration,
     ) -> Result<Resp, RpcError> {
-        self.request(&format!("{CALL_PREFIX}{method}"), method, args, timeout).await
+        self.request(&format!("{CALL_PREFIX}{method}"), method, args, timeout)
+            .await
     }
 
     async fn request<Req: Serialize, Resp: DeserializeOwned>(
@@ -437,7 +519,9 @@ impl RpcClient {
                 .body(())
                 .map_err(|e| self.protocol(e.to_string()))?;
             let (response, mut stream) = send.send_request(req, false).map_err(|_| self.gone())?;
-            stream.send_data(Bytes::from(body), true).map_err(|_| self.gone())?;
+            // If the peer has already answered (and reset the rest of the request), the answer
+            // below says why; a dead connection fails there too.
+            let _ = stream.send_data(Bytes::from(body), true);
             self.read_response(method, response).await
         };
         self.bounded(method, timeout, exchange).await
@@ -466,28 +550,51 @@ impl RpcClient {
             loop {
                 let n = reader.read(&mut buf).await?;
                 if n == 0 {
+                    let _ = stream.send_data(Bytes::new(), true);
                     break;
                 }
-                send_all(&mut stream, Bytes::copy_from_slice(&buf[..n])).await.map_err(|_| self.gone())?;
+                if send_all(&mut stream, Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    // The peer refused the upload early, or is gone: its answer says which.
+                    break;
+                }
             }
-            stream.send_data(Bytes::new(), true).map_err(|_| self.gone())?;
             self.read_response("upload", response).await
         };
         self.bounded("upload", timeout, exchange).await
     }
 
-    async fn read_response<Resp: DeserializeOwned>(&self, method: &str, response: client::ResponseFuture) -> Result<Resp, RpcError> {
+    async fn read_response<Resp: DeserializeOwned>(
+        &self,
+        method: &str,
+        response: client::ResponseFuture,
+    ) -> Result<Resp, RpcError> {
         let response = response.await.map_err(|_| self.gone())?;
         let status = response.status();
-        let value = read_json_body(response.into_body()).await.map_err(|e| self.protocol(e))?;
+        let value = read_json_body(response.into_body())
+            .await
+            .map_err(|e| self.protocol(e))?;
         if !status.is_success() {
-            let message = value.get("error").and_then(|m| m.as_str()).unwrap_or("no detail").to_string();
-            return Err(RpcError::Remote { peer: self.peer.clone(), method: method.to_string(), status: status.as_u16(), message });
+            let message = value
+                .get("error")
+                .and_then(|m| m.as_str())
+                .unwrap_or("no detail")
+                .to_string();
+            return Err(RpcError::Remote {
+                peer: self.peer.clone(),
+                method: method.to_string(),
+                status: status.as_u16(),
+                message,
+            });
         }
         serde_json::from_value(value).map_err(|e| self.protocol(format!("reply to {method}: {e}")))
     }
 
-    async fn bounded<T>(&self, method: &str, timeout: Duration, fut: impl Future<Output = Result<T, RpcError>>) -> Result<T, RpcError> {
+    async fn bounded<T>(
+        &self,
+        method: &str,
+        timeout: Duration,
+        fut: impl Future<Output = Result<T, RpcError>>,
+    ) -> Result<T, RpcError> {
         tokio::select! {
             r = tokio::time::timeout(timeout, fut) => r.unwrap_or_else(|_| Err(RpcError::Timeout {
                 peer: self.peer.clone(), method: method.to_string(), secs: timeout.as_secs(),
@@ -498,14 +605,21 @@ impl RpcClient {
 
     fn gone(&self) -> RpcError {
         if self.closed.is_cancelled() {
-            RpcError::PeerDead { peer: self.peer.clone() }
+            RpcError::PeerDead {
+                peer: self.peer.clone(),
+            }
         } else {
-            RpcError::Closed { peer: self.peer.clone() }
+            RpcError::Closed {
+                peer: self.peer.clone(),
+            }
         }
     }
 
     fn protocol(&self, detail: String) -> RpcError {
-        RpcError::Protocol { peer: self.peer.clone(), detail }
+        RpcError::Protocol {
+            peer: self.peer.clone(),
+            detail,
+        }
     }
 }
 
