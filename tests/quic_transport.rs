@@ -11,10 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use migtun_certs::{Ca, IssueOptions};
 use migtun_proxy::quic::quinn;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -26,23 +23,7 @@ async fn raw_quic_client(
     identity: Option<(String, String)>,
     addr: SocketAddr,
 ) -> Result<Vec<u8>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
-    for c in CertificateDer::pem_slice_iter(&ca) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(migtun_proxy::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).map(|c| c.unwrap()).collect();
-            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap()).unwrap()
-        }
-    };
-    config.alpn_protocols = vec![migtun_proxy::tls::ALPN_DATA.to_vec()];
+    let config = raw_client_config(pki, identity);
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config)).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = endpoint
@@ -87,11 +68,7 @@ async fn refused_at_quic_handshake(identity: impl FnOnce(&Pair) -> Option<(Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_client_certificate_from_another_ca_is_refused() {
     refused_at_quic_handshake(
-        |_| {
-            let rogue = Ca::generate("rogue CA").unwrap();
-            let cert = rogue.issue("host-a", &IssueOptions::default()).unwrap();
-            Some((cert.cert_pem, cert.key_pem))
-        },
+        |_| Some(identity_from_another_ca("host-a")),
         "unknown-ca",
     )
     .await;

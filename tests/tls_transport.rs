@@ -9,29 +9,12 @@ use std::time::Duration;
 
 use common::*;
 use migtun_certs::{time, Ca, IssueOptions};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A raw rustls client, so a test can present exactly the certificate it wants (or none).
 async fn raw_client(pki: &std::path::Path, identity: Option<(String, String)>, addr: std::net::SocketAddr) -> std::io::Result<Vec<u8>> {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
-    for c in CertificateDer::pem_slice_iter(&ca) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(migtun_proxy::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots);
-    let mut config = match identity {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).map(|c| c.unwrap()).collect();
-            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap()).unwrap()
-        }
-    };
-    config.alpn_protocols = vec![migtun_proxy::tls::ALPN_DATA.to_vec()];
+    let config = raw_client_config(pki, identity);
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("host-b").unwrap(), tcp)
@@ -59,11 +42,7 @@ async fn refused_at_handshake(identity: impl FnOnce(&Pair) -> Option<(String, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificate_from_another_ca_is_refused() {
     refused_at_handshake(
-        |_| {
-            let rogue = Ca::generate("rogue CA").unwrap();
-            let cert = rogue.issue("host-a", &IssueOptions::default()).unwrap();
-            Some((cert.cert_pem, cert.key_pem))
-        },
+        |_| Some(identity_from_another_ca("host-a")),
         "unknown-ca",
     )
     .await;

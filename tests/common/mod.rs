@@ -314,3 +314,36 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A certificate and key (PEM) for `host`, issued by a CA nobody trusts.
+pub fn identity_from_another_ca(host: &str) -> (String, String) {
+    let rogue = migtun_certs::Ca::generate("rogue CA").expect("rogue CA");
+    let cert = rogue.issue(host, &migtun_certs::IssueOptions::default()).expect("rogue certificate");
+    (cert.cert_pem, cert.key_pem)
+}
+
+/// A rustls client configuration like an agent's (TLS 1.3, the test CA as roots, ALPN
+/// `migtun/1`), presenting exactly `identity` (certificate and key PEM), or no certificate.
+pub fn raw_client_config(pki: &Path, identity: Option<(String, String)>) -> rustls::ClientConfig {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(pki.join("ca.pem")).expect("ca.pem");
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(c.expect("CA PEM")).expect("CA certificate");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(migtun_proxy::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert.as_bytes()).map(|c| c.expect("certificate PEM")).collect();
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
+            builder.with_client_auth_cert(chain, key).expect("client identity")
+        }
+    };
+    config.alpn_protocols = vec![migtun_proxy::tls::ALPN_DATA.to_vec()];
+    config
+}
