@@ -18,7 +18,6 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -30,6 +29,7 @@ use crate::expose::ExposeContext;
 use crate::forward::ForwardContext;
 use crate::metrics::Metrics;
 use crate::routes::{ExposeRoute, RouteError, RouteTable};
+use crate::connect::TlsConnector;
 use crate::tls::{self, PeerIdentity, TlsSetupError, ALPN_CONTROL, ALPN_DATA};
 
 #[derive(Debug, thiserror::Error)]
@@ -278,8 +278,8 @@ impl Agent {
         let metrics = Arc::new(Metrics::new());
         let draining = CancellationToken::new();
         let abort = CancellationToken::new();
-        let data_connector = TlsConnector::from(tls::client_config(&config.tls, &[ALPN_DATA])?);
-        let control_connector = TlsConnector::from(tls::client_config(&config.tls, &[ALPN_CONTROL])?);
+        let data_connector: TlsConnector = tls::client_config(&config.tls, &[ALPN_DATA])?;
+        let control_connector: TlsConnector = tls::client_config(&config.tls, &[ALPN_CONTROL])?;
 
         let quic_client = match &quic {
             Some(_) if config.peers.iter().any(|p| p.transport != Transport::Tls) => {
@@ -393,7 +393,7 @@ impl Agent {
         let shared = self.handle.shared.clone();
         let tracker = shared.tracker.clone();
         let alpn: &[&[u8]] = if self.control.is_some() { &[ALPN_DATA, ALPN_CONTROL] } else { &[ALPN_DATA] };
-        let acceptor = TlsAcceptor::from(tls::server_config(&self.config.tls, alpn)?);
+        let acceptor = tls::server_config(&self.config.tls, alpn)?;
         let stop_metrics = CancellationToken::new();
         if let Some(l) = self.metrics_listener {
             tokio::spawn(crate::metrics::serve(l, shared.metrics.clone(), stop_metrics.clone()));

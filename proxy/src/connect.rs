@@ -21,14 +21,14 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::Transport;
 use crate::metrics::Metrics;
 use crate::quic::QuicStream;
+use crate::buffers::PooledReader;
+use crate::session::{self, TlsSession};
 pub use crate::transport::PeerStream;
 use crate::transport::{AutoPolicy, Choice, Switch, AUTO_QUIC_TIMEOUT};
 
@@ -49,8 +49,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed refill, wait this long before trying to warm the pool again.
 const REFILL_BACKOFF: Duration = Duration::from_secs(2);
 
-/// One TLS-over-TCP connection to a peer.
-pub type TlsPeerStream = TlsStream<crate::socket::TlsTransport>;
+/// A TLS client configuration (the data or the control connection's ALPN).
+pub type TlsConnector = Arc<rustls::ClientConfig>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -77,7 +77,7 @@ impl ConnectError {
 }
 
 struct Idle {
-    stream: TlsPeerStream,
+    stream: TlsSession,
     since: Instant,
 }
 
@@ -178,7 +178,7 @@ impl PeerConnector {
     pub async fn get(self: &Arc<Self>) -> Result<(PeerStream, bool), ConnectError> {
         if self.choice() == Choice::Quic {
             match self.quic_stream(false).await {
-                Ok((s, reused)) => return Ok((PeerStream::Quic(s), reused)),
+                Ok((s, reused)) => return Ok((PeerStream::Quic(PooledReader::new(s)), reused)),
                 Err(e) => self.quic_failed(e)?,
             }
         }
@@ -197,7 +197,7 @@ impl PeerConnector {
     pub async fn connect(self: &Arc<Self>) -> Result<PeerStream, ConnectError> {
         if self.choice() == Choice::Quic {
             match self.quic_stream(false).await {
-                Ok((s, _)) => return Ok(PeerStream::Quic(s)),
+                Ok((s, _)) => return Ok(PeerStream::Quic(PooledReader::new(s))),
                 Err(e) => self.quic_failed(e)?,
             }
         }
@@ -340,7 +340,7 @@ impl PeerConnector {
     /// Opens a new TLS connection with a TLS client configuration (this peer's data connector, or
     /// the control connection's ALPN): resolve, TCP connect, TLS handshake, all within
     /// [`CONNECT_TIMEOUT`].
-    pub async fn connect_with(&self, tls: &TlsConnector) -> Result<TlsPeerStream, ConnectError> {
+    pub async fn connect_with(&self, tls: &TlsConnector) -> Result<TlsSession, ConnectError> {
         if self.shutdown.is_cancelled() {
             return Err(ConnectError::ShuttingDown);
         }
@@ -354,14 +354,14 @@ impl PeerConnector {
             })
         });
         match &result {
-            Ok(s) => self.metrics.handshake_done("client", s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)),
+            Ok(s) => self.metrics.handshake_done("client", s.info().resumed),
             Err(ConnectError::Handshake { reason, .. }) => self.metrics.handshake_failed("client", &self.name, reason),
             Err(_) => {}
         }
         result
     }
 
-    async fn connect_inner(&self, tls: &TlsConnector) -> Result<TlsPeerStream, ConnectError> {
+    async fn connect_inner(&self, tls: &TlsConnector) -> Result<TlsSession, ConnectError> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.address)
             .await
             .map_err(|source| ConnectError::Resolve { address: self.address.clone(), source })?
@@ -378,14 +378,15 @@ impl PeerConnector {
             }
         }
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
-        tls.connect(self.server_name.clone(), crate::socket::transport(tcp)).await.map_err(|source| ConnectError::Handshake {
+        crate::socket::tune(&tcp);
+        session::connect(tls.clone(), self.server_name.clone(), tcp).await.map_err(|source| ConnectError::Handshake {
             address: self.address.clone(),
             reason: crate::tls::failure_reason(&source),
             source,
         })
     }
 
-    fn take_warm(&self) -> Option<TlsPeerStream> {
+    fn take_warm(&self) -> Option<TlsSession> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(idle) = pool.pop_front() {
             if idle.since.elapsed() < POOL_MAX_IDLE {

@@ -44,7 +44,7 @@ const UNKNOWN_ROUTE_LABEL: &str = "<unknown>";
 /// Serves one data stream on an authenticated connection.
 pub async fn serve<S>(mut conn: S, peer: PeerIdentity, ctx: &ExposeContext)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Reset,
+    S: crate::relay::ChunkedRead + AsyncWrite + Unpin + Reset,
 {
     let peer_name = peer.name().to_string();
     let (request, leftover) = match read_request(&mut conn, ctx).await {
@@ -82,7 +82,7 @@ where
         }
     };
     let mut target = match route.target.connect(TARGET_CONNECT_TIMEOUT).await {
-        Ok(t) => t,
+        Ok(t) => crate::buffers::PooledReader::new(t),
         Err(e) => {
             let detail = format!("cannot connect to {}: {e}", route.target);
             refuse(&mut conn, ctx, &peer_name, route_name, ReplyCode::TargetUnreachable, &detail).await;

@@ -107,7 +107,7 @@ pub async fn serve(listener: LocalListener, ctx: Arc<ForwardContext>, draining: 
 }
 
 /// One accepted local connection, from open to close.
-async fn stream(mut local: LocalStream, ctx: &ForwardContext, my_turn: Option<oneshot::Receiver<()>>, done: oneshot::Sender<()>) {
+async fn stream(local: LocalStream, ctx: &ForwardContext, my_turn: Option<oneshot::Receiver<()>>, done: oneshot::Sender<()>) {
     let peer_name = ctx.peer.name.as_str();
     let route = ctx.route.as_str();
     let opened = open(ctx, my_turn).await;
@@ -123,6 +123,7 @@ async fn stream(mut local: LocalStream, ctx: &ForwardContext, my_turn: Option<on
     };
     let m = ctx.metrics.stream(peer_name, route, Side::Source);
     debug!(peer = peer_name, route, transport = conn.transport(), "stream open");
+    let mut local = crate::buffers::PooledReader::new(local);
     let result = crate::relay::run(&mut local, &mut conn, &early, &m, &ctx.abort).await;
     match result {
         Ok(t) => info!(

@@ -9,6 +9,7 @@
 //! [`agent`] ties the pieces to one validated [`config::Config`] and drains them on shutdown.
 
 pub mod agent;
+pub mod buffers;
 pub mod config;
 pub mod connect;
 pub mod endpoint;
@@ -18,8 +19,10 @@ pub mod identity;
 pub mod metrics;
 pub mod port;
 pub mod quic;
+pub mod record;
 pub mod relay;
 pub mod routes;
+pub mod session;
 pub mod socket;
 pub mod tls;
 pub mod transport;
@@ -32,18 +35,6 @@ pub use config::Config;
 pub trait Reset {
     /// Makes dropping the stream send a TCP RST (SO_LINGER 0). No effect on UNIX sockets.
     fn set_reset_on_drop(&self);
-}
-
-impl Reset for tokio_rustls::server::TlsStream<socket::TlsTransport> {
-    fn set_reset_on_drop(&self) {
-        socket::reset_on_drop(self.get_ref().0.get_ref());
-    }
-}
-
-impl Reset for tokio_rustls::client::TlsStream<socket::TlsTransport> {
-    fn set_reset_on_drop(&self) {
-        socket::reset_on_drop(self.get_ref().0.get_ref());
-    }
 }
 
 impl Reset for endpoint::LocalStream {

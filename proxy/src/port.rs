@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
+use crate::session::{self, TlsSession};
 use crate::tls::{failure_reason, PeerIdentity, ALPN_CONTROL, ALPN_DATA};
 
 /// What an accepted connection carries, by its ALPN.
@@ -35,7 +35,7 @@ pub const MAX_PENDING_HANDSHAKES: usize = 256;
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Accepts on the port until `ctx.draining` is cancelled.
-pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, ctx: Arc<ExposeContext>, tracker: TaskTracker) {
+pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, ctx: Arc<ExposeContext>, tracker: TaskTracker) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let (tcp, addr) = tokio::select! {
@@ -79,11 +79,12 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, ctx: Arc<Expose
 async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
-    acceptor: &TlsAcceptor,
+    acceptor: &Arc<rustls::ServerConfig>,
     ctx: &ExposeContext,
-) -> Option<(tokio_rustls::server::TlsStream<crate::socket::TlsTransport>, PeerIdentity, Alpn)> {
+) -> Option<(TlsSession, PeerIdentity, Alpn)> {
+    crate::socket::tune(&tcp);
     let result = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(crate::socket::transport(tcp))) => r,
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, session::accept(acceptor.clone(), tcp)) => r,
         _ = ctx.draining.cancelled() => return None,
     };
     let conn = match result {
@@ -100,10 +101,10 @@ async fn handshake(
             return None;
         }
     };
-    let (_, session) = conn.get_ref();
-    let peer = PeerIdentity::from_certs(session.peer_certificates());
-    ctx.metrics.handshake_done("server", session.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
-    let alpn = match session.alpn_protocol() {
+    let info = conn.info();
+    let peer = PeerIdentity::from_certs(info.peer_certificates.as_deref());
+    ctx.metrics.handshake_done("server", info.resumed);
+    let alpn = match info.alpn.as_deref() {
         Some(p) if p == ALPN_DATA => Alpn::Data,
         Some(p) if p == ALPN_CONTROL && ctx.control.is_some() => Alpn::Control,
         other => {

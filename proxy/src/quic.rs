@@ -516,7 +516,7 @@ async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<
         };
         let ctx = ctx.clone();
         let peer = peer.clone();
-        tracker.spawn(async move { expose::serve(QuicStream::new(send, recv), peer, &ctx).await });
+        tracker.spawn(async move { expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, &ctx).await });
     }
 }
 

@@ -1,7 +1,8 @@
 //! The byte relay: both directions of one tunnelled stream, in one task.
 //!
-//! Each direction reads into its own fixed buffer and writes it out before reading again, so
-//! memory per stream is bounded and a slow reader throttles its writer (backpressure all the way
+//! Each direction writes out what its reader has buffered before the reader reads again (the
+//! buffers are the readers', lent from a bounded pool: [`crate::buffers`]), so memory per stream
+//! is bounded and a slow reader throttles its writer (backpressure all the way
 //! back to the sending QEMU through the kernel's socket buffers and TLS flow). EOF on one side is
 //! passed on as a write shutdown on the other (TLS close_notify, then TCP FIN), while the other
 //! direction keeps flowing: QEMU and NBD rely on half-close. An error in either direction ends
@@ -9,17 +10,12 @@
 //! (or, on UNIX sockets, a close) on the other.
 
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// Bytes buffered per direction. 64 KiB holds four full TLS records, enough for the TLS layer
-/// to write several records per syscall, and keeps 1,000 open streams within ~128 MiB of relay
-/// buffers at worst (idle streams do not allocate: see [`Direction::buf`]).
-pub const BUFFER_SIZE: usize = 64 * 1024;
+use tokio::io::{AsyncBufRead, AsyncWrite};
 
 /// Which side of the relay failed.
 #[derive(Debug, thiserror::Error)]
@@ -37,25 +33,41 @@ pub struct Transferred {
     pub peer_to_local: u64,
 }
 
-/// One direction of the relay: read from `R`, write to `W`.
+/// A buffered reader that can hand out all it holds as several slices, for one vectored write
+/// (a TLS session's decrypted records lie apart, between their headers and tags).
+pub trait ChunkedRead: AsyncBufRead {
+    /// After `poll_fill_buf` returned bytes: the buffered bytes as up to `out.len()` slices, the
+    /// first being what `poll_fill_buf` returned. Returns how many slices it filled.
+    fn chunks<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize;
+}
+
+/// [`ChunkedRead::chunks`] for a reader whose buffer is one slice.
+pub fn one_chunk<'a>(buf: &'a [u8], out: &mut [IoSlice<'a>]) -> usize {
+    match out.first_mut() {
+        Some(slot) if !buf.is_empty() => {
+            *slot = IoSlice::new(buf);
+            1
+        }
+        _ => 0,
+    }
+}
+
+/// Slices per vectored write: all of a large buffer's full TLS records.
+const MAX_WRITE_CHUNKS: usize = crate::buffers::LARGE / crate::record::MAX_PLAINTEXT;
+
+/// One direction of the relay: from a buffered reader to a writer. The buffer is the reader's:
+/// a [`crate::session::TlsSession`] hands out decrypted records where they lie, a
+/// [`crate::buffers::PooledReader`] its pooled buffer; either holds it only while bytes wait.
+#[derive(Default)]
 struct Direction {
-    /// Allocated on first use, so streams that have not moved data cost no buffer.
-    buf: Option<Box<[u8]>>,
-    pos: usize,
-    cap: usize,
     total: u64,
-    read_done: bool,
     need_flush: bool,
     done: bool,
 }
 
 impl Direction {
-    fn new() -> Direction {
-        Direction { buf: None, pos: 0, cap: 0, total: 0, read_done: false, need_flush: false, done: false }
-    }
-
     /// Moves bytes until `reader` is pending or exhausted; on EOF shuts `writer` down.
-    /// Errors are tagged with the side they came from by the caller via `tag_read`/`tag_write`.
+    /// An error says whether it came from the read (`true`) or the write side.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -64,58 +76,41 @@ impl Direction {
         counter: &Counter,
     ) -> Poll<Result<(), (bool, io::Error)>>
     where
-        R: AsyncRead + ?Sized,
+        R: ChunkedRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.pos == self.cap && !self.read_done {
-                let buf = self.buf.get_or_insert_with(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
-                let mut rb = ReadBuf::new(buf);
-                match reader.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.pos = 0;
-                            self.cap = n;
-                        }
+            let eof = match reader.as_mut().poll_fill_buf(cx) {
+                Poll::Ready(Ok(buf)) => buf.is_empty(),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
+                Poll::Pending => {
+                    // Nothing more to read for now: push out what the writer buffered
+                    // (TLS holds sealed records until flushed), then wait for either side.
+                    if self.need_flush {
+                        ready!(writer.as_mut().poll_flush(cx)).map_err(|e| (false, e))?;
+                        self.need_flush = false;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
-                    Poll::Pending => {
-                        // Nothing more to read for now: push out what the writer buffered
-                        // (TLS holds records until flushed), then wait for either side.
-                        if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx)).map_err(|e| (false, e))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
+                    return Poll::Pending;
                 }
-            }
-
-            while self.pos < self.cap {
-                let Some(buf) = self.buf.as_deref() else { break };
-                let n = ready!(writer.as_mut().poll_write(cx, &buf[self.pos..self.cap])).map_err(|e| (false, e))?;
-                if n == 0 {
-                    return Poll::Ready(Err((false, io::Error::new(io::ErrorKind::WriteZero, "write returned 0"))));
-                }
-                self.pos += n;
-                self.total += n as u64;
-                counter.inc_by(n as u64);
-                self.need_flush = true;
-            }
-
-            if self.pos == self.cap && self.read_done {
+            };
+            if eof {
                 ready!(writer.as_mut().poll_shutdown(cx)).map_err(|e| (false, e))?;
                 self.done = true;
-                // The buffer is not needed any more: a half-closed stream keeps only one.
-                self.buf = None;
                 return Poll::Ready(Ok(()));
             }
+            let mut slices = [IoSlice::new(&[]); MAX_WRITE_CHUNKS];
+            let k = reader.as_ref().get_ref().chunks(&mut slices);
+            let n = ready!(writer.as_mut().poll_write_vectored(cx, &slices[..k])).map_err(|e| (false, e))?;
+            if n == 0 {
+                return Poll::Ready(Err((false, io::Error::new(io::ErrorKind::WriteZero, "write returned 0"))));
+            }
+            reader.as_mut().consume(n);
+            self.total += n as u64;
+            counter.inc_by(n as u64);
+            self.need_flush = true;
         }
     }
 }
@@ -125,11 +120,11 @@ impl Direction {
 /// `tx` counts bytes sent towards the peer, `rx` bytes received from it.
 pub async fn relay<L, P>(local: &mut L, peer: &mut P, tx: &Counter, rx: &Counter) -> Result<Transferred, RelayError>
 where
-    L: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    P: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    L: ChunkedRead + AsyncWrite + Unpin + ?Sized,
+    P: ChunkedRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut up = Direction::new();
-    let mut down = Direction::new();
+    let mut up = Direction::default();
+    let mut down = Direction::default();
     poll_fn(|cx| {
         // Up: local -> peer. A read error is the local side's, a write error the peer's.
         let up_state = up
@@ -159,8 +154,8 @@ pub async fn run<L, P>(
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<Transferred, RelayError>
 where
-    L: AsyncRead + AsyncWrite + Unpin + crate::Reset,
-    P: AsyncRead + AsyncWrite + Unpin + crate::Reset,
+    L: ChunkedRead + AsyncWrite + Unpin + crate::Reset,
+    P: ChunkedRead + AsyncWrite + Unpin + crate::Reset,
 {
     let result = async {
         if !early.is_empty() {
@@ -187,8 +182,9 @@ mod tests {
 
     #[tokio::test]
     async fn carries_bytes_and_half_close_each_way() {
-        let (mut app, mut local) = tokio::io::duplex(1024);
-        let (mut peer, mut remote) = tokio::io::duplex(1024);
+        let (mut app, local) = tokio::io::duplex(1024);
+        let (peer, mut remote) = tokio::io::duplex(1024);
+        let (mut local, mut peer) = (crate::buffers::PooledReader::new(local), crate::buffers::PooledReader::new(peer));
         let (tx, rx) = (Counter::default(), Counter::default());
         let relay = tokio::spawn(async move { relay(&mut local, &mut peer, &tx, &rx).await.map(|t| (t, tx.get(), rx.get())) });
 

@@ -71,6 +71,8 @@ pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<ServerConfig
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.ignore_client_order = true;
     config.send_tls13_tickets = TLS13_TICKETS;
+    // The record layer after the handshake is ours (crate::session): rustls hands over the keys.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -84,6 +86,7 @@ pub fn client_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<ClientConfig
         .map_err(TlsSetupError::Identity)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.resumption = rustls::client::Resumption::in_memory_sessions(CLIENT_SESSION_CACHE);
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

@@ -6,10 +6,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::connect::TlsPeerStream;
+use crate::buffers::PooledReader;
 use crate::quic::QuicStream;
+use crate::session::TlsSession;
 use crate::Reset;
 
 /// A stream to a peer, on either transport. Same semantics on both: bytes in order, shutdown is
@@ -17,8 +18,9 @@ use crate::Reset;
 /// [`Reset::set_reset_on_drop`] (TCP RST, or QUIC RESET_STREAM and STOP_SENDING).
 #[derive(Debug)]
 pub enum PeerStream {
-    Tls(Box<TlsPeerStream>),
-    Quic(QuicStream),
+    /// Decrypted records are read in place ([`TlsSession`] is its own buffered reader).
+    Tls(Box<TlsSession>),
+    Quic(PooledReader<QuicStream>),
 }
 
 impl PeerStream {
@@ -35,7 +37,7 @@ impl Reset for PeerStream {
     fn set_reset_on_drop(&self) {
         match self {
             PeerStream::Tls(s) => s.set_reset_on_drop(),
-            PeerStream::Quic(s) => s.set_reset_on_drop(),
+            PeerStream::Quic(s) => crate::Reset::set_reset_on_drop(s),
         }
     }
 }
@@ -58,6 +60,27 @@ macro_rules! delegate {
 impl AsyncRead for PeerStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncBufRead for PeerStream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        match self.get_mut() {
+            PeerStream::Tls(s) => Pin::new(&mut **s).poll_fill_buf(cx),
+            PeerStream::Quic(s) => Pin::new(s).poll_fill_buf(cx),
+        }
+    }
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        delegate!(self, s => s.consume(amt))
+    }
+}
+
+impl crate::relay::ChunkedRead for PeerStream {
+    fn chunks<'a>(&'a self, out: &mut [io::IoSlice<'a>]) -> usize {
+        match self {
+            PeerStream::Tls(s) => s.chunks(out),
+            PeerStream::Quic(s) => s.chunks(out),
+        }
     }
 }
 

@@ -1,0 +1,257 @@
+//! Stream buffers: large ones from a bounded, process-wide pool, small ones when it is empty.
+//!
+//! A bulk stream moves the most bytes per system call with large buffers, but an agent may carry
+//! a thousand streams at once and its memory must stay bounded. So a stream holds a buffer only
+//! while bytes sit in it (an idle stream holds none: see [`crate::session`] and [`PooledReader`]),
+//! large buffers come from a pool whose total size is fixed, and a stream that finds the pool
+//! empty makes do with a small buffer that still holds a whole TLS record. Pooled buffers are
+//! kept, not freed, so the pool's memory stays resident and is reused without page faults.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::record::MAX_RECORD;
+
+/// A large buffer: 16 TLS records, or a whole default UNIX socket buffer (208 KiB) in one read,
+/// so a bulk stream costs one system call per quarter MiB on each side.
+pub const LARGE: usize = 256 * 1024;
+/// The fallback: two full TLS records, so a record never has to wait for room.
+pub const SMALL: usize = 2 * MAX_RECORD;
+/// Large buffers in the pool: 16 MiB. A migration's handful of bulk streams (the RAM stream, its
+/// multifd channels, a disk or two) all get large buffers; with a thousand streams at once the
+/// rest get small ones, and the agent stays within 64 MiB (measured with `cargo bench --bench
+/// latency`, scale test: see README.md).
+pub const POOL_BUFFERS: usize = 64;
+
+/// A buffer on loan from [`take`]; give it back with [`give`].
+pub struct Buffer {
+    data: Box<[u8]>,
+}
+
+impl Buffer {
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
+struct Pool {
+    free: Mutex<Vec<Box<[u8]>>>,
+    /// Large buffers allocated so far (free or lent); never more than [`POOL_BUFFERS`].
+    made: Mutex<usize>,
+}
+
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| Pool { free: Mutex::new(Vec::with_capacity(POOL_BUFFERS)), made: Mutex::new(0) })
+}
+
+/// A buffer: a large one if the pool has one to lend, else a small one.
+pub fn take() -> Buffer {
+    let p = pool();
+    if let Some(data) = p.free.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        return Buffer { data };
+    }
+    let mut made = p.made.lock().unwrap_or_else(|e| e.into_inner());
+    let size = if *made < POOL_BUFFERS {
+        *made += 1;
+        LARGE
+    } else {
+        SMALL
+    };
+    drop(made);
+    Buffer { data: vec![0u8; size].into_boxed_slice() }
+}
+
+/// Returns a buffer: a large one goes back to the pool, a small one is freed.
+pub fn give(buf: Buffer) {
+    if buf.data.len() == LARGE {
+        pool().free.lock().unwrap_or_else(|e| e.into_inner()).push(buf.data);
+    }
+}
+
+/// Large buffers allocated so far, for tests and metrics.
+pub fn large_allocated() -> usize {
+    *pool().made.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A buffered reader that holds a pooled buffer only while bytes wait in it, so an idle stream
+/// costs no buffer. Writes pass straight through.
+pub struct PooledReader<T> {
+    inner: T,
+    buf: Option<Buffer>,
+    pos: usize,
+    cap: usize,
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for PooledReader<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledReader").field("inner", &self.inner).field("buffered", &(self.cap - self.pos)).finish()
+    }
+}
+
+impl<T> PooledReader<T> {
+    pub fn new(inner: T) -> PooledReader<T> {
+        PooledReader { inner, buf: None, pos: 0, cap: 0 }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    fn release(&mut self) {
+        if let Some(b) = self.buf.take() {
+            give(b);
+        }
+        self.pos = 0;
+        self.cap = 0;
+    }
+}
+
+impl<T> Drop for PooledReader<T> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncBufRead for PooledReader<T> {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        if this.pos == this.cap {
+            let mut buf = this.buf.take().unwrap_or_else(take);
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    this.pos = 0;
+                    this.cap = rb.filled().len();
+                    this.buf = Some(buf);
+                }
+                Poll::Ready(Err(e)) => {
+                    give(buf);
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    // Idle: the buffer goes back until there is something to read.
+                    give(buf);
+                    return Poll::Pending;
+                }
+            }
+        }
+        match &this.buf {
+            Some(b) => Poll::Ready(Ok(&b[this.pos..this.cap])),
+            None => Poll::Ready(Ok(&[])),
+        }
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let this = self.get_mut();
+        this.pos = (this.pos + amt).min(this.cap);
+    }
+}
+
+impl<T: AsyncRead + Unpin> crate::relay::ChunkedRead for PooledReader<T> {
+    fn chunks<'a>(&'a self, out: &mut [io::IoSlice<'a>]) -> usize {
+        match &self.buf {
+            Some(b) => crate::relay::one_chunk(&b[self.pos..self.cap], out),
+            None => 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for PooledReader<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.pos == self.cap {
+            // Nothing buffered: read straight into the caller's buffer.
+            self.release();
+            return Pin::new(&mut self.inner).poll_read(cx, out);
+        }
+        let n = {
+            let avail = ready!(self.as_mut().poll_fill_buf(cx))?;
+            let n = avail.len().min(out.remaining());
+            out.put_slice(&avail[..n]);
+            n
+        };
+        self.consume(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for PooledReader<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<T: crate::Reset> crate::Reset for PooledReader<T> {
+    fn set_reset_on_drop(&self) {
+        self.inner.set_reset_on_drop()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    #[test]
+    fn the_pool_lends_large_buffers_up_to_its_size_then_small_ones() {
+        let lent: Vec<Buffer> = (0..POOL_BUFFERS + 3).map(|_| take()).collect();
+        assert_eq!(large_allocated(), POOL_BUFFERS);
+        assert!(lent.iter().any(|b| b.len() == SMALL), "an empty pool lends small buffers");
+        lent.into_iter().for_each(give);
+        assert_eq!(take().len(), LARGE, "returned large buffers are lent again");
+        assert_eq!(large_allocated(), POOL_BUFFERS, "and not allocated anew");
+    }
+
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut r = PooledReader::new(b);
+        a.write_all(b"hello").await.unwrap();
+        assert_eq!(r.fill_buf().await.unwrap(), b"hello");
+        r.consume(5);
+        assert!(r.buf.is_some());
+        // Nothing more to read: the next poll is pending and gives the buffer back.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut r).poll_fill_buf(&mut cx).is_pending());
+        assert!(r.buf.is_none());
+        drop(a);
+        assert_eq!(r.fill_buf().await.unwrap(), b"");
+    }
+}
