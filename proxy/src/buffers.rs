@@ -182,6 +182,47 @@ impl<T: AsyncRead + Unpin> crate::relay::ChunkedRead for PooledReader<T> {
     }
 }
 
+impl<T: crate::relay::DirectRead> crate::relay::DirectRead for PooledReader<T> {
+    fn poll_read_direct(&mut self, cx: &mut Context<'_>, bufs: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
+        if self.pos < self.cap {
+            return None;
+        }
+        self.release();
+        self.inner.poll_read_direct(cx, bufs)
+    }
+}
+
+impl<T: crate::relay::PullWrite> crate::relay::PullWrite for PooledReader<T> {
+    fn poll_pull(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut dyn crate::relay::DirectRead,
+    ) -> Option<Poll<Result<usize, crate::relay::PullError>>> {
+        self.inner.poll_pull(cx, src)
+    }
+}
+
+/// Streams that neither read straight into another's buffers nor pull from one.
+macro_rules! copy_only {
+    ($($t:ty),*) => {$(
+        impl crate::relay::DirectRead for $t {
+            fn poll_read_direct(&mut self, _: &mut Context<'_>, _: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
+                None
+            }
+        }
+        impl crate::relay::PullWrite for $t {
+            fn poll_pull(
+                &mut self,
+                _: &mut Context<'_>,
+                _: &mut dyn crate::relay::DirectRead,
+            ) -> Option<Poll<Result<usize, crate::relay::PullError>>> {
+                None
+            }
+        }
+    )*};
+}
+copy_only!(crate::quic::QuicStream, tokio::io::DuplexStream);
+
 impl<T: AsyncRead + Unpin> AsyncRead for PooledReader<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if self.pos == self.cap {

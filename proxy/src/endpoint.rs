@@ -202,6 +202,41 @@ impl AsyncRead for LocalStream {
     }
 }
 
+impl crate::relay::DirectRead for LocalStream {
+    fn poll_read_direct(&mut self, cx: &mut Context<'_>, bufs: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
+        Some(loop {
+            let ready = match self {
+                LocalStream::Unix(s) => s.poll_read_ready(cx),
+                LocalStream::Tcp(s) => s.poll_read_ready(cx),
+            };
+            match ready {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            }
+            let r = match self {
+                LocalStream::Unix(s) => s.try_read_vectored(bufs),
+                LocalStream::Tcp(s) => s.try_read_vectored(bufs),
+            };
+            match r {
+                // The readiness was stale (tokio cleared it): wait for the next.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break Poll::Ready(r),
+            }
+        })
+    }
+}
+
+impl crate::relay::PullWrite for LocalStream {
+    fn poll_pull(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &mut dyn crate::relay::DirectRead,
+    ) -> Option<Poll<Result<usize, crate::relay::PullError>>> {
+        None
+    }
+}
+
 impl AsyncWrite for LocalStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         delegate!(self, s => Pin::new(s).poll_write(cx, buf))

@@ -44,7 +44,7 @@ const UNKNOWN_ROUTE_LABEL: &str = "<unknown>";
 /// Serves one data stream on an authenticated connection.
 pub async fn serve<S>(mut conn: S, peer: PeerIdentity, ctx: &ExposeContext)
 where
-    S: crate::relay::ChunkedRead + AsyncWrite + Unpin + Reset,
+    S: crate::relay::RelayStream + Reset,
 {
     let peer_name = peer.name().to_string();
     let (request, leftover) = match read_request(&mut conn, ctx).await {

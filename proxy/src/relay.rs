@@ -10,7 +10,7 @@
 //! (or, on UNIX sockets, a close) on the other.
 
 use std::future::poll_fn;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -52,6 +52,31 @@ pub fn one_chunk<'a>(buf: &'a [u8], out: &mut [IoSlice<'a>]) -> usize {
     }
 }
 
+/// A reader that can read straight into someone else's buffers, with one vectored read.
+pub trait DirectRead {
+    /// Reads into `bufs` in order; `None` if this reader cannot (or holds buffered bytes that
+    /// must go first), and the relay copies through the reader's buffer instead.
+    fn poll_read_direct(&mut self, cx: &mut Context<'_>, bufs: &mut [IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>>;
+}
+
+/// A writer that fills its own buffer straight from a [`DirectRead`]er: a TLS session reads the
+/// plaintext into its record slots and seals it where it landed (no copy in between).
+pub trait PullWrite {
+    /// Moves bytes from `src`; `Ready(Ok(0))` is `src`'s EOF. `None` if either side cannot.
+    fn poll_pull(&mut self, cx: &mut Context<'_>, src: &mut dyn DirectRead) -> Option<Poll<Result<usize, PullError>>>;
+}
+
+/// A failure of [`PullWrite::poll_pull`], by the side it happened on.
+#[derive(Debug)]
+pub enum PullError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// What the relay needs of each side.
+pub trait RelayStream: ChunkedRead + DirectRead + PullWrite + AsyncWrite + Unpin {}
+impl<T: ChunkedRead + DirectRead + PullWrite + AsyncWrite + Unpin> RelayStream for T {}
+
 /// Slices per vectored write: all of a large buffer's full TLS records.
 const MAX_WRITE_CHUNKS: usize = crate::buffers::LARGE / crate::record::MAX_PLAINTEXT;
 
@@ -76,13 +101,39 @@ impl Direction {
         counter: &Counter,
     ) -> Poll<Result<(), (bool, io::Error)>>
     where
-        R: ChunkedRead + ?Sized,
-        W: AsyncWrite + ?Sized,
+        R: ChunkedRead + DirectRead + Unpin,
+        W: AsyncWrite + PullWrite + Unpin + ?Sized,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
         loop {
+            // The direct path first (local socket into TLS records); the reader declines while
+            // it holds buffered bytes, which then go first.
+            let direct = writer.as_mut().get_mut().poll_pull(cx, reader.as_mut().get_mut());
+            match direct {
+                Some(Poll::Ready(Ok(0))) => {
+                    ready!(writer.as_mut().poll_shutdown(cx)).map_err(|e| (false, e))?;
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Poll::Ready(Ok(n))) => {
+                    self.total += n as u64;
+                    counter.inc_by(n as u64);
+                    self.need_flush = true;
+                    continue;
+                }
+                Some(Poll::Ready(Err(PullError::Read(e)))) => return Poll::Ready(Err((true, e))),
+                Some(Poll::Ready(Err(PullError::Write(e)))) => return Poll::Ready(Err((false, e))),
+                Some(Poll::Pending) => {
+                    if self.need_flush {
+                        ready!(writer.as_mut().poll_flush(cx)).map_err(|e| (false, e))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                None => {}
+            }
             let eof = match reader.as_mut().poll_fill_buf(cx) {
                 Poll::Ready(Ok(buf)) => buf.is_empty(),
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
@@ -120,8 +171,8 @@ impl Direction {
 /// `tx` counts bytes sent towards the peer, `rx` bytes received from it.
 pub async fn relay<L, P>(local: &mut L, peer: &mut P, tx: &Counter, rx: &Counter) -> Result<Transferred, RelayError>
 where
-    L: ChunkedRead + AsyncWrite + Unpin + ?Sized,
-    P: ChunkedRead + AsyncWrite + Unpin + ?Sized,
+    L: RelayStream,
+    P: RelayStream,
 {
     let mut up = Direction::default();
     let mut down = Direction::default();
@@ -154,8 +205,8 @@ pub async fn run<L, P>(
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<Transferred, RelayError>
 where
-    L: ChunkedRead + AsyncWrite + Unpin + crate::Reset,
-    P: ChunkedRead + AsyncWrite + Unpin + crate::Reset,
+    L: RelayStream + crate::Reset,
+    P: RelayStream + crate::Reset,
 {
     let result = async {
         if !early.is_empty() {

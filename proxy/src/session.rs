@@ -30,7 +30,8 @@ use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::buffers::{self, Buffer};
-use crate::record::{self, ContentType, Opener, RecordError, Sealer, MAX_PLAINTEXT, MAX_RECORD, OVERHEAD};
+use crate::record::{self, ContentType, Opener, RecordError, Sealer, MAX_PLAINTEXT, MAX_RECORD, MAX_SEALED, OVERHEAD};
+use crate::relay::{DirectRead, PullError, PullWrite};
 
 /// Handshake messages from a peer may not exceed this (a certificate chain is a few KiB).
 const MAX_HANDSHAKE_BUFFER: usize = 64 * 1024;
@@ -555,6 +556,76 @@ impl AsyncBufRead for TlsSession {
                 }
             }
         }
+    }
+}
+
+impl TlsSession {
+    /// Reads plaintext from `src` straight into record slots of the send buffer (one vectored
+    /// read, up to a large buffer's worth of full records), seals each where it landed and
+    /// writes them out. `Ready(Ok(0))` is `src`'s EOF.
+    fn poll_pull_records(&mut self, cx: &mut Context<'_>, src: &mut dyn DirectRead) -> Option<Poll<Result<usize, PullError>>> {
+        if self.tx.shut {
+            let e = io::Error::new(io::ErrorKind::BrokenPipe, "TLS session already shut down for writing");
+            return Some(Poll::Ready(Err(PullError::Write(e))));
+        }
+        // Room for at least one full record slot (after a key update record).
+        loop {
+            let buf = self.tx.buf.get_or_insert_with(buffers::take);
+            if buf.len() - self.tx.end >= MAX_SEALED + MIN_SEND_ROOM {
+                break;
+            }
+            match self.poll_write_out(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(PullError::Write(e)))),
+                Poll::Pending => return Some(Poll::Pending),
+            }
+        }
+        if let Err(e) = self.rotate_if_due() {
+            return Some(Poll::Ready(Err(PullError::Write(e))));
+        }
+        let buf = self.tx.buf.as_deref_mut()?;
+        let start = self.tx.end;
+        let slots = ((buf.len() - start) / MAX_SEALED).min(MAX_CHUNKS);
+        let mut iov: Vec<io::IoSliceMut<'_>> = buf[start..start + slots * MAX_SEALED]
+            .chunks_mut(MAX_SEALED)
+            .map(|slot| io::IoSliceMut::new(&mut slot[record::HEADER_LEN..record::HEADER_LEN + MAX_PLAINTEXT]))
+            .collect();
+        let n = match src.poll_read_direct(cx, &mut iov)? {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(PullError::Read(e)))),
+            Poll::Pending => {
+                drop(iov);
+                // Nothing to read: what is sealed goes out (or waits for the socket).
+                if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
+                    return Some(Poll::Ready(Err(PullError::Write(e))));
+                }
+                return Some(Poll::Pending);
+            }
+        };
+        drop(iov);
+        // Full slots are exactly MAX_SEALED long once sealed, so the records lie back to back.
+        let mut left = n;
+        while left > 0 {
+            let len = left.min(MAX_PLAINTEXT);
+            self.tx.end += self.sealer.seal(&mut buf[self.tx.end..], len, ContentType::ApplicationData);
+            left -= len;
+        }
+        if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
+            return Some(Poll::Ready(Err(PullError::Write(e))));
+        }
+        Some(Poll::Ready(Ok(n)))
+    }
+}
+
+impl DirectRead for TlsSession {
+    fn poll_read_direct(&mut self, _: &mut Context<'_>, _: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
+        None
+    }
+}
+
+impl PullWrite for TlsSession {
+    fn poll_pull(&mut self, cx: &mut Context<'_>, src: &mut dyn DirectRead) -> Option<Poll<Result<usize, PullError>>> {
+        self.poll_pull_records(cx, src)
     }
 }
 

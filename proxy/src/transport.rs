@@ -84,6 +84,25 @@ impl crate::relay::ChunkedRead for PeerStream {
     }
 }
 
+impl crate::relay::DirectRead for PeerStream {
+    fn poll_read_direct(&mut self, _: &mut Context<'_>, _: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
+        None
+    }
+}
+
+impl crate::relay::PullWrite for PeerStream {
+    fn poll_pull(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut dyn crate::relay::DirectRead,
+    ) -> Option<Poll<Result<usize, crate::relay::PullError>>> {
+        match self {
+            PeerStream::Tls(s) => s.poll_pull(cx, src),
+            PeerStream::Quic(_) => None,
+        }
+    }
+}
+
 impl AsyncWrite for PeerStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write(cx, buf))
