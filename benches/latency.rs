@@ -22,36 +22,8 @@ use serde_json::json;
 const MSG: usize = 64;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The paths, in table order. Adding one is one line here.
-type SetupFn = fn(&Path, &[Fwd]) -> Result<Setup, String>;
-const PATHS: &[(&str, SetupFn)] = &[
-    ("direct", |_, f| direct(f)),
-    ("socat", socat),
-    ("socat-openssl", socat_openssl),
-    ("stunnel", stunnel),
-    ("ssh", ssh),
-    ("migtun", |t, f| {
-        migtun(
-            t,
-            f,
-            &MigtunOpts {
-                transport: "tls".into(),
-                ..Default::default()
-            },
-        )
-    }),
-    ("migtun-quic", |t, f| match quic_accepted(t) {
-        Ok(()) => migtun(
-            t,
-            f,
-            &MigtunOpts {
-                transport: "quic".into(),
-                ..Default::default()
-            },
-        ),
-        Err(why) => Ok(Setup::Skipped(why)),
-    }),
-];
+/// The paths, in table order: `common::TUNNEL_PATHS` (shared with `throughput`).
+const PATHS: &[(&str, SetupFn)] = TUNNEL_PATHS;
 
 struct Args {
     reps: usize,
@@ -358,7 +330,7 @@ fn scale_rep(
     // All streams open at the sink?
     let deadline = Instant::now() + Duration::from_secs(120);
     while srv.sinks_open.load(Ordering::SeqCst) < base + streams {
-        if Instant::now() > deadline || errors.lock().unwrap().len() > 0 {
+        if Instant::now() > deadline || !errors.lock().unwrap().is_empty() {
             break;
         }
         thread::sleep(Duration::from_millis(5));
@@ -798,6 +770,7 @@ fn main() {
         }
     }
     println!("{out}");
+    write_markdown(&args.json, &out);
     let mut m = machine.clone();
     m["loadavg_end"] = loadavg().into();
     write_json(

@@ -20,8 +20,6 @@ use common::*;
 use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 
-type SetupFn = fn(&Path, &[Fwd]) -> Result<Setup, String>;
-
 #[derive(Clone, Copy)]
 enum Kind {
     /// QMP driven here; the source reaches the destination's sockets through this tunnel.
@@ -630,7 +628,9 @@ fn main() {
     raise_nofile();
     let machine = machine_info();
     let Some(qemu) = find_bin(&["qemu-system-x86_64"]) else {
-        println!("## Live migration\n\nskipped: qemu-system-x86_64 not installed (apt-get install qemu-system-x86 qemu-utils)");
+        let md = "## Live migration\n\nskipped: qemu-system-x86_64 not installed (apt-get install qemu-system-x86 qemu-utils)\n";
+        println!("{md}");
+        write_markdown(&args.json, md);
         write_json(
             &args.json,
             &json!({"machine": machine, "status": "skipped", "message": "qemu-system-x86_64 not installed"}),
@@ -880,6 +880,7 @@ fn main() {
         ));
     }
     println!("{out}");
+    write_markdown(&args.json, &out);
     let mut mj = machine.clone();
     mj["loadavg_end"] = loadavg().into();
     write_json(

@@ -1,19 +1,19 @@
-//! Shared helpers of the `latency` and `migration` benches: child processes in their own
-//! process groups (stopped on drop, on panic and on SIGINT/SIGTERM/SIGHUP), certificates,
-//! tunnels (socat, socat+OpenSSL, stunnel, ssh -L, migtun TLS/QUIC) with any number of
-//! UNIX-to-UNIX forwards, /proc readings and small statistics.
-//!
-//! Parts of the tunnel set-up are copied from `throughput.rs` (which another bench owns) and
-//! generalised to several forwards per tunnel.
+//! Shared helpers of the benches: child processes in their own process groups (stopped on
+//! drop, on panic and on SIGINT/SIGTERM/SIGHUP), certificates, tunnels (socat, socat+OpenSSL,
+//! stunnel, ssh -L, migtun TLS/QUIC) with any number of UNIX-to-UNIX forwards — one set-up per
+//! peer, used by `throughput`, `latency` and `migration` —, /proc readings (CPU seconds, peak
+//! RSS of a process tree) and small statistics.
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,7 @@ pub fn raise_nofile() -> u64 {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            return r.rlim_cur as u64;
+            return r.rlim_cur;
         }
     }
     0
@@ -296,27 +296,33 @@ pub fn cpu_secs(pid: i32) -> Option<f64> {
     Some(t as f64 / hz)
 }
 
-/// user+sys CPU seconds of a process and all its live descendants (sshd forks a child per
-/// connection, which calls setsid(); socat forks per connection).
-pub fn cpu_secs_group(root: i32) -> f64 {
-    let mut procs = vec![];
-    if let Ok(dir) = fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            let Some(ppid) = s
-                .rsplit_once(')')
-                .and_then(|r| r.1.split_whitespace().nth(1)?.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            procs.push((pid, ppid));
-        }
-    }
+/// The parent pid of every live process, from `/proc/PID/stat` (processes that vanish while
+/// being read are left out).
+fn parent_pids() -> Vec<(i32, i32)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = s
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+/// `root` and all its live descendants, found through the parent pids (sshd forks a child per
+/// connection, which calls setsid(), so the process group is not enough; socat forks per
+/// connection).
+pub fn descendants(root: i32) -> Vec<i32> {
+    let procs = parent_pids();
     let mut tree = vec![root];
     let mut i = 0;
     while i < tree.len() {
@@ -324,7 +330,65 @@ pub fn cpu_secs_group(root: i32) -> f64 {
         tree.extend(procs.iter().filter(|x| x.1 == p).map(|x| x.0));
         i += 1;
     }
-    tree.iter().map(|p| cpu_secs(*p).unwrap_or(0.0)).sum()
+    tree
+}
+
+/// user+sys CPU seconds of a process and all its live descendants; with `cpu_secs` counting
+/// reaped children, a child that ends between two readings is still counted (in its parent).
+pub fn cpu_secs_group(root: i32) -> f64 {
+    descendants(root)
+        .iter()
+        .map(|p| cpu_secs(*p).unwrap_or(0.0))
+        .sum()
+}
+
+/// How often [`PeakRss`] looks at the process trees: often enough to see every per-connection
+/// child of a forking relay (they live as long as a stream, i.e. seconds), rarely enough that
+/// walking /proc costs well under 1 % of a core.
+pub const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// Samples the VmHWM (peak RSS) of every process in some process trees until `finish`.
+/// A tree's peak is the sum of its processes' VmHWMs: exact for one process (migtun, stunnel),
+/// an upper bound for a forking relay (shared pages count once per process).
+pub struct PeakRss {
+    stop: Arc<AtomicBool>,
+    /// Per root: the largest VmHWM seen of each pid in its tree, KiB.
+    worker: thread::JoinHandle<Vec<HashMap<i32, u64>>>,
+}
+
+impl PeakRss {
+    pub fn start(roots: Vec<i32>) -> PeakRss {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let worker = thread::spawn(move || {
+            let mut seen = vec![HashMap::new(); roots.len()];
+            loop {
+                let last = flag.load(Ordering::SeqCst);
+                for (root, peaks) in roots.iter().zip(seen.iter_mut()) {
+                    for pid in descendants(*root) {
+                        if let Some((_, hwm)) = rss_kib(pid) {
+                            let e = peaks.entry(pid).or_insert(0);
+                            *e = (*e).max(hwm);
+                        }
+                    }
+                }
+                if last {
+                    return seen;
+                }
+                thread::sleep(RSS_SAMPLE_EVERY);
+            }
+        });
+        PeakRss { stop, worker }
+    }
+
+    /// One last sample, then each tree's peak in KiB, in the order of the roots.
+    pub fn finish(self) -> Vec<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.worker
+            .join()
+            .map(|seen| seen.iter().map(|m| m.values().sum()).collect())
+            .unwrap_or_default()
+    }
 }
 
 pub fn loadavg() -> String {
@@ -559,12 +623,43 @@ pub enum Entry {
     Tcp(String),
 }
 
+/// Which end of a tunnel a relaying process is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Accepts the source's connections (socat/stunnel client, `ssh -L`, migtun host-a).
+    Src,
+    /// Connects to the target (socat/stunnel server, sshd, migtun host-b).
+    Dst,
+}
+
+/// A process that carries a tunnel's bytes; its descendants (forked per-connection relays of
+/// socat and sshd) count with it.
+#[derive(Clone, Debug)]
+pub struct Relay {
+    pub side: Side,
+    pub name: String,
+    pub pid: i32,
+}
+
+impl Relay {
+    fn of(side: Side, p: &Proc) -> Relay {
+        Relay {
+            side,
+            name: p.name.clone(),
+            pid: p.pid(),
+        }
+    }
+}
+
 /// A running tunnel; its processes stop (in reverse order) on drop.
 pub struct Tunnel {
     pub entries: Vec<Entry>,
     pub procs: Vec<Proc>,
     pub note: String,
-    /// Pids of the two relaying processes whose RSS is of interest (migtun agents), if any.
+    /// Every relaying process, by side (empty for `direct`).
+    pub relays: Vec<Relay>,
+    /// The long-lived relaying processes whose own RSS is of interest (migtun agents, the ssh
+    /// client and the listening sshd), if any.
     pub agents: Vec<(String, i32)>,
     /// Admin socket of the source agent (migtun with `admin`).
     pub admin: Option<PathBuf>,
@@ -588,6 +683,7 @@ pub fn direct(fwds: &[Fwd]) -> Result<Setup, String> {
         entries: fwds.iter().map(|f| Entry::Unix(f.target.clone())).collect(),
         procs: vec![],
         note: "no tunnel: the limit".into(),
+        relays: vec![],
         agents: vec![],
         admin: None,
     }))
@@ -599,6 +695,41 @@ pub fn socat(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
 
 pub fn socat_openssl(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
     socat_impl(tmp, fwds, true)
+}
+
+/// socat's copy buffer (`-b`): 256 KiB instead of its 8 KiB default, so that the relay is not
+/// dominated by syscalls (the same on both socat paths, and what the earlier numbers used).
+const SOCAT_BUFFER: &str = "262144";
+
+/// socat's listen backlog: its default is 5, so that 8 simultaneous connects lose SYNs and wait
+/// for the 1 s retransmit; the other peers listen with 128 or more.
+const SOCAT_BACKLOG: &str = "backlog=1024";
+
+/// socat's server (listen) and client (connect) addresses of one forward over loopback `port`;
+/// with `certs`, OpenSSL with TLS 1.3 minimum and mutual verification.
+fn socat_addrs(port: u16, certs: Option<&Path>) -> (String, String) {
+    let Some(certs) = certs else {
+        return (
+            format!("TCP-LISTEN:{port},fork,reuseaddr,{SOCAT_BACKLOG},bind=127.0.0.1"),
+            format!("TCP:127.0.0.1:{port}"),
+        );
+    };
+    let c = |n: &str| certs.join(n).display().to_string();
+    let tls = "verify=1,openssl-min-proto-version=TLS1.3";
+    (
+        format!(
+            "OPENSSL-LISTEN:{port},fork,reuseaddr,{SOCAT_BACKLOG},bind=127.0.0.1,cert={},key={},cafile={},{tls}",
+            c("host-b.pem"),
+            c("host-b.key"),
+            c("ca.pem")
+        ),
+        format!(
+            "OPENSSL:127.0.0.1:{port},cert={},key={},cafile={},commonname=host-b,{tls}",
+            c("host-a.pem"),
+            c("host-a.key"),
+            c("ca.pem")
+        ),
+    )
 }
 
 fn socat_impl(tmp: &Path, fwds: &[Fwd], tls: bool) -> Result<Setup, String> {
@@ -614,77 +745,89 @@ fn socat_impl(tmp: &Path, fwds: &[Fwd], tls: bool) -> Result<Setup, String> {
             openssl_certs(&certs, &["host-a", "host-b"])?;
         }
     }
-    let c = |n: &str| certs.join(n).display().to_string();
-    let mut procs = vec![];
-    let mut entries = vec![];
+    let tag = if tls { "socat-tls" } else { "socat" };
+    let (mut procs, mut relays) = (vec![], vec![]);
     for (i, f) in fwds.iter().enumerate() {
-        let port = free_port();
-        let (listen, connect) = if tls {
-            (
-                format!(
-                    "OPENSSL-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1,cert={},key={},cafile={},verify=1,openssl-min-proto-version=TLS1.3",
-                    c("host-b.pem"),
-                    c("host-b.key"),
-                    c("ca.pem")
-                ),
-                format!(
-                    "OPENSSL:127.0.0.1:{port},cert={},key={},cafile={},verify=1,commonname=host-b,openssl-min-proto-version=TLS1.3",
-                    c("host-a.pem"),
-                    c("host-a.key"),
-                    c("ca.pem")
-                ),
-            )
-        } else {
-            (
-                format!("TCP-LISTEN:{port},fork,reuseaddr,bind=127.0.0.1"),
-                format!("TCP:127.0.0.1:{port}"),
-            )
-        };
-        procs.push(Proc::spawn(
+        let (listen, connect) = socat_addrs(free_port(), tls.then_some(certs.as_path()));
+        let server = Proc::spawn(
             &format!("socat server {i}"),
-            Command::new(&socat).args([
-                "-b".to_string(),
-                "262144".into(),
-                listen,
-                format!("UNIX-CONNECT:{}", f.target.display()),
-            ]),
-            tmp.join(format!(
-                "socat{}-server-{i}.log",
-                if tls { "-tls" } else { "" }
-            )),
-        )?);
-        procs.push(Proc::spawn(
+            Command::new(&socat)
+                .args(["-b", SOCAT_BUFFER, &listen])
+                .arg(format!("UNIX-CONNECT:{}", f.target.display())),
+            tmp.join(format!("{tag}-server-{i}.log")),
+        )?;
+        let client = Proc::spawn(
             &format!("socat client {i}"),
-            Command::new(&socat).args([
-                "-b".to_string(),
-                "262144".into(),
-                format!("UNIX-LISTEN:{},fork,unlink-early", f.local.display()),
-                connect,
-            ]),
-            tmp.join(format!(
-                "socat{}-client-{i}.log",
-                if tls { "-tls" } else { "" }
-            )),
-        )?);
-        entries.push(Entry::Unix(f.local.clone()));
+            Command::new(&socat)
+                .args(["-b", SOCAT_BUFFER])
+                .arg(format!(
+                    "UNIX-LISTEN:{},fork,unlink-early,{SOCAT_BACKLOG}",
+                    f.local.display()
+                ))
+                .arg(connect),
+            tmp.join(format!("{tag}-client-{i}.log")),
+        )?;
+        relays.extend([Relay::of(Side::Dst, &server), Relay::of(Side::Src, &client)]);
+        procs.extend([server, client]);
     }
-    let locals: Vec<&Path> = fwds.iter().map(|f| f.local.as_path()).collect();
-    wait_for_paths(&locals, &mut procs, READY_TIMEOUT)?;
+    wait_for_locals(fwds, &mut procs)?;
     let version = first_line(Command::new(&socat).arg("-V"), "socat version");
     let what = if tls {
-        "OpenSSL TLS 1.3, mutual, -b 262144"
+        "OpenSSL TLS 1.3, mutual"
     } else {
-        "no encryption, -b 262144"
+        "no encryption"
     };
     Ok(Setup::Up(Tunnel {
-        entries,
+        entries: unix_entries(fwds),
         procs,
-        note: format!("{what}; {version}"),
+        note: format!("{what}, -b {SOCAT_BUFFER}; {version}"),
+        relays,
         agents: vec![],
         admin: None,
     }))
 }
 
+/// Where a client connects for each forward: its `local` UNIX socket.
+fn unix_entries(fwds: &[Fwd]) -> Vec<Entry> {
+    fwds.iter().map(|f| Entry::Unix(f.local.clone())).collect()
+}
+
+/// Waits until every forward's `local` socket exists (the tunnel's entry is bound).
+fn wait_for_locals(fwds: &[Fwd], procs: &mut [Proc]) -> Result<(), String> {
+    let locals: Vec<&Path> = fwds.iter().map(|f| f.local.as_path()).collect();
+    wait_for_paths(&locals, procs, READY_TIMEOUT)
+}
+
+/// stunnel's server and client configurations: one service per forward, TLS 1.3, mutual.
+fn stunnel_confs(certs: &Path, fwds: &[Fwd]) -> (String, String) {
+    let c = |n: &str| certs.join(n).display().to_string();
+    let tls = |me: &str| {
+        format!(
+            "cert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nsslVersionMin = TLSv1.3\n",
+            c(&format!("{me}.pem")),
+            c(&format!("{me}.key")),
+            c("ca.pem")
+        )
+    };
+    let mut server = String::from("foreground = yes\npid =\n");
+    let mut client = server.clone();
+    for (i, f) in fwds.iter().enumerate() {
+        let port = free_port();
+        server.push_str(&format!(
+            "[s{i}]\naccept = 127.0.0.1:{port}\nconnect = {}\n{}",
+            f.target.display(),
+            tls("host-b")
+        ));
+        client.push_str(&format!(
+            "[c{i}]\nclient = yes\naccept = {}\nconnect = 127.0.0.1:{port}\ncheckHost = host-b\n{}",
+            f.local.display(),
+            tls("host-a")
+        ));
+    }
+    (server, client)
+}
+
+/// Two `stunnel` processes; the client accepts on each forward's UNIX socket (stunnel 5).
 pub fn stunnel(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
     let Some(stunnel) = find_bin(&["stunnel", "stunnel4"]) else {
         return Ok(Setup::Skipped("skipped: stunnel not installed".into()));
@@ -698,49 +841,25 @@ pub fn stunnel(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
     if !certs.join("ca.pem").exists() {
         openssl_certs(&certs, &["host-a", "host-b"])?;
     }
-    let c = |n: &str| certs.join(n).display().to_string();
-    let mut server = String::from("foreground = yes\npid =\n");
-    let mut client = String::from("foreground = yes\npid =\n");
-    for (i, f) in fwds.iter().enumerate() {
-        let port = free_port();
-        server.push_str(&format!(
-            "[s{i}]\naccept = 127.0.0.1:{port}\nconnect = {t}\ncert = {cert}\nkey = {key}\nCAfile = {ca}\nverifyChain = yes\nsslVersionMin = TLSv1.3\n",
-            t = f.target.display(),
-            cert = c("host-b.pem"),
-            key = c("host-b.key"),
-            ca = c("ca.pem"),
-        ));
-        client.push_str(&format!(
-            "[c{i}]\nclient = yes\naccept = {l}\nconnect = 127.0.0.1:{port}\ncert = {cert}\nkey = {key}\nCAfile = {ca}\nverifyChain = yes\ncheckHost = host-b\nsslVersionMin = TLSv1.3\n",
-            l = f.local.display(),
-            cert = c("host-a.pem"),
-            key = c("host-a.key"),
-            ca = c("ca.pem"),
-        ));
+    let (server, client) = stunnel_confs(&certs, fwds);
+    let mut procs = vec![];
+    for (role, conf) in [("server", server), ("client", client)] {
+        let path = tmp.join(format!("stunnel-{role}.conf"));
+        fs::write(&path, conf).map_err(|e| format!("{}: {e}", path.display()))?;
+        procs.push(Proc::spawn(
+            &format!("stunnel {role}"),
+            Command::new(&stunnel).arg(&path),
+            tmp.join(format!("stunnel-{role}.log")),
+        )?);
     }
-    let (sc, cc) = (
-        tmp.join("stunnel-server.conf"),
-        tmp.join("stunnel-client.conf"),
-    );
-    fs::write(&sc, server).map_err(|e| e.to_string())?;
-    fs::write(&cc, client).map_err(|e| e.to_string())?;
-    let mut procs = vec![
-        Proc::spawn(
-            "stunnel server",
-            Command::new(&stunnel).arg(&sc),
-            tmp.join("stunnel-server.log"),
-        )?,
-        Proc::spawn(
-            "stunnel client",
-            Command::new(&stunnel).arg(&cc),
-            tmp.join("stunnel-client.log"),
-        )?,
-    ];
-    let locals: Vec<&Path> = fwds.iter().map(|f| f.local.as_path()).collect();
-    wait_for_paths(&locals, &mut procs, READY_TIMEOUT)?;
+    wait_for_locals(fwds, &mut procs)?;
     let version = first_line(Command::new(&stunnel).arg("-version"), "stunnel ");
     Ok(Setup::Up(Tunnel {
-        entries: fwds.iter().map(|f| Entry::Unix(f.local.clone())).collect(),
+        entries: unix_entries(fwds),
+        relays: vec![
+            Relay::of(Side::Src, &procs[1]),
+            Relay::of(Side::Dst, &procs[0]),
+        ],
         procs,
         note: format!("TLS 1.3, mutual; {version}"),
         agents: vec![],
@@ -748,30 +867,22 @@ pub fn stunnel(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
     }))
 }
 
-pub fn ssh(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
-    let (Some(sshd), Some(ssh), Some(keygen)) = (
-        find_bin(&["sshd"]),
-        find_bin(&["ssh"]),
-        find_bin(&["ssh-keygen"]),
-    ) else {
-        return Ok(Setup::Skipped(
-            "skipped: sshd/ssh/ssh-keygen not installed".into(),
-        ));
-    };
-    let d = tmp.join("ssh");
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).map_err(|e| e.to_string())?;
-    let _ = fs::create_dir_all("/run/sshd");
+/// The cipher of the ssh path: AES-128-GCM, the AEAD of the TLS 1.3 suites the other encrypted
+/// paths negotiate, so that every path pays for comparable crypto.
+const SSH_CIPHER: &str = "aes128-gcm@openssh.com";
+
+/// The ssh path's host key, client key, authorized_keys and sshd_config in `d`.
+fn ssh_files(keygen: &Path, d: &Path) -> Result<PathBuf, String> {
+    let _ = fs::remove_dir_all(d);
+    fs::create_dir_all(d).map_err(|e| e.to_string())?;
     for k in ["hostkey", "id"] {
         run_ok(
-            Command::new(&keygen)
+            Command::new(keygen)
                 .args(["-q", "-t", "ed25519", "-N", "", "-f"])
                 .arg(d.join(k)),
         )?;
     }
     fs::copy(d.join("id.pub"), d.join("authorized_keys")).map_err(|e| e.to_string())?;
-    let user = run_ok(Command::new("id").arg("-un"))?.trim().to_string();
-    let port = free_port();
     let conf = d.join("sshd_config");
     fs::write(
         &conf,
@@ -784,57 +895,86 @@ pub fn ssh(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
         ),
     )
     .map_err(|e| e.to_string())?;
-    let mut procs = vec![Proc::spawn(
+    Ok(conf)
+}
+
+/// A private `sshd` listening on loopback `port`, once it accepts connections.
+fn start_sshd(sshd: &Path, conf: &Path, port: u16, log: PathBuf) -> Result<Proc, String> {
+    // sshd insists on its privilege separation directory (creating it needs root).
+    let _ = fs::create_dir_all("/run/sshd");
+    let mut p = Proc::spawn(
         "sshd",
-        Command::new(&sshd)
+        Command::new(sshd)
             .args(["-D", "-e", "-f"])
-            .arg(&conf)
+            .arg(conf)
             .args(["-p", &port.to_string()]),
-        d.join("sshd.log"),
-    )?];
+        log,
+    )?;
     let deadline = Instant::now() + READY_TIMEOUT;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(st) = procs[0].exited() {
-            return Err(format!("sshd exited ({st})\n{}", procs[0].log_tail()));
+        if let Some(st) = p.exited() {
+            return Err(format!("sshd exited ({st})\n{}", p.log_tail()));
         }
         if Instant::now() > deadline {
-            return Err(format!("sshd not listening\n{}", procs[0].log_tail()));
+            return Err(format!("sshd not listening\n{}", p.log_tail()));
         }
         thread::sleep(Duration::from_millis(50));
     }
-    let mut cmd = Command::new(&ssh);
-    cmd.args(["-N", "-F", "/dev/null", "-i"])
-        .arg(d.join("id"))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StreamLocalBindUnlink=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-c",
-            "aes128-gcm@openssh.com",
-        ]);
+    Ok(p)
+}
+
+/// `ssh -N -L local:target ...` to `user@127.0.0.1:port` with the key in `d`.
+fn ssh_client_cmd(ssh: &Path, d: &Path, fwds: &[Fwd], port: u16, user: &str) -> Command {
+    let mut cmd = Command::new(ssh);
+    cmd.args(["-N", "-F", "/dev/null", "-i"]).arg(d.join("id"));
+    for o in [
+        "StrictHostKeyChecking=no",
+        "UserKnownHostsFile=/dev/null",
+        "BatchMode=yes",
+        "StreamLocalBindUnlink=yes",
+        "ExitOnForwardFailure=yes",
+        "LogLevel=ERROR",
+    ] {
+        cmd.args(["-o", o]);
+    }
+    cmd.args(["-c", SSH_CIPHER]);
     for f in fwds {
         cmd.arg("-L")
             .arg(format!("{}:{}", f.local.display(), f.target.display()));
     }
     cmd.args(["-p", &port.to_string(), &format!("{user}@127.0.0.1")]);
+    cmd
+}
+
+/// A private `sshd` on loopback and `ssh -L` with one UNIX-to-UNIX forward per `fwds` entry.
+pub fn ssh(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
+    let (Some(sshd), Some(ssh), Some(keygen)) = (
+        find_bin(&["sshd"]),
+        find_bin(&["ssh"]),
+        find_bin(&["ssh-keygen"]),
+    ) else {
+        return Ok(Setup::Skipped(
+            "skipped: sshd/ssh/ssh-keygen not installed".into(),
+        ));
+    };
+    let d = tmp.join("ssh");
+    let conf = ssh_files(&keygen, &d)?;
+    let user = run_ok(Command::new("id").arg("-un"))?.trim().to_string();
+    let port = free_port();
+    let mut procs = vec![start_sshd(&sshd, &conf, port, d.join("sshd.log"))?];
+    let mut cmd = ssh_client_cmd(&ssh, &d, fwds, port, &user);
     procs.push(Proc::spawn("ssh -L", &mut cmd, d.join("ssh.log"))?);
-    let locals: Vec<&Path> = fwds.iter().map(|f| f.local.as_path()).collect();
-    wait_for_paths(&locals, &mut procs, READY_TIMEOUT)?;
+    wait_for_locals(fwds, &mut procs)?;
     let version = first_line(Command::new(&ssh).arg("-V"), "OpenSSH");
     let (sshd_pid, ssh_pid) = (procs[0].pid(), procs[1].pid());
     Ok(Setup::Up(Tunnel {
-        entries: fwds.iter().map(|f| Entry::Unix(f.local.clone())).collect(),
+        entries: unix_entries(fwds),
+        relays: vec![
+            Relay::of(Side::Src, &procs[1]),
+            Relay::of(Side::Dst, &procs[0]),
+        ],
         procs,
-        note: format!("aes128-gcm@openssh.com; {version}"),
+        note: format!("{SSH_CIPHER}; {version}"),
         agents: vec![("ssh".into(), ssh_pid), ("sshd".into(), sshd_pid)],
         admin: None,
     }))
@@ -851,60 +991,87 @@ pub struct MigtunOpts {
     pub run_dir: Option<PathBuf>,
 }
 
-/// Two `migtun serve` agents on loopback: host-a forwards each `fwds[i].local` to route `r{i}`,
-/// host-b exposes `r{i}` to `fwds[i].target`.
-pub fn migtun(tmp: &Path, fwds: &[Fwd], o: &MigtunOpts) -> Result<Setup, String> {
-    let d = tmp.join(format!("migtun-{}", o.transport));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).map_err(|e| e.to_string())?;
-    let certs = d.join("certs");
-    migtun_certs(&certs)?;
-    let (pa, pb) = (free_port(), free_port());
-    let c = |n: &str| certs.join(n).display().to_string();
-    let conf = |me: &str, port: u16, peer: &str, peer_port: u16| {
-        let mut s = format!("name = \"{me}\"\nlisten = \"127.0.0.1:{port}\"\n",);
-        if o.qemu_hook.is_some() {
-            s.push_str(&format!(
-                "admin = \"{}\"\n",
-                d.join(format!("{me}.admin")).display()
-            ));
-        }
+/// The agent config of `me` (listening on `port`) with `peer` at `peer_port`, without forwards.
+fn migtun_conf(
+    d: &Path,
+    o: &MigtunOpts,
+    (me, port): (&str, u16),
+    (peer, peer_port): (&str, u16),
+) -> String {
+    let c = |n: &str| d.join("certs").join(n).display().to_string();
+    let mut s = format!("name = \"{me}\"\nlisten = \"127.0.0.1:{port}\"\n");
+    if o.qemu_hook.is_some() {
         s.push_str(&format!(
-            "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"127.0.0.1:{peer_port}\"\ntransport = \"{}\"\n",
-            c(&format!("{me}.pem")),
-            c(&format!("{me}.key")),
-            c("ca.pem"),
-            o.transport
+            "admin = \"{}\"\n",
+            d.join(format!("{me}.admin")).display()
         ));
-        if let Some(hook) = &o.qemu_hook {
-            let run = o
-                .run_dir
-                .clone()
-                .unwrap_or_else(|| d.clone())
-                .join(format!("run-{me}"));
-            s.push_str(&format!(
-                "\n[qemu]\nrun_dir = \"{}\"\nprepare_hook = \"{}\"\n",
-                run.display(),
-                hook.display()
-            ));
-        }
-        s
-    };
-    let mut ca = conf("host-a", pa, "host-b", pb);
-    let mut cb = conf("host-b", pb, "host-a", pa);
+    }
+    s.push_str(&format!(
+        "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"127.0.0.1:{peer_port}\"\ntransport = \"{}\"\n",
+        c(&format!("{me}.pem")),
+        c(&format!("{me}.key")),
+        c("ca.pem"),
+        o.transport
+    ));
+    if let Some(hook) = &o.qemu_hook {
+        let run = o
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| d.to_path_buf())
+            .join(format!("run-{me}"));
+        s.push_str(&format!(
+            "\n[qemu]\nrun_dir = \"{}\"\nprepare_hook = \"{}\"\n",
+            run.display(),
+            hook.display()
+        ));
+    }
+    s
+}
+
+/// host-a's and host-b's configs: host-a forwards `fwds[i].local` to route `r{i}`, host-b
+/// exposes `r{i}` to `fwds[i].target`.
+fn migtun_confs(d: &Path, fwds: &[Fwd], o: &MigtunOpts) -> (String, String) {
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = migtun_conf(d, o, ("host-a", pa), ("host-b", pb));
+    let mut b = migtun_conf(d, o, ("host-b", pb), ("host-a", pa));
     for (i, f) in fwds.iter().enumerate() {
-        ca.push_str(&format!(
+        a.push_str(&format!(
             "\n[[forward]]\nlisten = \"unix:{}\"\npeer = \"host-b\"\nroute = \"r{i}\"\n",
             f.local.display()
         ));
-        cb.push_str(&format!(
+        b.push_str(&format!(
             "\n[[expose]]\nroute = \"r{i}\"\ntarget = \"unix:{}\"\nallow = [\"host-a\"]\n",
             f.target.display()
         ));
     }
+    (a, b)
+}
+
+fn migtun_note(transport: &str) -> String {
+    match transport {
+        "quic" => format!(
+            "QUIC (quinn), TLS 1.3, mutual, one connection, a QUIC stream per stream; congestion {}; certs: migtun certs",
+            std::env::var("MIGTUN_QUIC_CONGESTION").unwrap_or_else(|_| "default".into())
+        ),
+        _ => "TLS 1.3 (rustls), mutual, one connection per stream; certs: migtun certs".into(),
+    }
+}
+
+/// How long the two agents may take to bind their sockets (and admin sockets): twice
+/// `READY_TIMEOUT`, room for two starts at once on a busy 2-core machine.
+const MIGTUN_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Two `migtun serve` agents on loopback (see [`migtun_confs`]), once `migtun check` accepts
+/// host-a's config and every forward's socket (and admin socket) is bound.
+pub fn migtun(tmp: &Path, fwds: &[Fwd], o: &MigtunOpts) -> Result<Setup, String> {
+    let d = tmp.join(format!("migtun-{}", o.transport));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+    migtun_certs(&d.join("certs"))?;
+    let (a, b) = migtun_confs(&d, fwds, o);
     let (conf_a, conf_b) = (d.join("host-a.toml"), d.join("host-b.toml"));
-    fs::write(&conf_a, ca).map_err(|e| e.to_string())?;
-    fs::write(&conf_b, cb).map_err(|e| e.to_string())?;
+    fs::write(&conf_a, a).map_err(|e| e.to_string())?;
+    fs::write(&conf_b, b).map_err(|e| e.to_string())?;
     run_ok(
         Command::new(MIGTUN)
             .args(["check", "--config"])
@@ -916,44 +1083,72 @@ pub fn migtun(tmp: &Path, fwds: &[Fwd], o: &MigtunOpts) -> Result<Setup, String>
             e.lines().last().unwrap_or("")
         )
     })?;
-    let mut procs = vec![
-        Proc::spawn(
-            "migtun host-b",
-            Command::new(MIGTUN)
-                .args(["serve", "--config"])
-                .arg(&conf_b),
-            d.join("host-b.log"),
-        )?,
-        Proc::spawn(
-            "migtun host-a",
-            Command::new(MIGTUN)
-                .args(["serve", "--config"])
-                .arg(&conf_a),
-            d.join("host-a.log"),
-        )?,
-    ];
+    let mut procs = vec![];
+    for (host, conf) in [("host-b", &conf_b), ("host-a", &conf_a)] {
+        procs.push(Proc::spawn(
+            &format!("migtun {host}"),
+            Command::new(MIGTUN).args(["serve", "--config"]).arg(conf),
+            d.join(format!("{host}.log")),
+        )?);
+    }
     let mut wait: Vec<PathBuf> = fwds.iter().map(|f| f.local.clone()).collect();
     if o.qemu_hook.is_some() {
-        wait.push(d.join("host-a.admin"));
-        wait.push(d.join("host-b.admin"));
+        wait.extend([d.join("host-a.admin"), d.join("host-b.admin")]);
     }
     let w: Vec<&Path> = wait.iter().map(|p| p.as_path()).collect();
-    wait_for_paths(&w, &mut procs, Duration::from_secs(20))?;
-    let agents = vec![
-        ("host-a".to_string(), procs[1].pid()),
-        ("host-b".to_string(), procs[0].pid()),
+    wait_for_paths(&w, &mut procs, MIGTUN_READY_TIMEOUT)?;
+    let relays = vec![
+        Relay::of(Side::Src, &procs[1]),
+        Relay::of(Side::Dst, &procs[0]),
     ];
     Ok(Setup::Up(Tunnel {
-        entries: fwds.iter().map(|f| Entry::Unix(f.local.clone())).collect(),
+        entries: unix_entries(fwds),
+        agents: vec![
+            ("host-a".into(), relays[0].pid),
+            ("host-b".into(), relays[1].pid),
+        ],
+        relays,
         procs,
-        note: match o.transport.as_str() {
-            "quic" => "QUIC (quinn), TLS 1.3, mutual; certs: migtun certs".into(),
-            _ => "TLS 1.3 (rustls), mutual, one connection per stream; certs: migtun certs".into(),
-        },
-        agents,
+        note: migtun_note(&o.transport),
         admin: o.qemu_hook.as_ref().map(|_| d.join("host-a.admin")),
     }))
 }
+
+/// migtun over TLS, forwards only.
+pub fn migtun_tls(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
+    let o = MigtunOpts {
+        transport: "tls".into(),
+        ..Default::default()
+    };
+    migtun(tmp, fwds, &o)
+}
+
+/// migtun over QUIC, forwards only; skipped when `migtun check` refuses `transport = "quic"`.
+pub fn migtun_quic(tmp: &Path, fwds: &[Fwd]) -> Result<Setup, String> {
+    if let Err(why) = quic_accepted(tmp) {
+        return Ok(Setup::Skipped(why));
+    }
+    let o = MigtunOpts {
+        transport: "quic".into(),
+        ..Default::default()
+    };
+    migtun(tmp, fwds, &o)
+}
+
+/// Sets up a tunnel with the given forwards.
+pub type SetupFn = fn(&Path, &[Fwd]) -> Result<Setup, String>;
+
+/// Every tunnel path of the `throughput` and `latency` benches, in table order. Adding one is
+/// one line here.
+pub const TUNNEL_PATHS: &[(&str, SetupFn)] = &[
+    ("direct", |_, f| direct(f)),
+    ("socat", socat),
+    ("socat-openssl", socat_openssl),
+    ("stunnel", stunnel),
+    ("ssh", ssh),
+    ("migtun", migtun_tls),
+    ("migtun-quic", migtun_quic),
+];
 
 /// Does `migtun check` accept `transport = "quic"`? `Err` carries its message.
 pub fn quic_accepted(tmp: &Path) -> Result<(), String> {
@@ -985,11 +1180,27 @@ pub fn quic_accepted(tmp: &Path) -> Result<(), String> {
         })
 }
 
-pub fn json_out_path(name: &str) -> PathBuf {
+/// Where the benches write their results: `$CARGO_TARGET_DIR/bench`, else `target/bench`.
+pub fn bench_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("bench").join(format!("{name}.json"))
+    target.join("bench")
+}
+
+pub fn json_out_path(name: &str) -> PathBuf {
+    bench_dir().join(format!("{name}.json"))
+}
+
+/// Writes a bench's markdown next to its JSON file (same name, `.md`), for the report.
+pub fn write_markdown(json: &Path, md: &str) {
+    let path = json.with_extension("md");
+    if let Some(d) = path.parent() {
+        let _ = fs::create_dir_all(d);
+    }
+    if let Err(e) = fs::write(&path, md) {
+        eprintln!("cannot write {}: {e}", path.display());
+    }
 }
 
 pub fn write_json(path: &Path, v: &serde_json::Value) {
