@@ -83,6 +83,17 @@ pub fn take() -> Buffer {
     Buffer { data: vec![0u8; size].into_boxed_slice() }
 }
 
+/// A buffer of at least `n` bytes (for bytes already in hand, such as what arrived with the
+/// end of a handshake; at most a few tens of KiB).
+pub fn take_at_least(n: usize) -> Buffer {
+    let b = take();
+    if b.len() >= n {
+        return b;
+    }
+    give(b);
+    Buffer { data: vec![0u8; n].into_boxed_slice() }
+}
+
 /// Returns a buffer: a large one goes back to the pool, a small one is freed.
 pub fn give(buf: Buffer) {
     if buf.data.len() == LARGE {

@@ -289,7 +289,7 @@ impl TlsSession {
         let opener = Opener::new(info.suite, rx_seq, rx).map_err(record_error)?;
         let mut buf = None;
         if !leftover.is_empty() {
-            let mut b = buffers::take();
+            let mut b = buffers::take_at_least(leftover.len());
             b[..leftover.len()].copy_from_slice(leftover);
             buf = Some(b);
         }
