@@ -78,6 +78,14 @@ fn cancel_during_ram_migration_rolls_back() {
     let Some(qemu) = qemu() else { return };
     let hosts = Hosts::start();
     let guest = start_guest(&hosts, &qemu, true);
+    let mon = Monitor::connect(&guest.monitor);
+    let settings = |mon: &Monitor| {
+        let caps = mon.cmd("query-migrate-capabilities", serde_json::Value::Null).unwrap();
+        let params = mon.cmd("query-migrate-parameters", serde_json::Value::Null).unwrap();
+        let cap = |n: &str| caps.as_array().unwrap().iter().find(|c| c["capability"] == n).map(|c| c["state"].clone());
+        (cap("pause-before-switchover"), cap("events"), params["max-bandwidth"].clone())
+    };
+    let before = settings(&mon);
     // 10 MB/s: the RAM phase takes long enough to be cancelled in the middle.
     let child = Command::new(MIGTUN)
         .arg("migrate")
@@ -111,5 +119,6 @@ fn cancel_during_ram_migration_rolls_back() {
     let status = child.0[0].wait().unwrap();
     assert!(!status.success(), "a cancelled migration exits non-zero");
     assert_eq!(source_status(&guest)["running"], true, "the source runs again");
+    assert_eq!(settings(&mon), before, "the rollback restores the source's migration capabilities and parameters");
     destination_is_clean(&hosts);
 }

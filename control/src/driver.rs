@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::broadcast;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::admin::Tracked;
 use crate::machine::{
@@ -40,6 +40,11 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a cancelled mirror job or migration may take to end before the rollback goes on
 /// without it.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(30);
+/// Waiting for a job or the migration to end is driven by QEMU's events; without one for this
+/// long, the state is queried anyway (a safety net, not the mechanism).
+const STATUS_RECHECK: Duration = Duration::from_millis(250);
+/// The events that announce a block job's state changes.
+const JOB_EVENTS: &[&str] = &["JOB_STATUS_CHANGE", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"];
 
 /// What the source side needs to run migrations.
 pub struct Outgoing {
@@ -60,9 +65,11 @@ pub async fn run(out: Arc<Outgoing>, args: MigrateArgs, tracked: Arc<Tracked>) {
 
 async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<(OutcomeKind, String), String> {
     let id = tracked.id.clone();
-    let qmp = Qmp::connect(&args.qmp).await.map_err(|e| e.to_string())?;
-    let io = out.agent.connect_control(&args.to).await.map_err(|e| e.to_string())?;
-    let rpc = RpcClient::connect(io, &args.to, out.agent.name()).await.map_err(|e| e.to_string())?;
+    // The VM's monitor and the destination agent, at the same time.
+    let (qmp, rpc) = tokio::try_join!(async { Qmp::connect(&args.qmp).await.map_err(|e| e.to_string()) }, async {
+        let io = out.agent.connect_control(&args.to).await.map_err(|e| e.to_string())?;
+        RpcClient::connect(io, &args.to, out.agent.name()).await.map_err(|e| e.to_string())
+    })?;
     rpc.require("prepare").map_err(|e| e.to_string())?;
     tracked.report(Report::Log {
         message: format!("{} runs migtun {} (control protocol {})", args.to, rpc.peer_hello().agent, rpc.peer_hello().version),
@@ -102,6 +109,7 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
         mirrored: 0,
         migration_started: false,
         last_status: String::new(),
+        saved_settings: None,
     };
     let started = std::time::Instant::now();
     let mut events = exec.qmp.events();
@@ -125,6 +133,10 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
         }
         if let Some(outcome) = machine.outcome() {
             exec.cleanup_dir();
+            if matches!(outcome, Outcome::Failed { .. } | Outcome::Cancelled) {
+                // Rolled back: the source runs on as before, with its own migration settings.
+                exec.restore_settings().await;
+            }
             let (kind, mut message) = summarize(outcome);
             if kind == OutcomeKind::Succeeded {
                 message = format!("{message} ({})", exec.summary(started.elapsed()));
@@ -223,6 +235,8 @@ struct Executor {
     migration_started: bool,
     /// The last migration status seen (event or poll), so each change reaches the machine once.
     last_status: String,
+    /// The source's capabilities and parameters before this migration changed them.
+    saved_settings: Option<(Vec<Value>, serde_json::Map<String, Value>)>,
 }
 
 impl Executor {
@@ -241,6 +255,7 @@ impl Executor {
     /// Performs one action; the immediate result, if the machine wants one.
     async fn perform(&mut self, action: Action, tracked: &Tracked) -> Option<Event> {
         let step = action.step();
+        let started = std::time::Instant::now();
         let result: Result<Option<Event>, String> = match action {
             Action::Report(r) => {
                 match r {
@@ -288,12 +303,16 @@ impl Executor {
             Action::CompleteMirror(disk) => self.qmp_do("block-job-cancel", json!({"device": self.job_id(&disk)})).await,
             Action::ContinueMigration => self.qmp_do("migrate-continue", json!({"state": "pre-switchover"})).await,
             Action::FinishPeer { success, resume } => {
+                let req = FinishRequest { migration: self.id.clone(), success, resume };
+                let reply = self.rpc.call::<_, FinishReply>("finish", &req).await;
                 if success {
                     // The migration has completed on this side: keep its figures for the summary.
+                    // Read after the destination's answer, not before it: QEMU fills in
+                    // `total-time` and `downtime` a moment after it announces `completed`, and
+                    // the destination must not wait for a query it does not need.
                     self.totals = self.qmp.execute("query-migrate", json!({})).await.ok();
                 }
-                let req = FinishRequest { migration: self.id.clone(), success, resume };
-                match self.rpc.call::<_, FinishReply>("finish", &req).await {
+                match reply {
                     Ok(r) if r.guest_kept || !success => Ok(Some(Event::Finished(Ok(())))),
                     Ok(r) => Ok(Some(Event::Finished(Err(r.detail)))),
                     Err(e) => Err(e.to_string()),
@@ -316,6 +335,7 @@ impl Executor {
             }
         };
         let step = step.unwrap_or(Step::Inspect);
+        debug!(migration = %self.id, %step, ok = result.is_ok(), ms = started.elapsed().as_secs_f64() * 1e3, "action done");
         match result {
             Ok(Some(e)) => Some(e),
             Ok(None) => Some(Event::Done(step)),
@@ -325,7 +345,7 @@ impl Executor {
 
     /// Forced `block-job-cancel`, then waits until the job is gone: the machine deletes the NBD
     /// target next, which QEMU refuses while a job still uses it. A job that has already ended
-    /// (failed, or completed) counts as cancelled.
+    /// (failed, or completed) counts as cancelled. The wait follows the job's events.
     async fn cancel_mirror(&self, disk: &str) -> Result<Option<Event>, String> {
         let job = self.job_id(disk);
         let exists = |jobs: &[crate::qmp::BlockJobInfo]| jobs.iter().any(|j| j.device == job);
@@ -341,33 +361,40 @@ impl Executor {
             }
             return Ok(None);
         }
-        let deadline = tokio::time::Instant::now() + TEARDOWN_WAIT;
-        loop {
-            let jobs = self.qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
-            if !exists(&jobs) {
-                return Ok(None);
+        let gone = self
+            .qmp
+            .wait_until("the cancelled mirror job to end", JOB_EVENTS, STATUS_RECHECK, TEARDOWN_WAIT, || async {
+                let jobs = self.qmp.query_block_jobs().await?;
+                Ok((!exists(&jobs)).then_some(()))
+            })
+            .await;
+        match gone {
+            Ok(()) => Ok(None),
+            Err(crate::qmp::QmpError::Timeout { .. }) => {
+                Err(format!("the mirror job {job} still exists {}s after it was cancelled", TEARDOWN_WAIT.as_secs()))
             }
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("the mirror job {job} still exists {}s after it was cancelled", TEARDOWN_WAIT.as_secs()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(e) => Err(e.to_string()),
         }
     }
 
     /// `migrate_cancel`, then waits for a terminal status (the guest may only be resumed, and the
-    /// forwards closed, once QEMU has stopped migrating).
+    /// forwards closed, once QEMU has stopped migrating), following the MIGRATION events.
     async fn cancel_migration(&self) -> Result<Option<Event>, String> {
         self.qmp.execute("migrate_cancel", json!({})).await.map_err(|e| e.to_string())?;
-        let deadline = tokio::time::Instant::now() + TEARDOWN_WAIT;
-        loop {
-            let info = self.qmp.query_migrate().await.map_err(|e| e.to_string())?;
-            if matches!(info.status.as_str(), "cancelled" | "failed" | "completed" | "none") {
-                return Ok(None);
+        let ended = self
+            .qmp
+            .wait_until("the cancelled migration to end", &["MIGRATION"], STATUS_RECHECK, TEARDOWN_WAIT, || async {
+                let info = self.qmp.query_migrate().await?;
+                Ok(matches!(info.status.as_str(), "cancelled" | "failed" | "completed" | "none").then_some(()))
+            })
+            .await;
+        match ended {
+            Ok(()) => Ok(None),
+            Err(crate::qmp::QmpError::Timeout { .. }) => {
+                let status = self.qmp.query_migrate().await.map(|i| i.status).unwrap_or_default();
+                Err(format!("the migration is still {status:?} {}s after migrate_cancel", TEARDOWN_WAIT.as_secs()))
             }
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("the migration is still {:?} {}s after migrate_cancel", info.status, TEARDOWN_WAIT.as_secs()));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -376,10 +403,22 @@ impl Executor {
     }
 
     async fn inspect(&mut self) -> Result<VmInfo, String> {
-        let status = self.qmp.query_status().await.map_err(|e| e.to_string())?;
-        let blocks = self.qmp.query_block().await.map_err(|e| e.to_string())?;
-        let jobs = self.qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
-        let migrate = self.qmp.execute("query-migrate", json!({})).await.map_err(|e| e.to_string())?;
+        // Four queries, one round trip.
+        let replies = self
+            .qmp
+            .execute_pipelined(vec![
+                ("query-status", Value::Null),
+                ("query-block", Value::Null),
+                ("query-block-jobs", Value::Null),
+                ("query-migrate", Value::Null),
+            ])
+            .await
+            .map_err(|e| e.to_string())?;
+        let [status, blocks, jobs, migrate]: [Value; 4] = replies.try_into().map_err(|_| "QEMU answered four queries with a different number of replies".to_string())?;
+        let decode = |what: &str, e: serde_json::Error| format!("unexpected reply to {what}: {e}");
+        let status: crate::qmp::Status = serde_json::from_value(status).map_err(|e| decode("query-status", e))?;
+        let blocks: Vec<crate::qmp::BlockInfo> = serde_json::from_value(blocks).map_err(|e| decode("query-block", e))?;
+        let jobs: Vec<crate::qmp::BlockJobInfo> = serde_json::from_value(jobs).map_err(|e| decode("query-block-jobs", e))?;
         if let Some(pid) = self.qmp.peer_pid() {
             self.cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|b| b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
@@ -482,7 +521,9 @@ impl Executor {
         Ok(())
     }
 
-    async fn set_settings(&self, s: MigrationSettings) -> Result<(), String> {
+    /// Sets the source's migration capabilities and parameters, after reading the values they
+    /// replace (restored by [`Executor::restore_settings`] if the migration rolls back).
+    async fn set_settings(&mut self, s: MigrationSettings) -> Result<(), String> {
         // `events`: without it QEMU sends no MIGRATION events (progress polling would still see
         // the status change, a tick later).
         let mut caps = vec![
@@ -493,7 +534,6 @@ impl Executor {
         if s.postcopy {
             caps.push(("postcopy-ram", true));
         }
-        self.qmp.migrate_set_capabilities(&caps).await.map_err(|e| e.to_string())?;
         let mut params = serde_json::Map::new();
         if let Some(n) = s.multifd_channels {
             params.insert("multifd-channels".into(), json!(n));
@@ -504,10 +544,42 @@ impl Executor {
         if let Some(d) = s.downtime_ms {
             params.insert("downtime-limit".into(), json!(d));
         }
+        let before = self
+            .qmp
+            .execute_pipelined(vec![("query-migrate-capabilities", Value::Null), ("query-migrate-parameters", Value::Null)])
+            .await
+            .map_err(|e| e.to_string())?;
+        let old_caps: Vec<Value> = before[0]
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .filter(|c| caps.iter().any(|(name, _)| c["capability"] == *name))
+                    .map(|c| json!({"capability": c["capability"], "state": c["state"].as_bool().unwrap_or(false)}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let old_params: serde_json::Map<String, Value> =
+            params.keys().filter_map(|k| before[1].get(k).map(|v| (k.clone(), v.clone()))).collect();
+        self.saved_settings = Some((old_caps, old_params));
+        self.qmp.migrate_set_capabilities(&caps).await.map_err(|e| e.to_string())?;
         if !params.is_empty() {
             self.qmp.migrate_set_parameters(Value::Object(params)).await.map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// After a rollback: puts back the capabilities and parameters this migration changed, so
+    /// that the source QEMU is left as it was (a `pause-before-switchover` left on would stall
+    /// the next migration of a tool that does not expect it). Best effort: a failure is logged.
+    async fn restore_settings(&mut self) {
+        let Some((caps, params)) = self.saved_settings.take() else { return };
+        let mut commands = vec![("migrate-set-capabilities", json!({ "capabilities": caps }))];
+        if !params.is_empty() {
+            commands.push(("migrate-set-parameters", Value::Object(params)));
+        }
+        if let Err(e) = self.qmp.execute_pipelined(commands).await {
+            warn!(migration = %self.id, error = %e, "could not restore the source's migration capabilities and parameters");
+        }
     }
 
     /// A QEMU event as a machine event.
@@ -591,10 +663,15 @@ impl Executor {
         }
         if let Some(t) = &self.totals {
             let ram = t.pointer("/ram/transferred").and_then(|v| v.as_u64()).unwrap_or(0);
-            let ms = t.get("total-time").and_then(|v| v.as_u64()).unwrap_or(0);
-            parts.push(format!("RAM {:.0} MiB in {:.1} s", mib(ram), ms as f64 / 1000.0));
-            if let Some(d) = t.get("downtime").and_then(|v| v.as_u64()) {
-                parts.push(format!("downtime {d} ms"));
+            // QEMU sets `total-time` and `downtime` just after `completed`: 0 means not yet.
+            match t.get("total-time").and_then(|v| v.as_u64()).filter(|ms| *ms > 0) {
+                Some(ms) => {
+                    parts.push(format!("RAM {:.0} MiB in {:.1} s", mib(ram), ms as f64 / 1000.0));
+                    if let Some(d) = t.get("downtime").and_then(|v| v.as_u64()) {
+                        parts.push(format!("downtime {d} ms"));
+                    }
+                }
+                None => parts.push(format!("RAM {:.0} MiB", mib(ram))),
             }
         }
         parts.join(", ")

@@ -22,7 +22,7 @@ use migtun_proxy::routes::ExposeRoute;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::messages::{Cookie, FinishReply, FinishRequest, PrepareReply};
 use crate::qmp::Qmp;
@@ -32,6 +32,9 @@ use crate::rpc::{FileHeader, MethodError, Router, Session, Upload};
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 /// After the source reports `completed`, the destination must finish loading within this time.
 const INCOMING_COMPLETE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Waiting for a status change is driven by QEMU's events; without one for this long, the
+/// status is queried anyway (a safety net, not the mechanism).
+const STATUS_RECHECK: Duration = Duration::from_millis(250);
 /// After `quit`, how long QEMU may take to exit before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -105,6 +108,7 @@ impl Incoming {
         cookie.image_dir = dir.join("images").display().to_string();
         create_private_dir(Path::new(&cookie.image_dir)).map_err(|e| MethodError::failed(format!("creating {}: {e}", cookie.image_dir)))?;
 
+        let t0 = std::time::Instant::now();
         let qmp_path = match run_hook(&hook, &cookie).await {
             Ok(p) => p,
             Err(e) => {
@@ -112,6 +116,7 @@ impl Incoming {
                 return Err(MethodError::failed(e));
             }
         };
+        let hook_ms = t0.elapsed().as_secs_f64() * 1e3;
         let qmp = match Qmp::connect(&qmp_path).await {
             Ok(q) => q,
             Err(e) => {
@@ -120,9 +125,11 @@ impl Incoming {
             }
         };
         let pid = qmp.peer_pid();
+        let qmp_ms = t0.elapsed().as_secs_f64() * 1e3 - hook_ms;
         match self.start_incoming(&session, &cookie, &qmp, &dir).await {
             Ok((reply, routes)) => {
-                info!(migration = %id, %source, qemu_pid = ?pid, "prepared: destination QEMU waits for the migration");
+                let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+                info!(migration = %id, %source, qemu_pid = ?pid, hook_ms, qmp_ms, total_ms, "prepared: destination QEMU waits for the migration");
                 let prepared = Arc::new(Prepared { source, qmp, pid, dir, _routes: routes });
                 self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), prepared);
                 // The destination's rule: no finish on this connection, no guest here.
@@ -154,31 +161,37 @@ impl Incoming {
         let ram_sock = dir.join("migration.sock");
         let nbd_sock = dir.join("nbd.sock");
         let copied: Vec<_> = cookie.disks.iter().filter(|d| d.copy).collect();
-        let mut routes = Vec::new();
-        let allow = vec![session.peer.name().to_string()];
+        // One pipelined batch (QEMU runs it in order): on any failure the caller quits this
+        // QEMU, so commands after a failed one need no undoing.
+        let mut commands = Vec::new();
         if !copied.is_empty() {
-            qmp.execute("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd_sock}}}))
-                .await
-                .map_err(qemu)?;
+            commands.push(("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd_sock}}})));
             for d in &copied {
-                qmp.execute(
+                commands.push((
                     "block-export-add",
                     json!({"type": "nbd", "id": format!("mig-{}", d.node_name), "node-name": d.node_name, "writable": true, "name": d.node_name}),
-                )
-                .await
-                .map_err(qemu)?;
+                ));
             }
-            routes.push(self.expose(format!("{id}.nbd"), &nbd_sock, &allow, id)?);
         }
-        let mut caps = vec![json!({"capability": "multifd", "state": cookie.params.multifd_channels.is_some()})];
+        // `events`: Finish waits for this side's `completed` on the MIGRATION event.
+        let mut caps = vec![
+            json!({"capability": "events", "state": true}),
+            json!({"capability": "multifd", "state": cookie.params.multifd_channels.is_some()}),
+        ];
         if cookie.params.postcopy {
             caps.push(json!({"capability": "postcopy-ram", "state": true}));
         }
-        qmp.execute("migrate-set-capabilities", json!({ "capabilities": caps })).await.map_err(qemu)?;
+        commands.push(("migrate-set-capabilities", json!({ "capabilities": caps })));
         if let Some(n) = cookie.params.multifd_channels {
-            qmp.execute("migrate-set-parameters", json!({"multifd-channels": n})).await.map_err(qemu)?;
+            commands.push(("migrate-set-parameters", json!({"multifd-channels": n})));
         }
-        qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", ram_sock.display())})).await.map_err(qemu)?;
+        commands.push(("migrate-incoming", json!({"uri": format!("unix:{}", ram_sock.display())})));
+        qmp.execute_pipelined(commands).await.map_err(qemu)?;
+        let allow = vec![session.peer.name().to_string()];
+        let mut routes = Vec::new();
+        if !copied.is_empty() {
+            routes.push(self.expose(format!("{id}.nbd"), &nbd_sock, &allow, id)?);
+        }
         routes.push(self.expose(format!("{id}.ram"), &ram_sock, &allow, id)?);
         let reply = PrepareReply {
             ram_route: format!("{id}.ram"),
@@ -206,10 +219,12 @@ impl Incoming {
             return Ok(FinishReply { guest_kept: false, detail: "destination QEMU quit".into() });
         }
         let qmp = &prepared.qmp;
+        let t0 = std::time::Instant::now();
         let result = async {
             // The source reports `completed` as soon as it has sent everything; this side may
             // still be loading device state. Take over only a fully loaded guest.
             wait_incoming_complete(qmp).await?;
+            debug!(migration = %req.migration, ms = t0.elapsed().as_secs_f64() * 1e3, "incoming migration completed");
             if qmp.execute("nbd-server-stop", json!({})).await.is_err() {
                 // No NBD server when no disk was copied: nothing to stop.
             }
@@ -221,7 +236,7 @@ impl Incoming {
         .await;
         match result {
             Ok(()) => {
-                info!(migration = %req.migration, resumed = req.resume, "finished: the guest lives here now");
+                info!(migration = %req.migration, resumed = req.resume, ms = t0.elapsed().as_secs_f64() * 1e3, "finished: the guest lives here now");
                 // Keep the image directory (the disks are the guest's now); only the sockets go.
                 let _ = std::fs::remove_file(prepared.dir.join("migration.sock"));
                 let _ = std::fs::remove_file(prepared.dir.join("nbd.sock"));
@@ -297,29 +312,32 @@ impl Incoming {
     }
 }
 
-/// Waits until the incoming migration has completed here (or fails if it did not).
+/// Waits until the incoming migration has completed here (or fails if it did not): on the
+/// destination's `MIGRATION` events (Prepare enables the `events` capability), with
+/// `query-migrate` as the source of truth.
 async fn wait_incoming_complete(qmp: &Qmp) -> Result<(), crate::qmp::QmpError> {
-    let deadline = tokio::time::Instant::now() + INCOMING_COMPLETE_TIMEOUT;
-    loop {
+    let result = qmp.wait_until("the incoming migration to complete", &["MIGRATION"], STATUS_RECHECK, INCOMING_COMPLETE_TIMEOUT, || async {
         let info = qmp.query_migrate().await?;
         match info.status.as_str() {
-            "completed" => return Ok(()),
-            "failed" | "cancelled" => {
-                return Err(crate::qmp::QmpError::Protocol(format!(
-                    "the incoming migration {}: {}",
-                    info.status,
-                    info.error_desc.unwrap_or_default()
-                )))
-            }
-            _ if tokio::time::Instant::now() > deadline => {
-                return Err(crate::qmp::QmpError::Protocol(format!(
-                    "the incoming migration is still {:?} after {}s",
-                    info.status,
-                    INCOMING_COMPLETE_TIMEOUT.as_secs()
-                )))
-            }
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            "completed" => Ok(Some(())),
+            "failed" | "cancelled" => Err(crate::qmp::QmpError::Protocol(format!(
+                "the incoming migration {}: {}",
+                info.status,
+                info.error_desc.unwrap_or_default()
+            ))),
+            _ => Ok(None),
         }
+    })
+    .await;
+    match result {
+        Err(crate::qmp::QmpError::Timeout { .. }) => {
+            let status = qmp.query_migrate().await.map(|i| i.status).unwrap_or_else(|e| e.to_string());
+            Err(crate::qmp::QmpError::Protocol(format!(
+                "the incoming migration is still {status:?} after {}s",
+                INCOMING_COMPLETE_TIMEOUT.as_secs()
+            )))
+        }
+        other => other,
     }
 }
 

@@ -14,11 +14,11 @@
 //! 2. **Prepare**: [`Action::Prepare`] → [`Event::Prepared`]. From then on the destination holds
 //!    state, so every later failure ends with `FinishPeer { success: false }`.
 //! 3. **Perform**: open the forwards; per copied disk add the NBD target then start its mirror
-//!    (one command at a time); while the mirrors synchronise, send the side-channel files; when
-//!    every mirror is ready and the files are sent: migration parameters (always with
-//!    `pause-before-switchover`), `migrate`, and with postcopy `migrate-start-postcopy`. At
-//!    `pre-switchover` each mirror is completed (`block-job-cancel`, not forced) and once all are
-//!    completed `migrate-continue`.
+//!    (one command at a time); while the mirrors synchronise, send the side-channel files and
+//!    set the migration parameters (always with `pause-before-switchover`); when every mirror is
+//!    ready, the files are sent and the parameters set: `migrate`, and with postcopy
+//!    `migrate-start-postcopy`. At `pre-switchover` each mirror is completed (`block-job-cancel`,
+//!    not forced) and once all are completed `migrate-continue`.
 //! 4. **Finish**: at `completed` (precopy) or `postcopy-active` (postcopy):
 //!    `FinishPeer { success: true, resume }`.
 //! 5. **Confirm**: on success quit the source QEMU and close the forwards; on failure roll back.
@@ -534,8 +534,9 @@ enum Stage {
     OpeningForwards,
     AddingTarget(usize),
     StartingMirror(usize),
+    /// The mirrors synchronise; meanwhile the migration settings are applied and the
+    /// side-channel files sent.
     Syncing,
-    SettingParams,
     StartingMigration,
     Migrating,
     CompletingMirrors,
@@ -667,9 +668,7 @@ impl Machine {
                 Phase::Perform(PerformStep::StartingMirrors)
             }
             Stage::Syncing => Phase::Perform(PerformStep::SyncingDisks),
-            Stage::SettingParams | Stage::StartingMigration => {
-                Phase::Perform(PerformStep::StartingMigration)
-            }
+            Stage::StartingMigration => Phase::Perform(PerformStep::StartingMigration),
             Stage::Migrating => Phase::Perform(PerformStep::Migrating),
             Stage::CompletingMirrors => Phase::Perform(PerformStep::CompletingMirrors),
             Stage::Continuing => Phase::Perform(PerformStep::Switchover),
@@ -1018,10 +1017,8 @@ impl Machine {
                 }
             }
             (Stage::StartingMirror(i), Step::StartMirror(_)) => self.next_disk(i + 1, out),
-            (Stage::Syncing, Step::SendFiles) => self.check_synced(out),
-            (Stage::SettingParams, Step::SetMigrationSettings) => {
-                self.stage = Stage::StartingMigration;
-                self.issue(out, Action::StartMigration);
+            (Stage::Syncing, Step::SendFiles | Step::SetMigrationSettings) => {
+                self.check_synced(out)
             }
             (Stage::StartingMigration, Step::StartMigration) => {
                 self.stage = Stage::Migrating;
@@ -1044,12 +1041,23 @@ impl Machine {
             let files = self.options.files.clone();
             self.issue(out, Action::SendFiles(files));
         }
+        // The RAM migration's settings while the mirrors run, so that `migrate` follows the
+        // last mirror's readiness at once.
+        let settings = MigrationSettings {
+            pause_before_switchover: true,
+            multifd_channels: self.options.parallel,
+            postcopy: self.options.postcopy,
+            max_bandwidth: self.options.max_bandwidth,
+            downtime_ms: self.options.downtime_ms,
+        };
+        self.issue(out, Action::SetMigrationSettings(settings));
         self.check_synced(out);
     }
 
     fn check_synced(&mut self, out: &mut Vec<Action>) {
         if self.stage != Stage::Syncing
             || self.in_flight.contains(&Step::SendFiles)
+            || self.in_flight.contains(&Step::SetMigrationSettings)
             || !self
                 .disks
                 .iter()
@@ -1060,15 +1068,8 @@ impl Machine {
         if !self.disks.is_empty() {
             info(out, "all disks are synchronised; starting the migration");
         }
-        self.stage = Stage::SettingParams;
-        let settings = MigrationSettings {
-            pause_before_switchover: true,
-            multifd_channels: self.options.parallel,
-            postcopy: self.options.postcopy,
-            max_bandwidth: self.options.max_bandwidth,
-            downtime_ms: self.options.downtime_ms,
-        };
-        self.issue(out, Action::SetMigrationSettings(settings));
+        self.stage = Stage::StartingMigration;
+        self.issue(out, Action::StartMigration);
     }
 
     fn on_status(&mut self, status: MigrationStatus, out: &mut Vec<Action>) {

@@ -655,16 +655,7 @@ impl Qmp {
         arguments: Value,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = Map::new();
-        msg.insert("execute".into(), Value::from(command));
-        if !arguments.is_null() {
-            msg.insert("arguments".into(), arguments);
-        }
-        msg.insert("id".into(), Value::from(id));
-        let mut line = Value::Object(msg).to_string().into_bytes();
-        line.push(b'\n');
-
+        let (id, line) = self.encode(command, arguments);
         let reply = self.shared.register(id, command)?;
         let _deregister = Deregister {
             shared: &self.shared,
@@ -687,6 +678,63 @@ impl Qmp {
                 secs: timeout.as_secs_f64(),
             }),
         }
+    }
+
+    /// Runs several commands in one go: all are sent before the first reply is awaited (QEMU
+    /// runs them in order, one round trip instead of one each). A failing command does not stop
+    /// the later ones, which were sent already; the first error is returned, else every reply
+    /// in order. For sequences whose failure the caller cleans up as a whole.
+    pub async fn execute_pipelined(
+        &self,
+        commands: Vec<(&str, Value)>,
+    ) -> Result<Vec<Value>, QmpError> {
+        let names: Vec<&str> = commands.iter().map(|c| c.0).collect();
+        let timeout = self.timeouts.command;
+        let exchange = async {
+            let mut sent = Vec::with_capacity(commands.len());
+            for (command, arguments) in commands {
+                let (id, line) = self.encode(command, arguments);
+                let reply = self.shared.register(id, command)?;
+                let guard = Deregister {
+                    shared: &self.shared,
+                    id,
+                };
+                tracing::trace!(line = %excerpt(&line), "QMP ->");
+                if self.writer.send(line).await.is_err() {
+                    return Err(self.shared.error_for(command));
+                }
+                sent.push((command, reply, guard));
+            }
+            let mut replies = Vec::with_capacity(sent.len());
+            for (command, reply, _guard) in sent {
+                replies.push(match reply.await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(self.shared.error_for(command)),
+                });
+            }
+            Ok(replies)
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(QmpError::Timeout {
+                command: names.join(", "),
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    /// A command line with a fresh id.
+    fn encode(&self, command: &str, arguments: Value) -> (u64, Vec<u8>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = Map::new();
+        msg.insert("execute".into(), Value::from(command));
+        if !arguments.is_null() {
+            msg.insert("arguments".into(), arguments);
+        }
+        msg.insert("id".into(), Value::from(id));
+        let mut line = Value::Object(msg).to_string().into_bytes();
+        line.push(b'\n');
+        (id, line)
     }
 
     /// Runs a command and decodes its reply into `T`. A reply that does not fit `T` is a
@@ -717,6 +765,60 @@ impl Qmp {
         let reply = self.execute(command, arguments).await?;
         let ev = events.wait_for(event, predicate, timeout).await?;
         Ok((reply, ev))
+    }
+
+    /// Waits for a state that a query reports, driven by events: runs `probe` (typically a
+    /// `query-*` command) once, then again each time an event named in `events` arrives, until it
+    /// returns `Some`. The subscription exists before the first probe, so no change slips
+    /// between the two. `recheck` is only a safety net (a change whose event QEMU does not send,
+    /// e.g. `MIGRATION` without the `events` capability, or events lost to lag): the probe also
+    /// runs when nothing arrived for that long. Fails with [`QmpError::Timeout`] naming `what`
+    /// after `timeout`, or with the probe's own error (a closed connection, for one).
+    pub async fn wait_until<T, F, Fut>(
+        &self,
+        what: &str,
+        events: &[&str],
+        recheck: Duration,
+        timeout: Duration,
+        mut probe: F,
+    ) -> Result<T, QmpError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<T>, QmpError>>,
+    {
+        let mut rx = self.events();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(done) = probe().await? {
+                return Ok(done);
+            }
+            // Wait for a relevant event (others are skipped), the recheck, or the deadline.
+            let next = async {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) if events.contains(&ev.name.as_str()) => return,
+                        Ok(_) => {}
+                        // Something may have been missed: probe now.
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        // The connection ended: the probe reports it.
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            };
+            let wake = (tokio::time::Instant::now() + recheck).min(deadline);
+            if tokio::time::timeout_at(wake, next).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                // One last look: it may have happened without an event.
+                if let Some(done) = probe().await? {
+                    return Ok(done);
+                }
+                return Err(QmpError::Timeout {
+                    command: what.to_owned(),
+                    secs: timeout.as_secs_f64(),
+                });
+            }
+        }
     }
 
     /// `query-status`.

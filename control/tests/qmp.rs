@@ -195,6 +195,107 @@ async fn greeting_status_cont_stop() {
     assert_eq!(params["downtime-limit"], 321);
 }
 
+/// `wait_until` wakes on the named event (the safety-net recheck is set far beyond the test's
+/// patience), and gives up with a timeout naming what it waited for.
+#[tokio::test]
+async fn wait_until_follows_events_and_times_out() {
+    let Some(mut vm) = Vm::start(&[], |_| {}) else {
+        return;
+    };
+    let qmp = Arc::new(vm.connect().await);
+    let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let resumer = {
+        let qmp = qmp.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            qmp.execute("cont", Value::Null).await.unwrap();
+        })
+    };
+    let started = Instant::now();
+    let status = qmp
+        .wait_until(
+            "the guest to run",
+            &["RESUME"],
+            Duration::from_secs(3600),
+            PROMPTLY,
+            || {
+                let (qmp, probes) = (qmp.clone(), probes.clone());
+                async move {
+                    probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let st = qmp.query_status().await?;
+                    Ok(st.running.then_some(st.status))
+                }
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, "running");
+    assert!(started.elapsed() < PROMPTLY);
+    // Once before the event, once after (a few more if unrelated events came between).
+    assert!(probes.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    resumer.await.unwrap();
+
+    let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let err = qmp
+        .wait_until(
+            "a STOP that never comes",
+            &["STOP"],
+            Duration::from_millis(50),
+            Duration::from_millis(300),
+            || {
+                let (qmp, probes) = (qmp.clone(), probes.clone());
+                async move {
+                    probes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let st = qmp.query_status().await?;
+                    Ok((!st.running).then_some(()))
+                }
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, QmpError::Timeout { command, .. } if command.contains("STOP that never comes")),
+        "{err}"
+    );
+    // The recheck ran the probe without any event.
+    assert!(probes.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+}
+
+/// Pipelined commands run in order; a failure is reported by name and does not stop the
+/// commands after it; the connection stays usable.
+#[tokio::test]
+async fn pipelined_commands_run_in_order() {
+    let Some(mut vm) = Vm::start(&[], |_| {}) else {
+        return;
+    };
+    let qmp = vm.connect().await;
+    let replies = qmp
+        .execute_pipelined(vec![
+            ("cont", Value::Null),
+            ("query-status", Value::Null),
+            ("stop", Value::Null),
+            ("query-status", Value::Null),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(replies.len(), 4);
+    assert_eq!(replies[1]["status"], "running", "{replies:?}");
+    assert_eq!(replies[3]["status"], "paused", "{replies:?}");
+    let err = qmp
+        .execute_pipelined(vec![
+            ("no-such-command", Value::Null),
+            ("cont", Value::Null),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, QmpError::Qemu { command, class, .. } if command == "no-such-command" && class == "CommandNotFound"),
+        "{err}"
+    );
+    let st = qmp.query_status().await.unwrap();
+    assert!(st.running, "the command after the failed one ran: {st:?}");
+}
+
 #[tokio::test]
 async fn qemu_errors_reach_the_caller() {
     let Some(mut vm) = Vm::start(&[], |_| {}) else {
