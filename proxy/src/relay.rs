@@ -87,6 +87,9 @@ const MAX_WRITE_CHUNKS: usize = crate::buffers::LARGE / crate::record::MAX_PLAIN
 struct Direction {
     total: u64,
     need_flush: bool,
+    /// The reader reached EOF: only the writer's shutdown is left (it may take several polls,
+    /// and the reader must not be asked again meanwhile).
+    eof: bool,
     done: bool,
 }
 
@@ -108,14 +111,18 @@ impl Direction {
             return Poll::Ready(Ok(()));
         }
         loop {
+            if self.eof {
+                ready!(writer.as_mut().poll_shutdown(cx)).map_err(|e| (false, e))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
             // The direct path first (local socket into TLS records); the reader declines while
             // it holds buffered bytes, which then go first.
             let direct = writer.as_mut().get_mut().poll_pull(cx, reader.as_mut().get_mut());
             match direct {
                 Some(Poll::Ready(Ok(0))) => {
-                    ready!(writer.as_mut().poll_shutdown(cx)).map_err(|e| (false, e))?;
-                    self.done = true;
-                    return Poll::Ready(Ok(()));
+                    self.eof = true;
+                    continue;
                 }
                 Some(Poll::Ready(Ok(n))) => {
                     self.total += n as u64;
@@ -148,9 +155,8 @@ impl Direction {
                 }
             };
             if eof {
-                ready!(writer.as_mut().poll_shutdown(cx)).map_err(|e| (false, e))?;
-                self.done = true;
-                return Poll::Ready(Ok(()));
+                self.eof = true;
+                continue;
             }
             let mut slices = [IoSlice::new(&[]); MAX_WRITE_CHUNKS];
             let k = reader.as_ref().get_ref().chunks(&mut slices);

@@ -861,6 +861,60 @@ mod tests {
         }
     }
 
+    /// The local side ends while the peer is slow to read: the relay's shutdown of the session
+    /// (the last records, then close_notify) takes several polls, and the stream must still end
+    /// cleanly with every byte delivered. (It once failed with "already shut down for
+    /// writing" about one migration in ten.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relay_shutdown_that_waits_for_a_slow_peer_completes() {
+        use crate::buffers::PooledReader;
+        use crate::endpoint::LocalStream;
+        use prometheus_client::metrics::counter::Counter;
+
+        const LEN: usize = 8 << 20;
+        let s = setup().await;
+        let addr = s.listener.local_addr().unwrap();
+        // Small socket buffers, so that they are full when the local side ends.
+        socket2::SockRef::from(&s.listener).set_recv_buffer_size(64 * 1024).unwrap();
+        let far = tokio::spawn(async move {
+            let (tcp, _) = s.listener.accept().await.unwrap();
+            let mut session = accept(s.server, tcp).await.unwrap();
+            // Slow throughout: the sender's socket buffers stay full, also when its local
+            // side ends.
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                match session.read(&mut buf).await {
+                    Ok(0) => return Ok(got),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+        tcp.set_send_buffer_size(64 * 1024).unwrap();
+        let session = connect(s.client, name(), tcp.connect(addr).await.unwrap()).await.unwrap();
+        let (app, local) = tokio::net::UnixStream::pair().unwrap();
+        let relay = tokio::spawn(async move {
+            let mut local = PooledReader::new(LocalStream::Unix(local));
+            let mut peer = session;
+            crate::relay::relay(&mut local, &mut peer, &Counter::default(), &Counter::default()).await.map(|t| t.local_to_peer)
+        });
+        let data = pattern(LEN, 9);
+        let (mut app_r, mut app_w) = app.into_split();
+        app_w.write_all(&data).await.unwrap();
+        app_w.shutdown().await.unwrap();
+        let got = far.await.unwrap().expect("the far end reads to a clean EOF");
+        assert!(got == data, "every byte arrives, in order");
+        drop(app_w);
+        // The far end closed its side too (dropped): the relay ends without an error.
+        let mut rest = Vec::new();
+        let _ = app_r.read_to_end(&mut rest).await;
+        let sent = relay.await.unwrap();
+        assert!(matches!(sent, Ok(n) if n == LEN as u64) || matches!(&sent, Err(crate::relay::RelayError::Peer(e)) if e.kind() == io::ErrorKind::UnexpectedEof), "{sent:?}");
+    }
+
     #[tokio::test]
     async fn a_fin_without_close_notify_is_an_error_not_an_eof() {
         let s = setup().await;
