@@ -19,8 +19,10 @@ use crate::record::MAX_RECORD;
 /// A large buffer: 16 TLS records, or a whole default UNIX socket buffer (208 KiB) in one read,
 /// so a bulk stream costs one system call per quarter MiB on each side.
 pub const LARGE: usize = 256 * 1024;
-/// The fallback: two full TLS records, so a record never has to wait for room.
-pub const SMALL: usize = 2 * MAX_RECORD;
+/// The fallback: one full TLS record (the receiving side moves a partial record to the front
+/// to make room; the sending side seals one record at a time). With a thousand streams busy at
+/// once, this is what most of them hold.
+pub const SMALL: usize = MAX_RECORD;
 /// Large buffers in the pool: 16 MiB. A migration's handful of bulk streams (the RAM stream, its
 /// multifd channels, a disk or two) all get large buffers; with a thousand streams at once the
 /// rest get small ones, and the agent stays within 64 MiB (measured with `cargo bench --bench

@@ -4,7 +4,9 @@
 //! A connection accepted on a local `[[forward]]` listener becomes one mutually authenticated
 //! TLS 1.3 connection to the peer's port ([`forward`], [`connect`]); a short preamble names the
 //! route ([`wire`]); the peer checks who may open it ([`routes`]), connects to the `[[expose]]`
-//! target ([`expose`]) and the bytes are relayed both ways ([`relay`]). Over QUIC ([`quic`]) a
+//! target ([`expose`]) and the bytes are relayed both ways ([`relay`]). rustls does each TLS
+//! handshake; the records after it are migtun's own, sealed and opened in place ([`session`],
+//! [`record`]) in buffers from a bounded pool ([`buffers`]). Over QUIC ([`quic`]) a
 //! stream is a QUIC stream on the peer's one connection instead; [`transport`] hides which.
 //! [`agent`] ties the pieces to one validated [`config::Config`] and drains them on shutdown.
 

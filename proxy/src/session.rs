@@ -40,8 +40,10 @@ const MAX_HANDSHAKE_BUFFER: usize = 64 * 1024;
 const MIN_SEND_ROOM: usize = (OVERHEAD + 5) + (OVERHEAD + 1);
 /// Decrypted records passed on by one vectored write: a large buffer's worth of full records.
 const MAX_CHUNKS: usize = buffers::LARGE / MAX_PLAINTEXT;
-/// First read buffer for the handshake: a ClientHello or a server's whole first flight.
-const HANDSHAKE_READ: usize = 16 * 1024;
+/// First read buffer for the handshake: a ClientHello or a server's first flight (with its
+/// certificate chain) usually fits; it doubles as needed. Small, because a thousand handshakes
+/// at once leave their freed buffers in the allocator's heap.
+const HANDSHAKE_READ: usize = 4 * 1024;
 
 /// What the handshake established.
 #[derive(Debug, Clone)]
