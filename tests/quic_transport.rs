@@ -523,3 +523,44 @@ async fn draining_agent_delivers_the_last_bytes_of_a_finished_stream() {
     tokio::time::timeout(Duration::from_secs(30), stopping).await.expect("host-a stops").unwrap();
     drop(b);
 }
+
+/// Stream slots come back: a QUIC connection allows 1,024 streams at once, and streams that
+/// ended must not count against it. 1,500 short streams one after the other (each dropped right
+/// after its echo came back, as the stream-open benchmark does), then 1,000 at once: all must
+/// open. KNOWN BUG, not fixed yet: 300 short streams cost 42 slots, 1,500 cost 81 (both agents
+/// report every stream closed cleanly; quinn keeps the slots). Run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: QUIC stream slots leak after short streams (see the doc comment)"]
+async fn ended_streams_give_their_slots_back() {
+    let pair = Pair::start(PairSpec {
+        forwards: &[("echo", "in.sock")],
+        exposes: &[("echo", "echo.sock", &["host-a"])],
+        transport: "quic",
+        ..Default::default()
+    })
+    .await;
+    let _target = spawn_echo_target(pair.sock("echo.sock"));
+    for i in 0..1500u32 {
+        let mut s = pair.connect("in.sock").await;
+        s.write_all(&[i as u8]).await.unwrap();
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} got no echo within 5 s"))
+            .unwrap();
+        assert_eq!(b[0], i as u8);
+    }
+    let mut held = Vec::new();
+    for i in 0..1000u32 {
+        let mut s = pair.connect("in.sock").await;
+        s.write_all(&[i as u8]).await.unwrap();
+        held.push(s);
+    }
+    for (i, s) in held.iter_mut().enumerate() {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("held stream {i} of 1000 got no echo within 10 s"))
+            .unwrap();
+    }
+}
