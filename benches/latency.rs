@@ -641,15 +641,7 @@ fn main() {
             (Some(m), Some(p)) if p > 0.0 => format!("{:.2}", m / p),
             _ => "n/a".into(),
         };
-        let notes = if r["status"] == "ok" {
-            r["note"].as_str().unwrap_or("").to_string()
-        } else {
-            format!(
-                "{}: {}",
-                r["status"].as_str().unwrap_or(""),
-                r["message"].as_str().unwrap_or("")
-            )
-        };
+        let notes = notes_of(r);
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["path"].as_str().unwrap_or(""),
@@ -663,7 +655,7 @@ fn main() {
             ratio,
             f(&r["median_open_p50_us"]),
             f(&r["median_open_p99_us"]),
-            notes.replace('|', "\\|").replace('\n', " ")
+            notes
         ));
     }
     if !scale_results.is_empty() {
@@ -680,15 +672,7 @@ fn main() {
                 .iter()
                 .map(|x| format!("{:.2}", x["gb_per_s"].as_f64().unwrap_or(0.0)))
                 .collect();
-            let notes = if r["status"] == "ok" {
-                r["note"].as_str().unwrap_or("").to_string()
-            } else {
-                format!(
-                    "{}: {}",
-                    r["status"].as_str().unwrap_or(""),
-                    r["message"].as_str().unwrap_or("")
-                )
-            };
+            let notes = notes_of(r);
             let names: Vec<String> = reps
                 .first()
                 .and_then(|x| x["agents"].as_array())
@@ -761,7 +745,7 @@ fn main() {
                             .as_f64()
                             .map(|x| format!("{x:.2}"))
                             .unwrap_or_else(|| "-".into()),
-                        notes.replace('|', "\\|").replace('\n', " ")
+                        notes
                     ));
                 } else {
                     out.push_str(&format!("| | | | | {cells} | |\n"));

@@ -854,15 +854,7 @@ fn main() {
                     .collect()
             })
             .unwrap_or_default();
-        let notes = if r["status"] == "ok" {
-            r["note"].as_str().unwrap_or("").to_string()
-        } else {
-            format!(
-                "{}: {}",
-                r["status"].as_str().unwrap_or(""),
-                r["message"].as_str().unwrap_or("")
-            )
-        };
+        let notes = notes_of(r);
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["path"].as_str().unwrap_or(""),
@@ -876,7 +868,7 @@ fn main() {
             f2(r["median_ram_s"].as_f64()),
             f2(t.zip(d).map(|(t, d)| t / d)),
             f2(m.zip(t).map(|(m, t)| m / t)),
-            notes.replace('|', "\\|").replace('\n', " ")
+            notes
         ));
     }
     println!("{out}");

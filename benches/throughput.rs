@@ -611,7 +611,7 @@ fn table_row(r: &PathResult, migtun: Option<f64>) -> String {
         ratio
             .map(|x| format!("{x:.2}"))
             .unwrap_or_else(|| "n/a".into()),
-        notes.replace('|', "\\|").replace('\n', " ")
+        md_cell(&notes)
     )
 }
 

@@ -1192,6 +1192,22 @@ pub fn json_out_path(name: &str) -> PathBuf {
     bench_dir().join(format!("{name}.json"))
 }
 
+/// Text for a markdown table cell: `|` escaped, lines joined.
+pub fn md_cell(text: &str) -> String {
+    text.replace('|', "\\|").replace('\n', " ")
+}
+
+/// The notes cell of a result in a bench's JSON: its note when `status` is `ok`, else
+/// `status: message`.
+pub fn notes_of(r: &serde_json::Value) -> String {
+    let text = if r["status"] == "ok" {
+        r["note"].as_str().unwrap_or("").to_string()
+    } else {
+        format!("{}: {}", r["status"].as_str().unwrap_or(""), r["message"].as_str().unwrap_or(""))
+    };
+    md_cell(&text)
+}
+
 /// Writes a bench's markdown next to its JSON file (same name, `.md`), for the report.
 pub fn write_markdown(json: &Path, md: &str) {
     let path = json.with_extension("md");
