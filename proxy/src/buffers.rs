@@ -103,6 +103,13 @@ pub fn give(buf: Buffer) {
     }
 }
 
+/// Returns the buffer in `slot`, if there is one.
+pub fn give_back(slot: &mut Option<Buffer>) {
+    if let Some(b) = slot.take() {
+        give(b);
+    }
+}
+
 /// Large buffers allocated so far, for tests and metrics.
 pub fn large_allocated() -> usize {
     *pool().made.lock().unwrap_or_else(|e| e.into_inner())
@@ -137,9 +144,7 @@ impl<T> PooledReader<T> {
     }
 
     fn release(&mut self) {
-        if let Some(b) = self.buf.take() {
-            give(b);
-        }
+        give_back(&mut self.buf);
         self.pos = 0;
         self.cap = 0;
     }

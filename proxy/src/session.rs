@@ -80,6 +80,10 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+fn write_after_shutdown() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "TLS session already shut down for writing")
+}
+
 fn record_error(e: RecordError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -266,7 +270,7 @@ struct SendState {
     end: usize,
     /// The peer asked for a key update: ours goes out before our next record.
     key_update_owed: bool,
-    close_notify_sent: bool,
+    /// close_notify is queued: nothing more may be written.
     shut: bool,
 }
 
@@ -302,7 +306,7 @@ impl TlsSession {
             opener,
             sealer,
             rx: RecvState { buf, start: 0, end: leftover.len(), plain: VecDeque::with_capacity(MAX_CHUNKS), early, early_pos: 0, closed: false, failed: None },
-            tx: SendState { buf: None, start: 0, end: 0, key_update_owed: false, close_notify_sent: false, shut: false },
+            tx: SendState { buf: None, start: 0, end: 0, key_update_owed: false, shut: false },
         })
     }
 
@@ -406,9 +410,7 @@ impl TlsSession {
             Poll::Pending => {
                 if rx.start == rx.end {
                     // Idle: the buffer goes back to the pool until bytes arrive.
-                    if let Some(b) = rx.buf.take() {
-                        buffers::give(b);
-                    }
+                    buffers::give_back(&mut rx.buf);
                 }
                 Poll::Pending
             }
@@ -508,12 +510,8 @@ impl TlsSession {
 
 impl Drop for TlsSession {
     fn drop(&mut self) {
-        if let Some(b) = self.rx.buf.take() {
-            buffers::give(b);
-        }
-        if let Some(b) = self.tx.buf.take() {
-            buffers::give(b);
-        }
+        buffers::give_back(&mut self.rx.buf);
+        buffers::give_back(&mut self.tx.buf);
     }
 }
 
@@ -567,8 +565,7 @@ impl TlsSession {
     /// writes them out. `Ready(Ok(0))` is `src`'s EOF.
     fn poll_pull_records(&mut self, cx: &mut Context<'_>, src: &mut dyn DirectRead) -> Option<Poll<Result<usize, PullError>>> {
         if self.tx.shut {
-            let e = io::Error::new(io::ErrorKind::BrokenPipe, "TLS session already shut down for writing");
-            return Some(Poll::Ready(Err(PullError::Write(e))));
+            return Some(Poll::Ready(Err(PullError::Write(write_after_shutdown()))));
         }
         // Room for at least one full record slot (after a key update record).
         loop {
@@ -663,7 +660,7 @@ impl AsyncWrite for TlsSession {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.tx.shut {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS session already shut down for writing")));
+            return Poll::Ready(Err(write_after_shutdown()));
         }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
@@ -696,24 +693,19 @@ impl AsyncWrite for TlsSession {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_write_out(cx))?;
-        if let Some(b) = this.tx.buf.take() {
-            buffers::give(b);
-        }
+        buffers::give_back(&mut this.tx.buf);
         Pin::new(&mut this.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.tx.close_notify_sent {
+        if !this.tx.shut {
             ready!(this.poll_send_room(cx))?;
             this.seal_message(&record::CLOSE_NOTIFY, ContentType::Alert);
-            this.tx.close_notify_sent = true;
             this.tx.shut = true;
         }
         ready!(this.poll_write_out(cx))?;
-        if let Some(b) = this.tx.buf.take() {
-            buffers::give(b);
-        }
+        buffers::give_back(&mut this.tx.buf);
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
