@@ -12,24 +12,6 @@ use migtun_proxy::agent::ControlHandler;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-/// Starts host-b with `handler` for control connections and host-a as a client of it.
-async fn agents(handler: ControlHandler) -> (Pki, RunningAgent, RunningAgent) {
-    let pki = Pki::new();
-    let (port_a, port_b) = (bind_port().await, bind_port().await);
-    let (addr_a, addr_b) = (port_a.local_addr().unwrap(), port_b.local_addr().unwrap());
-    let b = format!(
-        "name = \"host-b\"\nlisten = \"{addr_b}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n",
-        tls_table(&pki.pki(), "host-b")
-    );
-    let a = format!(
-        "name = \"host-a\"\nlisten = \"{addr_a}\"\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\n",
-        tls_table(&pki.pki(), "host-a")
-    );
-    let b = start_agent_with(pki.dir.path(), "host-b", &b, port_b, Some(handler)).await;
-    let a = start_agent(pki.dir.path(), "host-a", &a, port_a).await;
-    (pki, a, b)
-}
-
 fn test_router(closed_seen: Arc<Mutex<Vec<CancellationToken>>>) -> Router {
     Router::new("host-b")
         .method("echo", |session, args| async move {
@@ -59,7 +41,7 @@ fn test_router(closed_seen: Arc<Mutex<Vec<CancellationToken>>>) -> Router {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_errors_and_capabilities() {
     let closed = Arc::new(Mutex::new(Vec::new()));
-    let (_pki, a, _b) = agents(test_router(closed.clone()).into_handler()).await;
+    let (_pki, a, _b) = control_pair(test_router(closed.clone()).into_handler()).await;
     let io = a.handle.connect_control("host-b").await.expect("control connection");
     let rpc = RpcClient::connect(io, "host-b", "host-a").await.expect("hello");
     assert_eq!(rpc.peer_hello().name, "host-b");
@@ -98,7 +80,7 @@ async fn calls_errors_and_capabilities() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_arrives_intact_or_is_refused() {
-    let (_pki, a, _b) = agents(test_router(Default::default()).into_handler()).await;
+    let (_pki, a, _b) = control_pair(test_router(Default::default()).into_handler()).await;
     let io = a.handle.connect_control("host-b").await.unwrap();
     let rpc = RpcClient::connect(io, "host-b", "host-a").await.unwrap();
     let data = DataGen::new(5).bytes(20 << 20);
@@ -128,7 +110,7 @@ async fn silent_peer_is_noticed_within_seconds() {
             drop(io);
         })
     });
-    let (_pki, a, _b) = agents(black_hole).await;
+    let (_pki, a, _b) = control_pair(black_hole).await;
     let io = a.handle.connect_control("host-b").await.unwrap();
     let started = Instant::now();
     let result = RpcClient::connect(io, "host-b", "host-a").await;

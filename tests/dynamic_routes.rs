@@ -65,9 +65,6 @@ async fn dynamic_routes_carry_one_migration_and_vanish_with_their_guards() {
 /// Control connections (ALPN h2) reach the registered handler with the peer's verified name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_connections_reach_the_handler_with_the_peer_name() {
-    let pki = Pki::new();
-    let (port_a, port_b) = (bind_port().await, bind_port().await);
-    let (addr_a, addr_b) = (port_a.local_addr().unwrap(), port_b.local_addr().unwrap());
     let handler: ControlHandler = Arc::new(|mut io, peer| {
         Box::pin(async move {
             let mut buf = [0u8; 5];
@@ -78,16 +75,7 @@ async fn control_connections_reach_the_handler_with_the_peer_name() {
             }
         })
     });
-    let b = format!(
-        "name = \"host-b\"\nlisten = \"{addr_b}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n",
-        tls_table(&pki.pki(), "host-b")
-    );
-    let a = format!(
-        "name = \"host-a\"\nlisten = \"{addr_a}\"\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\n",
-        tls_table(&pki.pki(), "host-a")
-    );
-    let _b = start_agent_with(pki.dir.path(), "host-b", &b, port_b, Some(handler)).await;
-    let a = start_agent(pki.dir.path(), "host-a", &a, port_a).await;
+    let (_pki, a, _b) = control_pair(handler).await;
     let mut io = a.handle.connect_control("host-b").await.expect("control connection");
     io.write_all(b"hello").await.unwrap();
     let mut reply = String::new();

@@ -106,6 +106,25 @@ pub async fn start_agent_with(
     RunningAgent { name: name.to_string(), handle, addr, metrics, metrics_addr, shutdown, task: Some(task) }
 }
 
+/// host-b serving control connections with `handler`, and host-a, each the other's peer (no
+/// routes): for tests of the control connection.
+pub async fn control_pair(handler: migtun_proxy::agent::ControlHandler) -> (Pki, RunningAgent, RunningAgent) {
+    let pki = Pki::new();
+    let (port_a, port_b) = (bind_port().await, bind_port().await);
+    let (addr_a, addr_b) = (port_a.local_addr().unwrap(), port_b.local_addr().unwrap());
+    let b = format!(
+        "name = \"host-b\"\nlisten = \"{addr_b}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n",
+        tls_table(&pki.pki(), "host-b")
+    );
+    let a = format!(
+        "name = \"host-a\"\nlisten = \"{addr_a}\"\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\n",
+        tls_table(&pki.pki(), "host-a")
+    );
+    let b = start_agent_with(pki.dir.path(), "host-b", &b, port_b, Some(handler)).await;
+    let a = start_agent(pki.dir.path(), "host-a", &a, port_a).await;
+    (pki, a, b)
+}
+
 /// The `[tls]` table for `host` in `pki`.
 pub fn tls_table(pki: &Path, host: &str) -> String {
     format!(
