@@ -106,10 +106,8 @@ async fn quic_raw_client_with_valid_certificate_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_streams_share_one_connection() {
     let pair = Pair::start(PairSpec {
-        forwards: &[("bulk", "in.sock")],
-        exposes: &[("bulk", "hash.sock", &["host-a"])],
         transport: "quic",
-        ..Default::default()
+        ..PairSpec::bulk()
     })
     .await;
     let _target = spawn_hash_target(pair.sock("hash.sock"));
@@ -131,10 +129,8 @@ async fn quic_streams_share_one_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_transport_never_uses_quic() {
     let pair = Pair::start(PairSpec {
-        forwards: &[("bulk", "in.sock")],
-        exposes: &[("bulk", "hash.sock", &["host-a"])],
         transport: "tls",
-        ..Default::default()
+        ..PairSpec::bulk()
     })
     .await;
     let _target = spawn_hash_target(pair.sock("hash.sock"));
@@ -152,10 +148,8 @@ async fn tls_transport_never_uses_quic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_survives_client_rebinding_to_a_new_udp_socket() {
     let pair = Pair::start(PairSpec {
-        forwards: &[("bulk", "in.sock")],
-        exposes: &[("bulk", "hash.sock", &["host-a"])],
         transport: "quic",
-        ..Default::default()
+        ..PairSpec::bulk()
     })
     .await;
     let _target = spawn_hash_target(pair.sock("hash.sock"));

@@ -110,12 +110,7 @@ async fn peer_whose_certificate_names_another_host_is_refused() {
 /// resumed sessions when more streams open at once than are warm.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn later_streams_use_warm_connections_and_resumed_sessions() {
-    let pair = Pair::start(PairSpec {
-        forwards: &[("bulk", "in.sock")],
-        exposes: &[("bulk", "hash.sock", &["host-a"])],
-        ..Default::default()
-    })
-    .await;
+    let pair = Pair::start(PairSpec::bulk()).await;
     let _target = spawn_hash_target(pair.sock("hash.sock"));
     let (answer, sent) = send_and_hash(pair.connect("in.sock").await, 1000, 1).await;
     assert_eq!(answer, sent);
@@ -138,12 +133,7 @@ async fn later_streams_use_warm_connections_and_resumed_sessions() {
 /// stream finishes intact; the agent then stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_lets_open_streams_finish_and_refuses_new_ones() {
-    let pair = Pair::start(PairSpec {
-        forwards: &[("bulk", "in.sock")],
-        exposes: &[("bulk", "hash.sock", &["host-a"])],
-        ..Default::default()
-    })
-    .await;
+    let pair = Pair::start(PairSpec::bulk()).await;
     let _target = spawn_hash_target(pair.sock("hash.sock"));
     let mut s = pair.connect("in.sock").await;
     let first = DataGen::new(1).bytes(4 << 20);
@@ -172,10 +162,8 @@ async fn drain_lets_open_streams_finish_and_refuses_new_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_deadline_cuts_streams_that_do_not_finish() {
     let pair = Pair::start(PairSpec {
-        forwards: &[("bulk", "in.sock")],
-        exposes: &[("bulk", "hash.sock", &["host-a"])],
         drain_timeout_secs: 1,
-        ..Default::default()
+        ..PairSpec::bulk()
     })
     .await;
     let _target = spawn_hash_target(pair.sock("hash.sock"));
@@ -193,10 +181,8 @@ async fn drain_deadline_cuts_streams_that_do_not_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_serves_prometheus_text() {
     let pair = Pair::start(PairSpec {
-        forwards: &[("bulk", "in.sock")],
-        exposes: &[("bulk", "hash.sock", &["host-a"])],
         metrics: true,
-        ..Default::default()
+        ..PairSpec::bulk()
     })
     .await;
     let _target = spawn_hash_target(pair.sock("hash.sock"));

@@ -170,6 +170,14 @@ impl Default for PairSpec<'_> {
     }
 }
 
+impl PairSpec<'static> {
+    /// The common case: host-a forwards route `bulk` from `in.sock`, host-b exposes it on
+    /// `hash.sock` to host-a (over TLS unless `transport` says otherwise).
+    pub fn bulk() -> PairSpec<'static> {
+        PairSpec { forwards: &[("bulk", "in.sock")], exposes: &[("bulk", "hash.sock", &["host-a"])], ..Default::default() }
+    }
+}
+
 impl Pair {
     pub async fn start(spec: PairSpec<'_>) -> Pair {
         let pki = Pki::new();
