@@ -62,7 +62,7 @@ enum Command {
         parallel: Option<u8>,
         #[arg(long)]
         postcopy: bool,
-        /// Bytes per second.
+        /// Bytes per second for the RAM migration [default: no limit; QEMU's own 128 MiB/s is lifted].
         #[arg(long)]
         max_bandwidth: Option<u64>,
         #[arg(long)]

@@ -538,9 +538,7 @@ impl Executor {
         if let Some(n) = s.multifd_channels {
             params.insert("multifd-channels".into(), json!(n));
         }
-        if let Some(b) = s.max_bandwidth {
-            params.insert("max-bandwidth".into(), json!(b));
-        }
+        params.insert("max-bandwidth".into(), json!(s.max_bandwidth));
         if let Some(d) = s.downtime_ms {
             params.insert("downtime-limit".into(), json!(d));
         }
