@@ -320,3 +320,47 @@ async fn handshake(
     debug!(%addr, peer = peer.name(), ?alpn, "peer connected");
     Some((conn, peer, alpn))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (client, server)
+    }
+
+    /// Not done until the record is whole, whatever the pieces it arrives in; nothing consumed.
+    #[tokio::test]
+    async fn client_hello_waits_for_the_whole_first_record_without_reading_it() {
+        let (mut client, server) = pair().await;
+        let record: Vec<u8> = [&[HANDSHAKE_RECORD, 3, 1, 0, 4][..], b"abcd"].concat();
+        for piece in [&record[..1], &record[1..5], &record[5..8]] {
+            client.write_all(piece).await.unwrap();
+            let waited = tokio::time::timeout(Duration::from_millis(200), client_hello(&server)).await;
+            assert!(waited.is_err(), "incomplete after {} bytes", piece.len());
+        }
+        client.write_all(&record[8..]).await.unwrap();
+        assert_eq!(client_hello(&server).await.unwrap(), Hello::Complete);
+        let mut all = vec![0u8; record.len()];
+        assert_eq!(peek(&server, &mut all).unwrap(), record.len(), "the record is still there for rustls");
+    }
+
+    #[tokio::test]
+    async fn not_tls_and_closed_are_told_apart() {
+        let (mut client, server) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(client_hello(&server).await.unwrap(), Hello::NotTls);
+
+        let (mut client, server) = pair().await;
+        client.write_all(&[HANDSHAKE_RECORD, 3, 1, 0x40, 1]).await.unwrap(); // 16385 bytes: too long
+        assert_eq!(client_hello(&server).await.unwrap(), Hello::NotTls);
+
+        let (client, server) = pair().await;
+        drop(client);
+        assert_eq!(client_hello(&server).await.unwrap(), Hello::Closed);
+    }
+}
