@@ -398,13 +398,14 @@ impl Agent {
         if let Some(l) = self.metrics_listener {
             tokio::spawn(crate::metrics::serve(l, shared.metrics.clone(), stop_metrics.clone()));
         }
-        let expose_ctx = Arc::new(ExposeContext {
-            metrics: shared.metrics.clone(),
-            routes: shared.routes.clone(),
-            draining: shared.draining.clone(),
-            abort: shared.abort.clone(),
-            control: self.control,
-        });
+        let expose_ctx = Arc::new(ExposeContext::new(
+            shared.metrics.clone(),
+            shared.routes.clone(),
+            shared.draining.clone(),
+            shared.abort.clone(),
+            self.control,
+            self.config.peers.iter().map(|p| p.name.clone()).collect(),
+        ));
         if let Some(endpoint) = &shared.quic {
             endpoint.set_server_config(Some(crate::quic::server_config(&self.config.tls, &[ALPN_DATA])?));
             tracker.spawn(crate::quic::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));

@@ -35,11 +35,11 @@ use crate::transport::{AutoPolicy, Choice, Switch, AUTO_QUIC_TIMEOUT};
 /// Idle pre-handshaked connections kept per peer: enough for a migration's RAM stream and a
 /// disk or two to open without waiting; more streams at once get freshly resumed sessions.
 pub const WARM_CONNECTIONS: usize = 2;
-/// TLS dials in progress to one peer at once. Well under the receiver's
-/// [`crate::port::MAX_PENDING_HANDSHAKES`] (256), so that one busy source never has its own
-/// handshakes dropped by the peer's flood protection; a resumed handshake takes about a
-/// millisecond, so 64 at a time still opens 1,000 streams in well under a second.
-pub const MAX_CONCURRENT_DIALS: usize = 64;
+/// TLS dials in progress to one peer at once. Half the receiver's per-address cap on handshakes
+/// in progress ([`crate::port::MAX_PENDING_PER_ADDRESS`], 64), so that one busy source never has
+/// its own handshakes refused by the peer's flood protection; a resumed handshake takes about a
+/// millisecond, so 32 at a time still opens 1,000 streams in well under a second.
+pub const MAX_CONCURRENT_DIALS: usize = 32;
 /// Age after which an idle pooled connection is closed rather than used. Well under the
 /// receiver's [`crate::expose::IDLE_PREAMBLE_TIMEOUT`], so we never hand out a connection the
 /// peer is about to close.

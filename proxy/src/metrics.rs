@@ -110,6 +110,27 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptLabels {
+    /// `port`, `forward`, `metrics` or `admin`.
+    pub listener: &'static str,
+    /// [`crate::accept::ErrorKind::label`].
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `tls` (TLS over TCP) or `quic`.
+    pub transport: &'static str,
+    /// `address-limit`, `client-hello-timeout`, `not-tls`, `not-a-peer`, `peer-preamble-limit`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub transport: &'static str,
+}
+
 /// Every metric the agent keeps. Cheap to share: each field is an `Arc` inside.
 pub struct Metrics {
     registry: Registry,
@@ -121,6 +142,11 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeFailureLabels, Counter>,
     pub protocol_errors: Family<ReasonLabels, Counter>,
     pub transport_switches: Family<SwitchLabels, Counter>,
+    pub accept_failures: Family<AcceptLabels, Counter>,
+    pub port_refusals: Family<RefusalLabels, Counter>,
+    pub handshakes_pending: Family<TransportLabels, Gauge>,
+    pub port_paused: Counter,
+    pub awaiting_preamble: Gauge,
 }
 
 impl Default for Metrics {
@@ -140,6 +166,11 @@ impl Metrics {
         let handshake_failures = Family::default();
         let protocol_errors = Family::default();
         let transport_switches = Family::default();
+        let accept_failures = Family::default();
+        let port_refusals = Family::default();
+        let handshakes_pending = Family::default();
+        let port_paused = Counter::default();
+        let awaiting_preamble = Gauge::default();
         registry.register("bytes", "Bytes relayed, by peer, route and direction (tx: towards the peer)", bytes.clone());
         registry.register("streams_open", "Tunnelled streams open now", streams_open.clone());
         registry.register("stream_opens", "Tunnelled streams opened successfully", stream_opens.clone());
@@ -157,6 +188,29 @@ impl Metrics {
         );
         registry.register("protocol_errors", "Malformed or unexpected data on the port", protocol_errors.clone());
         registry.register(
+            "accept_failures",
+            "Failed accepts on a listener, by listener and reason (fd-limit, memory: the loop backs off)",
+            accept_failures.clone(),
+        );
+        registry.register(
+            "port_refusals",
+            "Connections to the port refused before any stream: over the per-address handshake limit, no \
+             ClientHello in time, not TLS, a certificate that is not a configured peer, too many \
+             connections of one peer awaiting their preamble",
+            port_refusals.clone(),
+        );
+        registry.register("handshakes_pending", "Handshakes in progress on the port, by transport", handshakes_pending.clone());
+        registry.register(
+            "port_paused",
+            "Times the port stopped accepting because every handshake slot was taken (connections wait in the backlog)",
+            port_paused.clone(),
+        );
+        registry.register(
+            "awaiting_preamble",
+            "Authenticated data connections (or QUIC streams) whose preamble has not arrived yet",
+            awaiting_preamble.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -171,6 +225,11 @@ impl Metrics {
             handshake_failures,
             protocol_errors,
             transport_switches,
+            accept_failures,
+            port_refusals,
+            handshakes_pending,
+            port_paused,
+            awaiting_preamble,
         }
     }
 
@@ -214,6 +273,21 @@ impl Metrics {
     pub fn handshake_done_on(&self, transport: &'static str, role: &'static str, resumed: bool) {
         let kind = if resumed { "resumed" } else { "full" };
         self.handshakes.get_or_create(&HandshakeLabels { transport, role, kind }).inc();
+    }
+
+    /// A failed `accept` on `listener` ([`crate::accept`]).
+    pub fn accept_failed(&self, listener: &'static str, reason: &'static str) {
+        self.accept_failures.get_or_create(&AcceptLabels { listener, reason }).inc();
+    }
+
+    /// A connection refused by the port's limits or because its certificate is not a peer's.
+    pub fn port_refused(&self, transport: &'static str, reason: &'static str) {
+        self.port_refusals.get_or_create(&RefusalLabels { transport, reason }).inc();
+    }
+
+    /// The gauge of handshakes in progress on `transport`.
+    pub fn pending_handshakes(&self, transport: &'static str) -> Gauge {
+        self.handshakes_pending.get_or_create(&TransportLabels { transport }).clone()
     }
 
     /// `auto` transport: a peer's streams moved from QUIC to TLS over TCP, or back.
@@ -275,18 +349,28 @@ impl Drop for StreamMetrics {
     }
 }
 
+/// Scrapes served at once; more connections wait in the listener's backlog. A Prometheus
+/// server scrapes one at a time; this leaves room for a few humans with curl.
+const MAX_METRICS_CONNECTIONS: usize = 16;
+/// A scrape connection is closed after this long, whatever it does: a client that opens one and
+/// sends nothing must not keep a descriptor (or a slot) for good.
+const METRICS_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `GET /metrics` until `shutdown`.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut accept = crate::accept::AcceptLoop::new("metrics", Some(metrics.clone()));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // never closed
+            },
+        };
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    continue;
-                }
-            },
+            s = accept.accept(|| listener.accept()) => s,
         };
         let metrics = metrics.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -295,7 +379,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
+            drop(permit);
         });
     }
 }

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +31,8 @@ pub use quinn;
 use crate::config::TlsConfig;
 use crate::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
-use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES};
+use crate::limit::{source_key, KeyedLimit};
+use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_ADDRESS};
 use crate::tls::{PeerIdentity, TlsSetupError, ALPN_DATA};
 use crate::Reset;
 
@@ -47,6 +48,10 @@ pub const SEND_WINDOW: u64 = 64 << 20;
 pub const UDP_BUFFER: usize = 8 << 20;
 /// Streams a peer may have open at once on one connection (a migration uses a few dozen).
 pub const MAX_STREAMS: u32 = 1024;
+/// QUIC connections one peer may hold at once. An agent keeps one per peer, and a second while
+/// the first ends its last streams ([`crate::connect::QUIC_STREAMS_PER_CONNECTION`]); connection
+/// migration keeps the connection. More is a misbehaving peer holding the agent's memory.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
 /// A PING this often keeps NAT and firewall state alive and proves the peer is still there.
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// No packet from the peer for this long: the connection (and its streams) is dead.
@@ -73,6 +78,8 @@ pub mod codes {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(2);
     /// The connection carries an application protocol this agent does not serve.
     pub const UNSUPPORTED_ALPN: VarInt = VarInt::from_u32(3);
+    /// The certificate is not a configured peer's, or the peer holds too many connections.
+    pub const REFUSED: VarInt = VarInt::from_u32(4);
 }
 
 /// The congestion controller.
@@ -412,6 +419,9 @@ fn crypto_reason(code: u64, text: &str, by_peer: bool) -> &'static str {
 /// connection's streams are served like the TLS transport's connections ([`expose::serve`]).
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ExposeContext>, tracker: TaskTracker) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let per_address = KeyedLimit::<IpAddr>::new(MAX_PENDING_PER_ADDRESS);
+    let per_peer = KeyedLimit::<String>::new(MAX_CONNECTIONS_PER_PEER);
+    let gauge = ctx.metrics.pending_handshakes("quic");
     loop {
         let incoming = tokio::select! {
             _ = ctx.draining.cancelled() => break,
@@ -421,20 +431,50 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ExposeContext>, tracker: 
             },
         };
         let addr = incoming.remote_address();
+        // UDP source addresses are easy to forge: under load, make the client prove its address
+        // (a stateless Retry) before it may count against anything.
+        if !incoming.remote_address_validated() && pending.available_permits() < MAX_PENDING_HANDSHAKES / 2 {
+            let _ = incoming.retry();
+            continue;
+        }
         let Ok(permit) = pending.clone().try_acquire_owned() else {
-            warn!(%addr, "too many QUIC handshakes in progress; connection refused");
             ctx.metrics.handshake_failed_on("quic", "server", "-", "overload");
+            if let Some(n) = ctx.log.paused.hit() {
+                warn!(%addr, refused = n, "too many QUIC handshakes in progress; connections refused");
+            }
+            incoming.refuse();
+            continue;
+        };
+        let Some(address_permit) = per_address.try_acquire(source_key(addr.ip())) else {
+            ctx.metrics.port_refused("quic", "address-limit");
+            if let Some(n) = ctx.log.address_limit.hit() {
+                warn!(%addr, limit = MAX_PENDING_PER_ADDRESS, refused = n,
+                    "too many QUIC handshakes in progress from this address; connections refused");
+            }
             incoming.refuse();
             continue;
         };
         let ctx = ctx.clone();
         let streams = tracker.clone();
+        let gauge = gauge.clone();
+        let per_peer = per_peer.clone();
+        gauge.inc();
         // Connections live as long as the peer keeps them: not tracked, so that the drain
         // waits for streams, not for idle connections. Their streams are tracked.
         tokio::spawn(async move {
             let conn = handshake(incoming, addr, &ctx).await;
-            drop(permit);
+            gauge.dec();
+            drop((permit, address_permit));
             let Some((conn, peer)) = conn else { return };
+            let Some(_slot) = per_peer.try_acquire(peer.name().to_string()) else {
+                ctx.metrics.port_refused("quic", "peer-connection-limit");
+                if let Some(n) = ctx.log.control_limit.hit() {
+                    warn!(%addr, peer = peer.name(), limit = MAX_CONNECTIONS_PER_PEER, refused = n,
+                        "too many QUIC connections from this peer; connection closed");
+                }
+                conn.close(codes::REFUSED, b"too many connections from this peer");
+                return;
+            };
             serve_connection(conn, peer, ctx, streams).await;
         });
     }
@@ -451,7 +491,9 @@ async fn handshake(
         Ok(c) => c,
         Err(e) => {
             let reason = failure_reason(&e);
-            warn!(%addr, reason, error = %e, "QUIC handshake refused");
+            if let Some(n) = ctx.log.handshake.hit() {
+                warn!(%addr, reason, error = %e, refused = n, "QUIC handshake refused (one line per interval)");
+            }
             ctx.metrics.handshake_failed_on("quic", "server", "-", reason);
             return None;
         }
@@ -464,18 +506,26 @@ async fn handshake(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             let reason = failure_reason(&e);
-            warn!(%addr, reason, error = %e, "QUIC handshake refused");
+            if let Some(n) = ctx.log.handshake.hit() {
+                warn!(%addr, reason, error = %e, refused = n, "QUIC handshake refused (one line per interval)");
+            }
             ctx.metrics.handshake_failed_on("quic", "server", "-", reason);
             return None;
         }
         Err(_) => {
-            warn!(%addr, reason = "timeout", "QUIC handshake timed out");
+            if let Some(n) = ctx.log.handshake.hit() {
+                warn!(%addr, reason = "timeout", refused = n, "QUIC handshake timed out (one line per interval)");
+            }
             ctx.metrics.handshake_failed_on("quic", "server", "-", "timeout");
             return None;
         }
     };
     let peer = peer_identity(&conn);
     ctx.metrics.handshake_done_on("quic", "server", false);
+    if !crate::port::is_configured_peer(ctx, "quic", addr, &peer) {
+        conn.close(codes::REFUSED, b"not a configured peer");
+        return None;
+    }
     if alpn(&conn).as_deref() != Some(ALPN_DATA) {
         let alpn = alpn(&conn).map(|p| String::from_utf8_lossy(&p).into_owned());
         warn!(%addr, peer = peer.name(), ?alpn, "unsupported application protocol over QUIC; closing");
@@ -516,7 +566,7 @@ async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<
         };
         let ctx = ctx.clone();
         let peer = peer.clone();
-        tracker.spawn(async move { expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, &ctx).await });
+        tracker.spawn(async move { expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, "quic", &ctx).await });
     }
 }
 
