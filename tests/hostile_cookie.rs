@@ -87,9 +87,11 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         .collect()
 }
 
-async fn site() -> Site {
+async fn site(run_as: Option<&str>) -> Site {
     let pki = Pki::new();
     let root = pki.dir.path().canonicalize().unwrap();
+    // With run_as, QEMU (as that user) must reach run_dir/<id>, as under /run/migtun.
+    std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     // parent/ holds run_dir (run/) and a sentinel, as /run/migtun holds sockets next to qemu/.
     let parent = root.join("parent");
     let run_dir = parent.join("run");
@@ -117,13 +119,14 @@ async fn site() -> Site {
     drop(port_b);
     let admin = root.join("host-b.admin");
     let b = format!(
-        "name = \"host-b\"\nlisten = \"{addr_b}\"\nadmin = \"{}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n\n[qemu]\nrun_dir = \"{}\"\nprepare_hook = \"{}\"\nemulator = \"{}\"\nshared_storage = [\"{}\"]\n",
+        "name = \"host-b\"\nlisten = \"{addr_b}\"\nadmin = \"{}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n\n[qemu]\nrun_dir = \"{}\"\nprepare_hook = \"{}\"\nemulator = \"{}\"\nshared_storage = [\"{}\"]\n{}",
         admin.display(),
         tls_table(&pki.pki(), "host-b"),
         run_dir.display(),
         hook.display(),
         emulator_key.display(),
         shared.display(),
+        run_as.map(|u| format!("run_as = \"{u}\"\n")).unwrap_or_default(),
     );
     let config = root.join("host-b.toml");
     std::fs::write(&config, b).unwrap();
@@ -187,7 +190,7 @@ async fn refused(site: &Site, what: &str, cookie: &Cookie, reason: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_cookies_are_refused_with_reasons_and_touch_nothing() {
-    let site = site().await;
+    let site = site(None).await;
     let src = site.root.join("src");
     let before_outside = tree(&site.outside);
     let before_parent = tree(site.run_dir.parent().unwrap());
@@ -253,8 +256,23 @@ async fn hostile_cookies_are_refused_with_reasons_and_touch_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordinary_cookie_runs_the_configured_emulator_sandboxed() {
-    let site = site().await;
-    let Some(emulator) = site.emulator.clone() else { return };
+    ordinary_prepare(None).await;
+}
+
+/// With `qemu.run_as`, QEMU runs as that user (and can still bind the migration's sockets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_run_as_qemu_runs_unprivileged() {
+    if Command::new("id").arg("nobody").output().map(|o| !o.status.success()).unwrap_or(true) {
+        eprintln!("SKIPPED: no user `nobody` on this host");
+        return;
+    }
+    ordinary_prepare(Some("nobody")).await;
+}
+
+/// Prepares an ordinary cookie, checks what runs, then has the migration abandoned.
+async fn ordinary_prepare(run_as: Option<&str>) -> Option<i32> {
+    let site = site(run_as).await;
+    let Some(emulator) = site.emulator.clone() else { return None };
     let mut c = ordinary(&site.root.join("src"));
     // A mem-path elsewhere lands in the image directory, the source's plumbing is dropped.
     c.cmdline.extend(["-daemonize", "-pidfile", "/etc/passwd"].map(String::from));
@@ -267,9 +285,15 @@ async fn an_ordinary_cookie_runs_the_configured_emulator_sandboxed() {
     let dir = site.run_dir.join(&id);
     let pid: i32 = std::fs::read_to_string(dir.join("qemu.pid")).unwrap().trim().parse().unwrap();
     assert_eq!(std::fs::read_link(format!("/proc/{pid}/exe")).unwrap(), emulator, "the configured emulator runs");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    assert!(status.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["Seccomp:", "2"]), "QEMU runs under its seccomp filter:\n{status}");
     let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).replace('\0', " ");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| status.lines().find(|l| l.starts_with(name)).map(|l| l.split_whitespace().skip(1).map(str::to_string).collect::<Vec<_>>()).unwrap_or_default();
+    assert_eq!(field("Seccomp:"), ["2"], "QEMU runs under its seccomp filter:\n{status}");
+    let uid = if run_as.is_some() { "65534" } else { "0" };
+    assert!(field("Uid:").iter().all(|u| u == uid), "QEMU runs as uid {uid}:\n{status}");
+    if run_as.is_some() {
+        assert!(cmdline.contains("-runas nobody") && cmdline.contains("elevateprivileges=allow"), "{cmdline}");
+    }
     assert!(!cmdline.contains("-daemonize") && !cmdline.contains("/etc/passwd"), "{cmdline}");
     assert!(cmdline.contains(&format!("mem-path={}", dir.join("images/ram").display())), "{cmdline}");
     assert_eq!(tree(&dir.join("images")), ["disk0.raw", "ram"], "the fresh image and the RAM file, nothing else");
@@ -283,4 +307,5 @@ async fn an_ordinary_cookie_runs_the_configured_emulator_sandboxed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(site.run_dir.join(EARLIER).join("images/disk0.raw").exists() && site.run_dir.join("sentinel").exists());
+    Some(pid)
 }

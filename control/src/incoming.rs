@@ -160,6 +160,20 @@ impl Incoming {
         let (id, source) = (cookie.migration.clone(), cookie.source.clone());
         let image_dir = paths::file_in(dir, "images", "image directory").map_err(|e| refused(&id, &source, e))?;
         create_private_dir(&image_dir).map_err(|e| MethodError::failed(format!("creating {}: {e}", image_dir.display())))?;
+        if let Some(user) = &self.policy.run_as {
+            // QEMU binds the NBD and migration sockets here after -runas dropped to `user`.
+            // The images stay root's: QEMU opens them before it drops privileges.
+            let (uid, gid) = migtun_proxy::config::user_ids(user).map_err(|e| MethodError::failed(format!("qemu.run_as {user:?}: {e}")))?;
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| MethodError::failed(format!("chown {} to {user}: {e}", dir.display())))?;
+            // ... and must reach it: run_dir searchable (not listable) by others.
+            if let Some(run_dir) = dir.parent() {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(run_dir).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o700);
+                if mode & 0o011 != 0o011 {
+                    let _ = std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(mode | 0o011));
+                }
+            }
+        }
         cookie.image_dir = image_dir.display().to_string();
         cookie::check_free_space(&image_dir, cookie).map_err(|e| refused(&id, &source, e))?;
         let layout = cmdline::Layout { image_dir: image_dir.clone(), qmp: dir.join("qmp.sock"), pidfile: dir.join("qemu.pid") };

@@ -398,6 +398,11 @@ fn check_executable(path: &Path) -> Result<(), String> {
 
 /// A user name that exists on this host and is not root.
 fn check_user(user: &str) -> Result<(), String> {
+    user_ids(user).map(|_| ())
+}
+
+/// The uid and gid of `user`, an unprivileged user of this host (`qemu.run_as`).
+pub fn user_ids(user: &str) -> Result<(u32, u32), String> {
     let ok = user.len() <= MAX_USER_NAME
         && user.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
         && user.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
@@ -410,17 +415,17 @@ fn check_user(user: &str) -> Result<(), String> {
     let mut result: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `pwd` and `buf`
     // (with its true length) are writable and outlive it, `result` is a local out-pointer.
-    // Only `pw_uid` is read afterwards, and only when getpwnam_r reported a match.
+    // Only `pw_uid` and `pw_gid` are read afterwards, and only when getpwnam_r reported a match.
     let rc = unsafe { libc::getpwnam_r(name.as_ptr(), pwd.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut result) };
     if rc != 0 || result.is_null() {
         return Err("no such user on this host".into());
     }
     // SAFETY: getpwnam_r succeeded and `result` points to `pwd`, which it filled in.
-    let uid = unsafe { (*result).pw_uid };
+    let (uid, gid) = unsafe { ((*result).pw_uid, (*result).pw_gid) };
     if uid == 0 {
         return Err("is root; name an unprivileged user".into());
     }
-    Ok(())
+    Ok((uid, gid))
 }
 
 fn one_line(s: &str) -> String {
