@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
+use crate::destination::{cmdline, cookie, paths, Policy, Refusal};
 use crate::messages::{Cookie, FinishReply, FinishRequest, PrepareReply};
 use crate::qmp::Qmp;
 use crate::rpc::{FileHeader, MethodError, Router, Session, Upload};
@@ -53,12 +54,19 @@ pub struct Incoming {
     agent: AgentHandle,
     run_dir: PathBuf,
     hook: Option<PathBuf>,
+    /// What an incoming migration may run here (`[qemu]`).
+    policy: Policy,
     active: Mutex<HashMap<String, Arc<Prepared>>>,
 }
 
 impl Incoming {
+    /// A destination with the default [`Policy`] (no shared storage, sandbox on).
     pub fn new(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>) -> Arc<Incoming> {
-        Arc::new(Incoming { agent, run_dir, hook, active: Mutex::new(HashMap::new()) })
+        Incoming::with_policy(agent, run_dir, hook, Policy::default())
+    }
+
+    pub fn with_policy(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>, policy: Policy) -> Arc<Incoming> {
+        Arc::new(Incoming { agent, run_dir, hook, policy, active: Mutex::new(HashMap::new()) })
     }
 
     /// Adds `prepare`, `finish` and the side-channel upload to `router`.
@@ -103,24 +111,22 @@ impl Incoming {
             return Err(MethodError::bad_request(format!("migration {id} is already prepared")));
         }
         let hook = self.hook.clone().ok_or_else(|| MethodError::failed("this agent has no qemu.prepare_hook configured"))?;
-        let dir = self.run_dir.join(&id);
-        create_private_dir(&dir).map_err(|e| MethodError::failed(format!("creating {}: {e}", dir.display())))?;
-        cookie.image_dir = dir.join("images").display().to_string();
-        create_private_dir(Path::new(&cookie.image_dir)).map_err(|e| MethodError::failed(format!("creating {}: {e}", cookie.image_dir)))?;
-
+        // The cookie is data from a peer: validated before anything is created or run.
+        cookie::validate(&cookie, &self.policy).map_err(|e| refused(&id, &source, e))?;
+        let dir = paths::create_migration_dir(&self.run_dir, &id).map_err(|e| refused(&id, &source, e))?;
         let t0 = std::time::Instant::now();
-        let qmp_path = match run_hook(&hook, &cookie).await {
+        let qmp_path = match self.plan_and_run_hook(&hook, &mut cookie, &dir).await {
             Ok(p) => p,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(MethodError::failed(e));
+                self.remove_dir(&dir);
+                return Err(e);
             }
         };
         let hook_ms = t0.elapsed().as_secs_f64() * 1e3;
         let qmp = match Qmp::connect(&qmp_path).await {
             Ok(q) => q,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                self.remove_dir(&dir);
                 return Err(MethodError::failed(format!("prepare hook printed {}, but: {e}", qmp_path.display())));
             }
         };
@@ -142,9 +148,52 @@ impl Incoming {
             }
             Err(e) => {
                 quit_qemu(&qmp, pid).await;
-                let _ = std::fs::remove_dir_all(&dir);
+                self.remove_dir(&dir);
                 Err(e)
             }
+        }
+    }
+
+    /// Builds what runs from the validated cookie (images in `dir/images`, the allow-listed
+    /// command line) and hands exactly that to the hook.
+    async fn plan_and_run_hook(&self, hook: &Path, cookie: &mut Cookie, dir: &Path) -> Result<PathBuf, MethodError> {
+        let (id, source) = (cookie.migration.clone(), cookie.source.clone());
+        let image_dir = paths::file_in(dir, "images", "image directory").map_err(|e| refused(&id, &source, e))?;
+        create_private_dir(&image_dir).map_err(|e| MethodError::failed(format!("creating {}: {e}", image_dir.display())))?;
+        if let Some(user) = &self.policy.run_as {
+            // QEMU binds the NBD and migration sockets here after -runas dropped to `user`.
+            // The images stay root's: QEMU opens them before it drops privileges.
+            let (uid, gid) = migtun_proxy::config::user_ids(user).map_err(|e| MethodError::failed(format!("qemu.run_as {user:?}: {e}")))?;
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| MethodError::failed(format!("chown {} to {user}: {e}", dir.display())))?;
+            // ... and must reach it: run_dir searchable (not listable) by others.
+            if let Some(run_dir) = dir.parent() {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(run_dir).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o700);
+                if mode & 0o011 != 0o011 {
+                    let _ = std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(mode | 0o011));
+                }
+            }
+        }
+        cookie.image_dir = image_dir.display().to_string();
+        cookie::check_free_space(&image_dir, cookie).map_err(|e| refused(&id, &source, e))?;
+        let layout = cmdline::Layout { image_dir: image_dir.clone(), qmp: dir.join("qmp.sock"), pidfile: dir.join("qemu.pid") };
+        let plan = cmdline::build(cookie, &self.policy, &layout).map_err(|e| refused(&id, &source, e))?;
+        let input = HookInput {
+            cookie,
+            emulator: &self.policy.emulator,
+            argv: &plan.argv,
+            images: &plan.images,
+            qmp: &layout.qmp,
+            pidfile: &layout.pidfile,
+            log: &dir.join("qemu.log"),
+        };
+        run_hook(hook, &input).await.map_err(MethodError::failed)
+    }
+
+    /// Removes a migration's directory (only ever `run_dir/<valid id>`).
+    fn remove_dir(&self, dir: &Path) {
+        if let Err(e) = paths::remove_migration_dir(&self.run_dir, dir) {
+            warn!(dir = %dir.display(), error = %e, "cannot remove the migration's directory");
         }
     }
 
@@ -263,8 +312,18 @@ impl Incoming {
         };
         migtun_proxy::wire::validate_name(&header.name)
             .map_err(|why| MethodError::bad_request(format!("file name {:?}: {why}", header.name)))?;
+        // Plain (no `.`/`..`), and never over an existing file (a disk image, an earlier upload).
+        let dest = paths::file_in(&dir, &header.name, "uploaded file").map_err(|e| MethodError::forbidden(e.to_string()))?;
+        if std::fs::symlink_metadata(&dest).is_ok() {
+            return Err(MethodError::forbidden(format!("{}: exists already; the destination never overwrites a file", header.name)));
+        }
         let tmp = dir.join(format!(".{}.partial", header.name));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| MethodError::failed(format!("{}: {e}", tmp.display())))?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await
+            .map_err(|e| MethodError::failed(format!("{}: {e}", tmp.display())))?;
         let mut hasher = Sha256::new();
         let mut n = 0u64;
         while let Some(chunk) = upload.chunk().await {
@@ -283,8 +342,10 @@ impl Incoming {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(MethodError::bad_request(format!("{}: received {n} bytes with sha256 {sha}, expected {} bytes {}", header.name, header.size, header.sha256)));
         }
-        let dest = dir.join(&header.name);
-        tokio::fs::rename(&tmp, &dest).await.map_err(|e| MethodError::failed(e.to_string()))?;
+        // link(2) fails if `dest` appeared meanwhile, where rename(2) would replace it.
+        let linked = tokio::fs::hard_link(&tmp, &dest).await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        linked.map_err(|e| MethodError::failed(format!("{}: {e}", dest.display())))?;
         Ok(json!({ "path": dest, "bytes": n, "sha256": sha }))
     }
 
@@ -308,7 +369,7 @@ impl Incoming {
     async fn cleanup(&self, id: &str, p: &Prepared, reason: &str) {
         warn!(migration = %id, source = %p.source, reason, "abandoning the migration: quitting the destination QEMU");
         quit_qemu(&p.qmp, p.pid).await;
-        let _ = std::fs::remove_dir_all(&p.dir);
+        self.remove_dir(&p.dir);
     }
 }
 
@@ -346,9 +407,33 @@ fn create_private_dir(path: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
-/// Runs the prepare hook: the cookie on stdin, the QMP socket path on the last line of stdout.
-async fn run_hook(hook: &Path, cookie: &Cookie) -> Result<PathBuf, String> {
-    let input = serde_json::to_vec_pretty(cookie).map_err(|e| e.to_string())?;
+/// A refused cookie: a 403 naming what was refused, and a log line.
+fn refused(id: &str, source: &str, e: Refusal) -> MethodError {
+    warn!(migration = %crate::destination::shorten(id), %source, reason = %e, "refused an incoming migration");
+    MethodError::forbidden(format!("the destination refuses this migration: {e}"))
+}
+
+/// What the prepare hook reads on stdin: the cookie's fields, plus what the destination
+/// decided (README.md, "The prepare hook"). The hook runs `argv` as given and creates `images`.
+#[derive(serde::Serialize)]
+struct HookInput<'a> {
+    #[serde(flatten)]
+    cookie: &'a Cookie,
+    /// `qemu.emulator`; `argv[0]`.
+    emulator: &'a Path,
+    argv: &'a [String],
+    /// Fresh files to create (none exists yet) before QEMU starts.
+    images: &'a [cmdline::Image],
+    /// The QMP socket `argv` makes; the hook prints it.
+    qmp: &'a Path,
+    pidfile: &'a Path,
+    /// Where QEMU's stdout and stderr go.
+    log: &'a Path,
+}
+
+/// Runs the prepare hook: its input on stdin, the QMP socket path on the last line of stdout.
+async fn run_hook(hook: &Path, input: &HookInput<'_>) -> Result<PathBuf, String> {
+    let input = serde_json::to_vec_pretty(input).map_err(|e| e.to_string())?;
     let mut child = tokio::process::Command::new(hook)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -7,3 +7,4 @@ pub mod messages;
 pub mod admin;
 pub mod machine;
 pub mod driver;
+pub mod destination;

@@ -94,11 +94,32 @@ pub struct Expose {
     pub allow: Vec<String>,
 }
 
+/// Default for `qemu.emulator`: Debian's (and most distributions') system emulator.
+pub const DEFAULT_EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
+
+/// Default for `qemu.max_disk_bytes` (4 TiB): larger than the disks one migrates by copying
+/// (4 TiB at 10 Gbit/s is about an hour of mirroring), small enough that a mistaken or hostile
+/// size (1 EiB) is refused before an image is created. Free space is checked on top of it.
+pub const DEFAULT_MAX_DISK_BYTES: u64 = 4 << 40;
+
+/// Longest `qemu.run_as` user name (useradd's limit).
+const MAX_USER_NAME: usize = 32;
+
 /// `[qemu]`
 #[derive(Clone, Debug)]
 pub struct QemuConfig {
     pub run_dir: PathBuf,
     pub prepare_hook: Option<PathBuf>,
+    /// The only binary a destination QEMU is started from (never the source's).
+    pub emulator: PathBuf,
+    /// Absolute prefixes where disks that are not copied (and other guest files) may live.
+    pub shared_storage: Vec<PathBuf>,
+    /// Largest copied disk, in bytes.
+    pub max_disk_bytes: u64,
+    /// Unprivileged user the destination QEMU runs as (`-runas`).
+    pub run_as: Option<String>,
+    /// Start the destination QEMU with `-sandbox on` (seccomp).
+    pub sandbox: bool,
 }
 
 /// A config problem, naming the key it is about.
@@ -267,6 +288,19 @@ impl Config {
                     }
                 };
                 let _ = writeln!(out, "qemu: run_dir {}, {}", q.run_dir.display(), hook);
+                let shared = if q.shared_storage.is_empty() {
+                    "none (migrations with disks that are not copied are refused)".to_string()
+                } else {
+                    q.shared_storage.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "qemu: destination QEMU is {}, sandbox {}, runs as {}; copied disks up to {} bytes each; shared storage: {shared}",
+                    q.emulator.display(),
+                    if q.sandbox { "on" } else { "off" },
+                    q.run_as.as_deref().unwrap_or("the agent's user"),
+                    q.max_disk_bytes,
+                );
             }
             None => {
                 let _ = writeln!(out, "qemu: not configured (no orchestrated migrations)");
@@ -340,9 +374,59 @@ struct RawExpose {
 struct RawQemu {
     run_dir: String,
     prepare_hook: Option<String>,
+    emulator: Option<String>,
+    shared_storage: Option<Vec<String>>,
+    max_disk_bytes: Option<i64>,
+    run_as: Option<String>,
+    sandbox: Option<bool>,
 }
 
 type Problem = (String, String);
+
+/// A regular file with an execute bit.
+fn check_executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| one_line(&e.to_string()))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("not executable".into());
+    }
+    Ok(())
+}
+
+/// A user name that exists on this host and is not root.
+fn check_user(user: &str) -> Result<(), String> {
+    user_ids(user).map(|_| ())
+}
+
+/// The uid and gid of `user`, an unprivileged user of this host (`qemu.run_as`).
+pub fn user_ids(user: &str) -> Result<(u32, u32), String> {
+    let ok = user.len() <= MAX_USER_NAME
+        && user.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && user.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+    if !ok {
+        return Err(format!("not a user name (lower-case letters, digits, '_', '-'; at most {MAX_USER_NAME})"));
+    }
+    let name = std::ffi::CString::new(user).map_err(|_| "contains NUL".to_string())?;
+    let mut pwd = std::mem::MaybeUninit::<libc::passwd>::zeroed();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `pwd` and `buf`
+    // (with its true length) are writable and outlive it, `result` is a local out-pointer.
+    // Only `pw_uid` and `pw_gid` are read afterwards, and only when getpwnam_r reported a match.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), pwd.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return Err("no such user on this host".into());
+    }
+    // SAFETY: getpwnam_r succeeded and `result` points to `pwd`, which it filled in.
+    let (uid, gid) = unsafe { ((*result).pw_uid, (*result).pw_gid) };
+    if uid == 0 {
+        return Err("is root; name an unprivileged user".into());
+    }
+    Ok((uid, gid))
+}
 
 fn one_line(s: &str) -> String {
     let s = s.trim();
@@ -591,13 +675,7 @@ impl Validator<'_> {
         let exposes = self.exposes(raw.expose)?;
         let qemu = match raw.qemu {
             None => None,
-            Some(q) => Some(QemuConfig {
-                run_dir: self.path("qemu.run_dir", &q.run_dir)?,
-                prepare_hook: match q.prepare_hook {
-                    None => None,
-                    Some(h) => Some(self.path("qemu.prepare_hook", &h)?),
-                },
-            }),
+            Some(q) => Some(self.qemu(q)?),
         };
 
         Ok(Config {
@@ -611,6 +689,61 @@ impl Validator<'_> {
             forwards,
             exposes,
             qemu,
+        })
+    }
+
+    fn qemu(&self, q: RawQemu) -> Result<QemuConfig, Problem> {
+        let run_dir = self.path("qemu.run_dir", &q.run_dir)?;
+        let prepare_hook = match q.prepare_hook {
+            None => None,
+            Some(h) => Some(self.path("qemu.prepare_hook", &h)?),
+        };
+        // The emulator is checked when this host can be a destination (a hook) or it is named;
+        // a source-only host need not have QEMU where the default says.
+        let emulator = match &q.emulator {
+            None => PathBuf::from(DEFAULT_EMULATOR),
+            Some(e) if !e.starts_with('/') => {
+                return err("qemu.emulator", format!("must be an absolute path, got {e:?}"))
+            }
+            Some(e) => PathBuf::from(e),
+        };
+        if q.emulator.is_some() || prepare_hook.is_some() {
+            check_executable(&emulator).or_else(|why| {
+                let default = if q.emulator.is_none() { " (the default; set qemu.emulator to your QEMU)" } else { "" };
+                err("qemu.emulator", format!("{}{default}: {why}", emulator.display()))
+            })?;
+        }
+        let mut shared_storage = Vec::new();
+        for (i, p) in q.shared_storage.unwrap_or_default().iter().enumerate() {
+            let key = format!("qemu.shared_storage[{i}]");
+            let path = Path::new(p);
+            if !path.is_absolute() {
+                return err(&key, format!("must be an absolute path, got {p:?}"));
+            }
+            if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return err(&key, format!("{p:?} contains `..`"));
+            }
+            if path.parent().is_none() {
+                return err(&key, "`/` would let a peer open any file of this host; name the directories of shared images");
+            }
+            shared_storage.push(path.to_path_buf());
+        }
+        let max_disk_bytes = match q.max_disk_bytes {
+            None => DEFAULT_MAX_DISK_BYTES,
+            Some(n) if n > 0 => n as u64,
+            Some(n) => return err("qemu.max_disk_bytes", format!("must be a positive number of bytes, got {n}")),
+        };
+        if let Some(user) = &q.run_as {
+            check_user(user).or_else(|why| err("qemu.run_as", format!("{user:?}: {why}")))?;
+        }
+        Ok(QemuConfig {
+            run_dir,
+            prepare_hook,
+            emulator,
+            shared_storage,
+            max_disk_bytes,
+            run_as: q.run_as,
+            sandbox: q.sandbox.unwrap_or(true),
         })
     }
 
@@ -1151,6 +1284,10 @@ allow = ["host-b", "host-c.example.org"]
 [qemu]
 run_dir = "qemu-run"
 prepare_hook = "/etc/migtun/prepare"
+emulator = "/bin/true"
+shared_storage = ["/srv/vm", "/var/lib/images"]
+max_disk_bytes = 1099511627776
+sandbox = true
 "#;
 
     #[test]
@@ -1194,6 +1331,10 @@ prepare_hook = "/etc/migtun/prepare"
             q.prepare_hook.as_deref(),
             Some(Path::new("/etc/migtun/prepare"))
         );
+        assert_eq!(q.emulator, Path::new("/bin/true"));
+        assert_eq!(q.shared_storage, [PathBuf::from("/srv/vm"), PathBuf::from("/var/lib/images")]);
+        assert_eq!(q.max_disk_bytes, 1 << 40);
+        assert!(q.sandbox && q.run_as.is_none());
 
         let text = c.explain();
         for want in [
@@ -1209,6 +1350,7 @@ prepare_hook = "/etc/migtun/prepare"
             "admin: /run/migtun/admin.sock",
             "metrics: http://127.0.0.1:9477/metrics",
             "drain: open streams may run 5 s",
+            "destination QEMU is /bin/true, sandbox on, runs as the agent's user; copied disks up to 1099511627776 bytes each; shared storage: /srv/vm, /var/lib/images",
         ] {
             assert!(text.contains(want), "explain lacks {want:?}:\n{text}");
         }
@@ -1564,6 +1706,34 @@ prepare_hook = "/etc/migtun/prepare"
             "qemu.run_dir",
             "missing key",
         );
+    }
+
+    #[test]
+    fn qemu_destination_keys_are_validated() {
+        let pki = Pki::new();
+        let q = |tail: &str| pki.valid(&format!("[qemu]\nrun_dir = \"r\"\n{tail}"));
+        let c = pki.load(&q("")).unwrap();
+        let d = c.qemu.as_ref().unwrap();
+        assert_eq!(d.emulator, Path::new(DEFAULT_EMULATOR));
+        assert_eq!(d.max_disk_bytes, DEFAULT_MAX_DISK_BYTES);
+        assert!(d.sandbox && d.shared_storage.is_empty() && d.run_as.is_none());
+        assert!(c.explain().contains("shared storage: none (migrations with disks that are not copied are refused)"));
+
+        let not_exec = pki.dir.path().join("not-exec");
+        std::fs::write(&not_exec, "").unwrap();
+        assert_key(&pki.err(&q("emulator = \"qemu-system-x86_64\"")), "qemu.emulator", "absolute path");
+        assert_key(&pki.err(&q(&format!("emulator = \"{}\"", not_exec.display()))), "qemu.emulator", "not executable");
+        assert_key(&pki.err(&q(&format!("emulator = \"{}\"", pki.dir.path().display()))), "qemu.emulator", "not a regular file");
+        assert_key(&pki.err(&q("emulator = \"/nonexistent/qemu\"")), "qemu.emulator", "No such file");
+        assert_key(&pki.err(&q("shared_storage = [\"/srv\", \"vm\"]")), "qemu.shared_storage[1]", "absolute");
+        assert_key(&pki.err(&q("shared_storage = [\"/\"]")), "qemu.shared_storage[0]", "any file");
+        assert_key(&pki.err(&q("shared_storage = [\"/srv/../etc\"]")), "qemu.shared_storage[0]", "`..`");
+        assert_key(&pki.err(&q("max_disk_bytes = 0")), "qemu.max_disk_bytes", "positive");
+        assert_key(&pki.err(&q("run_as = \"root\"")), "qemu.run_as", "unprivileged");
+        assert_key(&pki.err(&q("run_as = \"no-such-user-migtun\"")), "qemu.run_as", "no such user");
+        assert_key(&pki.err(&q("run_as = \"Bad Name\"")), "qemu.run_as", "not a user name");
+        let c = pki.load(&q("sandbox = false")).unwrap();
+        assert!(!c.qemu.unwrap().sandbox);
     }
 
     #[test]

@@ -37,7 +37,8 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         // agent answers the hello, so peers can tell what it supports.
         let mut router = Router::new(handle.name());
         if let Some(q) = &qemu {
-            router = Incoming::new(handle.clone(), q.run_dir.clone(), q.prepare_hook.clone()).register(router);
+            let policy = migtun_control::destination::Policy::from_config(q);
+            router = Incoming::with_policy(handle.clone(), q.run_dir.clone(), q.prepare_hook.clone(), policy).register(router);
         }
         agent.set_control_handler(router.into_handler());
 
