@@ -7,3 +7,5 @@ pub mod messages;
 pub mod admin;
 pub mod machine;
 pub mod driver;
+pub mod authz;
+pub mod service;

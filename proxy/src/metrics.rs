@@ -110,6 +110,17 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControlRefusalLabels {
+    /// The caller's name if it is a configured peer, `unknown` otherwise (a stranger's
+    /// certificate name must not create series).
+    pub peer: String,
+    /// A method this agent serves, `upload`, or `unknown`.
+    pub method: String,
+    /// A fixed string naming the rule (e.g. `not-allowed`, `max-incoming-per-peer`).
+    pub reason: &'static str,
+}
+
 /// Every metric the agent keeps. Cheap to share: each field is an `Arc` inside.
 pub struct Metrics {
     registry: Registry,
@@ -121,6 +132,7 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeFailureLabels, Counter>,
     pub protocol_errors: Family<ReasonLabels, Counter>,
     pub transport_switches: Family<SwitchLabels, Counter>,
+    pub control_refusals: Family<ControlRefusalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -140,6 +152,7 @@ impl Metrics {
         let handshake_failures = Family::default();
         let protocol_errors = Family::default();
         let transport_switches = Family::default();
+        let control_refusals = Family::default();
         registry.register("bytes", "Bytes relayed, by peer, route and direction (tx: towards the peer)", bytes.clone());
         registry.register("streams_open", "Tunnelled streams open now", streams_open.clone());
         registry.register("stream_opens", "Tunnelled streams opened successfully", stream_opens.clone());
@@ -157,6 +170,11 @@ impl Metrics {
         );
         registry.register("protocol_errors", "Malformed or unexpected data on the port", protocol_errors.clone());
         registry.register(
+            "control_refusals",
+            "Control RPC requests refused (not authorized, over a limit), by peer, method and reason",
+            control_refusals.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -171,6 +189,7 @@ impl Metrics {
             handshake_failures,
             protocol_errors,
             transport_switches,
+            control_refusals,
         }
     }
 
@@ -214,6 +233,13 @@ impl Metrics {
     pub fn handshake_done_on(&self, transport: &'static str, role: &'static str, resumed: bool) {
         let kind = if resumed { "resumed" } else { "full" };
         self.handshakes.get_or_create(&HandshakeLabels { transport, role, kind }).inc();
+    }
+
+    /// A refused control RPC request; `peer` and `method` must already be bounded values.
+    pub fn control_refused(&self, peer: &str, method: &str, reason: &'static str) {
+        self.control_refusals
+            .get_or_create(&ControlRefusalLabels { peer: peer.to_string(), method: method.to_string(), reason })
+            .inc();
     }
 
     /// `auto` transport: a peer's streams moved from QUIC to TLS over TCP, or back.
