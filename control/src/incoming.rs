@@ -47,6 +47,54 @@ struct Prepared {
     dir: PathBuf,
     /// Dropping these removes the routes.
     _routes: Vec<ExposeGuard>,
+    /// Its place among the incoming migrations, given back when it ends.
+    _slot: Slot,
+}
+
+/// What peers may make this host hold at once (`[qemu] max_incoming`, `max_incoming_per_peer`,
+/// `max_upload_bytes`).
+#[derive(Clone, Copy, Debug)]
+pub struct IncomingLimits {
+    pub max_incoming: usize,
+    pub max_incoming_per_peer: usize,
+    pub max_upload_bytes: u64,
+}
+
+impl Default for IncomingLimits {
+    fn default() -> Self {
+        use migtun_proxy::config::{DEFAULT_MAX_INCOMING, DEFAULT_MAX_INCOMING_PER_PEER, DEFAULT_MAX_UPLOAD_BYTES};
+        IncomingLimits {
+            max_incoming: DEFAULT_MAX_INCOMING,
+            max_incoming_per_peer: DEFAULT_MAX_INCOMING_PER_PEER,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+        }
+    }
+}
+
+/// Incoming migrations being prepared or prepared, by source peer.
+#[derive(Default)]
+struct Slots {
+    total: usize,
+    by_peer: HashMap<String, usize>,
+}
+
+/// One taken slot; dropping it gives it back.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    peer: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.by_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.by_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// The destination side, shared by all control connections.
@@ -57,16 +105,51 @@ pub struct Incoming {
     /// What an incoming migration may run here (`[qemu]`).
     policy: Policy,
     active: Mutex<HashMap<String, Arc<Prepared>>>,
+    limits: IncomingLimits,
+    slots: Arc<Mutex<Slots>>,
 }
 
 impl Incoming {
     /// A destination with the default [`Policy`] (no shared storage, sandbox on).
     pub fn new(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>) -> Arc<Incoming> {
-        Incoming::with_policy(agent, run_dir, hook, Policy::default())
+        Incoming::with_config(agent, run_dir, hook, Policy::default(), IncomingLimits::default())
     }
 
-    pub fn with_policy(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>, policy: Policy) -> Arc<Incoming> {
-        Arc::new(Incoming { agent, run_dir, hook, policy, active: Mutex::new(HashMap::new()) })
+    /// A destination with `[qemu]`'s policy (what may run here) and limits (how much at once).
+    pub fn with_config(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>, policy: Policy, limits: IncomingLimits) -> Arc<Incoming> {
+        Arc::new(Incoming {
+            agent,
+            run_dir,
+            hook,
+            policy,
+            active: Mutex::new(HashMap::new()),
+            limits,
+            slots: Arc::new(Mutex::new(Slots::default())),
+        })
+    }
+
+    /// Takes a slot for an incoming migration from `peer`, or refuses (429) naming the limit.
+    fn take_slot(&self, peer: &str) -> Result<Slot, MethodError> {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let host = self.agent.name();
+        let from_peer = s.by_peer.get(peer).copied().unwrap_or(0);
+        if from_peer >= self.limits.max_incoming_per_peer {
+            return Err(MethodError::refused(
+                429,
+                "max-incoming-per-peer",
+                format!("{host} already has {from_peer} incoming migrations from {peer}, the limit of [qemu] max_incoming_per_peer; retry when one has ended"),
+            ));
+        }
+        if s.total >= self.limits.max_incoming {
+            return Err(MethodError::refused(
+                429,
+                "max-incoming",
+                format!("{host} already has {} incoming migrations, the limit of [qemu] max_incoming; retry when one has ended", s.total),
+            ));
+        }
+        s.total += 1;
+        *s.by_peer.entry(peer.to_string()).or_insert(0) += 1;
+        Ok(Slot { slots: self.slots.clone(), peer: peer.to_string() })
     }
 
     /// Adds `prepare`, `finish` and the side-channel upload to `router`.
@@ -105,8 +188,9 @@ impl Incoming {
         migtun_proxy::wire::validate_name(&id).map_err(|why| MethodError::bad_request(format!("migration id {id:?}: {why}")))?;
         let source = session.peer.name().to_string();
         if source != cookie.source {
-            return Err(MethodError::forbidden(format!("{source} may not prepare a migration from {}", cookie.source)));
+            return Err(MethodError::refused(403, "wrong-source", format!("{source} may not prepare a migration from {}", cookie.source)));
         }
+        let slot = self.take_slot(&source)?;
         if self.active.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
             return Err(MethodError::bad_request(format!("migration {id} is already prepared")));
         }
@@ -136,7 +220,7 @@ impl Incoming {
             Ok((reply, routes)) => {
                 let total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 info!(migration = %id, %source, qemu_pid = ?pid, hook_ms, qmp_ms, total_ms, "prepared: destination QEMU waits for the migration");
-                let prepared = Arc::new(Prepared { source, qmp, pid, dir, _routes: routes });
+                let prepared = Arc::new(Prepared { source, qmp, pid, dir, _routes: routes, _slot: slot });
                 self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), prepared);
                 // The destination's rule: no finish on this connection, no guest here.
                 let this = self.clone();
@@ -306,18 +390,28 @@ impl Incoming {
                 .get(&header.migration)
                 .ok_or_else(|| MethodError::bad_request(format!("no migration {} here", header.migration)))?;
             if p.source != session.peer.name() {
-                return Err(MethodError::forbidden("another host's migration"));
+                return Err(MethodError::refused(403, "not-its-source", "another host's migration"));
             }
             p.dir.join("images")
         };
         migtun_proxy::wire::validate_name(&header.name)
             .map_err(|why| MethodError::bad_request(format!("file name {:?}: {why}", header.name)))?;
+        let limit = self.limits.max_upload_bytes;
+        let too_large = |what: String| {
+            MethodError::refused(413, "upload-too-large", format!("{}: {what}, more than [qemu] max_upload_bytes = {limit} of {}", header.name, self.agent.name()))
+        };
+        if header.size > limit {
+            return Err(too_large(format!("{} bytes announced", header.size)));
+        }
         // Plain (no `.`/`..`), and never over an existing file (a disk image, an earlier upload).
         let dest = paths::file_in(&dir, &header.name, "uploaded file").map_err(|e| MethodError::forbidden(e.to_string()))?;
         if std::fs::symlink_metadata(&dest).is_ok() {
             return Err(MethodError::forbidden(format!("{}: exists already; the destination never overwrites a file", header.name)));
         }
         let tmp = dir.join(format!(".{}.partial", header.name));
+        // Whatever ends the upload early (a refusal, a reset stream, a full disk), the partial
+        // file goes.
+        let partial = RemoveOnDrop(Some(tmp.clone()));
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -329,8 +423,10 @@ impl Incoming {
         while let Some(chunk) = upload.chunk().await {
             let chunk = chunk.map_err(|e| MethodError::failed(format!("receiving {}: {e}", header.name)))?;
             n += chunk.len() as u64;
+            if n > limit {
+                return Err(too_large(format!("more than {limit} bytes sent")));
+            }
             if n > header.size {
-                let _ = tokio::fs::remove_file(&tmp).await;
                 return Err(MethodError::bad_request(format!("{}: more than the announced {} bytes", header.name, header.size)));
             }
             hasher.update(&chunk);
@@ -339,13 +435,11 @@ impl Incoming {
         file.sync_all().await.map_err(|e| MethodError::failed(e.to_string()))?;
         let sha = hex::encode(hasher.finalize());
         if n != header.size || sha != header.sha256 {
-            let _ = tokio::fs::remove_file(&tmp).await;
             return Err(MethodError::bad_request(format!("{}: received {n} bytes with sha256 {sha}, expected {} bytes {}", header.name, header.size, header.sha256)));
         }
-        // link(2) fails if `dest` appeared meanwhile, where rename(2) would replace it.
-        let linked = tokio::fs::hard_link(&tmp, &dest).await;
-        let _ = tokio::fs::remove_file(&tmp).await;
-        linked.map_err(|e| MethodError::failed(format!("{}: {e}", dest.display())))?;
+        // A link, not a rename: it fails instead of replacing a file already there.
+        std::fs::hard_link(&tmp, &dest).map_err(|e| MethodError::bad_request(format!("{}: {e}", dest.display())))?;
+        drop(partial);
         Ok(json!({ "path": dest, "bytes": n, "sha256": sha }))
     }
 
@@ -353,7 +447,7 @@ impl Incoming {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         match active.get(id) {
             None => Err(MethodError::bad_request(format!("no migration {id} here (finished, abandoned, or never prepared)"))),
-            Some(p) if p.source != peer => Err(MethodError::forbidden("another host's migration")),
+            Some(p) if p.source != peer => Err(MethodError::refused(403, "not-its-source", "another host's migration")),
             Some(_) => Ok(active.remove(id).expect("present: checked under the same lock")),
         }
     }
@@ -399,6 +493,17 @@ async fn wait_incoming_complete(qmp: &Qmp) -> Result<(), crate::qmp::QmpError> {
             )))
         }
         other => other,
+    }
+}
+
+/// Removes a file when dropped (a partial upload).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

@@ -7,4 +7,6 @@ pub mod messages;
 pub mod admin;
 pub mod machine;
 pub mod driver;
+pub mod authz;
+pub mod service;
 pub mod destination;

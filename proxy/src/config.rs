@@ -120,7 +120,31 @@ pub struct QemuConfig {
     pub run_as: Option<String>,
     /// Start the destination QEMU with `-sandbox on` (seccomp).
     pub sandbox: bool,
+    /// Configured peers that may migrate guests to this host (`allow_sources`). Empty: this
+    /// host accepts no incoming migration.
+    pub allow_sources: Vec<String>,
+    /// Incoming migrations (prepared or preparing) at once, from all peers (`max_incoming`).
+    pub max_incoming: usize,
+    /// Incoming migrations at once from one peer (`max_incoming_per_peer`).
+    pub max_incoming_per_peer: usize,
+    /// Largest side-channel file a peer may upload (`max_upload_bytes`).
+    pub max_upload_bytes: u64,
 }
+
+/// Default for `[qemu] max_incoming`. Each incoming migration starts a QEMU holding the guest's
+/// RAM and writes its disks here; a host being filled by an evacuation takes a few at a time
+/// (libvirt-based stacks default to one or two per host), so 8 leaves room without letting a
+/// peer start QEMUs without bound.
+pub const DEFAULT_MAX_INCOMING: usize = 8;
+/// Default for `[qemu] max_incoming_per_peer`: half of [`DEFAULT_MAX_INCOMING`], so that one
+/// source (or one compromised peer) cannot take every slot.
+pub const DEFAULT_MAX_INCOMING_PER_PEER: usize = 4;
+/// Default for `[qemu] max_upload_bytes`: 1 GiB. Side-channel files are NVRAM, TPM state and
+/// the like (KiB to a few MiB); 1 GiB is far above those and still bounded on a small disk.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 1 << 30;
+/// Largest accepted `max_incoming` / `max_incoming_per_peer`: beyond this the limit means
+/// nothing (each migration is a QEMU process with its sockets and files).
+const MAX_INCOMING_LIMIT: i64 = 1024;
 
 /// A config problem, naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -301,6 +325,21 @@ impl Config {
                     q.run_as.as_deref().unwrap_or("the agent's user"),
                     q.max_disk_bytes,
                 );
+                if q.allow_sources.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "  incoming migrations: none accepted (qemu.allow_sources is empty)"
+                    );
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "  incoming migrations from: {} (at most {} at once, {} per peer; side-channel files up to {} bytes)",
+                        q.allow_sources.join(", "),
+                        q.max_incoming,
+                        q.max_incoming_per_peer,
+                        q.max_upload_bytes
+                    );
+                }
             }
             None => {
                 let _ = writeln!(out, "qemu: not configured (no orchestrated migrations)");
@@ -379,6 +418,10 @@ struct RawQemu {
     max_disk_bytes: Option<i64>,
     run_as: Option<String>,
     sandbox: Option<bool>,
+    allow_sources: Option<Vec<String>>,
+    max_incoming: Option<i64>,
+    max_incoming_per_peer: Option<i64>,
+    max_upload_bytes: Option<i64>,
 }
 
 type Problem = (String, String);
@@ -675,7 +718,7 @@ impl Validator<'_> {
         let exposes = self.exposes(raw.expose)?;
         let qemu = match raw.qemu {
             None => None,
-            Some(q) => Some(self.qemu(q)?),
+            Some(q) => Some(self.qemu(q, &peers)?),
         };
 
         Ok(Config {
@@ -692,7 +735,7 @@ impl Validator<'_> {
         })
     }
 
-    fn qemu(&self, q: RawQemu) -> Result<QemuConfig, Problem> {
+    fn qemu(&self, q: RawQemu, peers: &[Peer]) -> Result<QemuConfig, Problem> {
         let run_dir = self.path("qemu.run_dir", &q.run_dir)?;
         let prepare_hook = match q.prepare_hook {
             None => None,
@@ -736,6 +779,40 @@ impl Validator<'_> {
         if let Some(user) = &q.run_as {
             check_user(user).or_else(|why| err("qemu.run_as", format!("{user:?}: {why}")))?;
         }
+        let allow_sources = q.allow_sources.unwrap_or_default();
+        for (i, name) in allow_sources.iter().enumerate() {
+            let key = format!("qemu.allow_sources[{i}]");
+            if !peers.iter().any(|p| &p.name == name) {
+                let known: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+                let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                return err(key, format!("unknown peer {name:?}: only a configured [[peer]] may migrate guests here (known peers: {known})"));
+            }
+            if allow_sources[..i].contains(name) {
+                return err(key, format!("{name:?} is listed twice"));
+            }
+        }
+        let limit = |key: &str, v: Option<i64>, default: usize| match v {
+            None => Ok(default),
+            Some(n) if (1..=MAX_INCOMING_LIMIT).contains(&n) => Ok(n as usize),
+            Some(n) => err(key, format!("must be between 1 and {MAX_INCOMING_LIMIT}, got {n}")),
+        };
+        let max_incoming = limit("qemu.max_incoming", q.max_incoming, DEFAULT_MAX_INCOMING)?;
+        let max_incoming_per_peer = limit(
+            "qemu.max_incoming_per_peer",
+            q.max_incoming_per_peer,
+            DEFAULT_MAX_INCOMING_PER_PEER.min(max_incoming),
+        )?;
+        if max_incoming_per_peer > max_incoming {
+            return err(
+                "qemu.max_incoming_per_peer",
+                format!("{max_incoming_per_peer} is more than qemu.max_incoming ({max_incoming})"),
+            );
+        }
+        let max_upload_bytes = match q.max_upload_bytes {
+            None => DEFAULT_MAX_UPLOAD_BYTES,
+            Some(n) if n >= 0 => n as u64,
+            Some(n) => return err("qemu.max_upload_bytes", format!("must not be negative, got {n}")),
+        };
         Ok(QemuConfig {
             run_dir,
             prepare_hook,
@@ -743,6 +820,10 @@ impl Validator<'_> {
             shared_storage,
             max_disk_bytes,
             run_as: q.run_as,
+            allow_sources,
+            max_incoming,
+            max_incoming_per_peer,
+            max_upload_bytes,
             sandbox: q.sandbox.unwrap_or(true),
         })
     }
@@ -1288,6 +1369,10 @@ emulator = "/bin/true"
 shared_storage = ["/srv/vm", "/var/lib/images"]
 max_disk_bytes = 1099511627776
 sandbox = true
+allow_sources = ["host-b"]
+max_incoming = 6
+max_incoming_per_peer = 3
+max_upload_bytes = 1048576
 "#;
 
     #[test]
@@ -1335,6 +1420,8 @@ sandbox = true
         assert_eq!(q.shared_storage, [PathBuf::from("/srv/vm"), PathBuf::from("/var/lib/images")]);
         assert_eq!(q.max_disk_bytes, 1 << 40);
         assert!(q.sandbox && q.run_as.is_none());
+        assert_eq!(q.allow_sources, ["host-b"]);
+        assert_eq!((q.max_incoming, q.max_incoming_per_peer, q.max_upload_bytes), (6, 3, 1 << 20));
 
         let text = c.explain();
         for want in [
@@ -1351,6 +1438,7 @@ sandbox = true
             "metrics: http://127.0.0.1:9477/metrics",
             "drain: open streams may run 5 s",
             "destination QEMU is /bin/true, sandbox on, runs as the agent's user; copied disks up to 1099511627776 bytes each; shared storage: /srv/vm, /var/lib/images",
+            "incoming migrations from: host-b (at most 6 at once, 3 per peer; side-channel files up to 1048576 bytes)",
         ] {
             assert!(text.contains(want), "explain lacks {want:?}:\n{text}");
         }
@@ -1734,6 +1822,39 @@ sandbox = true
         assert_key(&pki.err(&q("run_as = \"Bad Name\"")), "qemu.run_as", "not a user name");
         let c = pki.load(&q("sandbox = false")).unwrap();
         assert!(!c.qemu.unwrap().sandbox);
+    }
+
+    #[test]
+    fn qemu_allow_sources_and_limits() {
+        let pki = Pki::new();
+        let qemu = |extra: &str| pki.valid(&format!("[qemu]\nrun_dir = \"/run/q\"\n{extra}"));
+        // Absent: no incoming migration, defaults for the limits.
+        let c = pki.load(&qemu("")).unwrap();
+        let q = c.qemu.as_ref().unwrap();
+        assert!(q.allow_sources.is_empty());
+        assert_eq!(
+            (q.max_incoming, q.max_incoming_per_peer, q.max_upload_bytes),
+            (DEFAULT_MAX_INCOMING, DEFAULT_MAX_INCOMING_PER_PEER, DEFAULT_MAX_UPLOAD_BYTES)
+        );
+        assert!(c.explain().contains("incoming migrations: none accepted (qemu.allow_sources is empty)"), "{}", c.explain());
+        // A per-peer default never exceeds a smaller total.
+        let c = pki.load(&qemu("max_incoming = 2")).unwrap();
+        assert_eq!(c.qemu.as_ref().unwrap().max_incoming_per_peer, 2);
+
+        assert_key(&pki.err(&qemu("allow_sources = [\"host-x\"]")), "qemu.allow_sources[0]", "unknown peer \"host-x\"");
+        assert_key(
+            &pki.err(&qemu("allow_sources = [\"host-b\", \"host-b\"]")),
+            "qemu.allow_sources[1]",
+            "listed twice",
+        );
+        assert_key(&pki.err(&qemu("max_incoming = 0")), "qemu.max_incoming", "between 1 and 1024");
+        assert_key(&pki.err(&qemu("max_incoming_per_peer = 5000")), "qemu.max_incoming_per_peer", "between 1 and 1024");
+        assert_key(
+            &pki.err(&qemu("max_incoming = 2\nmax_incoming_per_peer = 3")),
+            "qemu.max_incoming_per_peer",
+            "more than qemu.max_incoming (2)",
+        );
+        assert_key(&pki.err(&qemu("max_upload_bytes = -1")), "qemu.max_upload_bytes", "negative");
     }
 
     #[test]

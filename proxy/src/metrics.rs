@@ -131,6 +131,17 @@ pub struct TransportLabels {
     pub transport: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControlRefusalLabels {
+    /// The caller's name if it is a configured peer, `unknown` otherwise (a stranger's
+    /// certificate name must not create series).
+    pub peer: String,
+    /// A method this agent serves, `upload`, or `unknown`.
+    pub method: String,
+    /// A fixed string naming the rule (e.g. `not-allowed`, `max-incoming-per-peer`).
+    pub reason: &'static str,
+}
+
 /// Every metric the agent keeps. Cheap to share: each field is an `Arc` inside.
 pub struct Metrics {
     registry: Registry,
@@ -147,6 +158,7 @@ pub struct Metrics {
     pub handshakes_pending: Family<TransportLabels, Gauge>,
     pub port_paused: Counter,
     pub awaiting_preamble: Gauge,
+    pub control_refusals: Family<ControlRefusalLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -171,6 +183,7 @@ impl Metrics {
         let handshakes_pending = Family::default();
         let port_paused = Counter::default();
         let awaiting_preamble = Gauge::default();
+        let control_refusals = Family::default();
         registry.register("bytes", "Bytes relayed, by peer, route and direction (tx: towards the peer)", bytes.clone());
         registry.register("streams_open", "Tunnelled streams open now", streams_open.clone());
         registry.register("stream_opens", "Tunnelled streams opened successfully", stream_opens.clone());
@@ -211,6 +224,11 @@ impl Metrics {
             awaiting_preamble.clone(),
         );
         registry.register(
+            "control_refusals",
+            "Control RPC requests refused (not authorized, over a limit), by peer, method and reason",
+            control_refusals.clone(),
+        );
+        registry.register(
             "build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -230,6 +248,9 @@ impl Metrics {
             handshakes_pending,
             port_paused,
             awaiting_preamble,
+    }
+
+            control_refusals,
         }
     }
 
@@ -288,6 +309,11 @@ impl Metrics {
     /// The gauge of handshakes in progress on `transport`.
     pub fn pending_handshakes(&self, transport: &'static str) -> Gauge {
         self.handshakes_pending.get_or_create(&TransportLabels { transport }).clone()
+    /// A refused control RPC request; `peer` and `method` must already be bounded values.
+    pub fn control_refused(&self, peer: &str, method: &str, reason: &'static str) {
+        self.control_refusals
+            .get_or_create(&ControlRefusalLabels { peer: peer.to_string(), method: method.to_string(), reason })
+            .inc();
     }
 
     /// `auto` transport: a peer's streams moved from QUIC to TLS over TCP, or back.

@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use migtun_control::admin::{self, Registry, Starter};
 use migtun_control::driver::{self, Outgoing};
-use migtun_control::incoming::Incoming;
 use migtun_control::messages::{MigrateArgs, OutcomeKind, Report};
-use migtun_control::rpc::Router;
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
@@ -33,13 +31,10 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let qemu = agent.config().qemu.clone();
         let admin_path = agent.config().admin.clone();
 
-        // The destination side answers prepare/finish/files when [qemu] is configured; every
-        // agent answers the hello, so peers can tell what it supports.
-        let mut router = Router::new(handle.name());
-        if let Some(q) = &qemu {
-            let policy = migtun_control::destination::Policy::from_config(q);
-            router = Incoming::with_policy(handle.clone(), q.run_dir.clone(), q.prepare_hook.clone(), policy).register(router);
-        }
+        // The destination side answers prepare/finish/files when [qemu] is configured, to the
+        // peers in [qemu] allow_sources; every agent answers the hello, so peers can tell what
+        // it supports.
+        let router = migtun_control::service::router(&handle, agent.config());
         agent.set_control_handler(router.into_handler());
 
         let shutdown = CancellationToken::new();

@@ -42,6 +42,11 @@ impl Pki {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// Issues one more host certificate from the same CA.
+    pub fn issue(&self, host: &str) {
+        migtun_certs::issue(&self.pki(), host).expect("host cert");
+    }
 }
 
 /// One agent running in this process.
@@ -89,11 +94,23 @@ pub async fn start_agent_with(
     port: TcpListener,
     control: Option<migtun_proxy::agent::ControlHandler>,
 ) -> RunningAgent {
+    start_agent_serving(dir, name, toml, port, move |_, _| control).await
+}
+
+/// [`start_agent`] with the control handler `make` builds from the agent's handle and config
+/// (as `migtun serve` builds its router).
+pub async fn start_agent_serving(
+    dir: &Path,
+    name: &str,
+    toml: &str,
+    port: TcpListener,
+    make: impl FnOnce(&migtun_proxy::agent::AgentHandle, &Config) -> Option<migtun_proxy::agent::ControlHandler>,
+) -> RunningAgent {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml).expect("write config");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("config {name}: {e}\n{toml}"));
     let mut agent = Agent::with_port(config, port).await.unwrap_or_else(|e| panic!("agent {name}: {e}"));
-    if let Some(h) = control {
+    if let Some(h) = make(&agent.handle(), agent.config()) {
         agent.set_control_handler(h);
     }
     let handle = agent.handle();
