@@ -238,10 +238,11 @@ pub fn endpoint(socket: std::net::UdpSocket) -> io::Result<quinn::Endpoint> {
 
 /// One tunnelled stream on a QUIC connection: a bidirectional QUIC stream.
 ///
-/// Shutdown is `FIN` ([`quinn::SendStream::finish`]). Dropping it after [`Reset::set_reset_on_drop`]
-/// resets both halves (`RESET_STREAM` and `STOP_SENDING`), so the other side's reads and writes fail
-/// as a TCP reset would make them fail; dropping it otherwise finishes the send half (quinn's
-/// default), which is an orderly EOF.
+/// Shutdown is `FIN` ([`quinn::SendStream::finish`]). Dropping it after [`Reset::set_reset_on_drop`],
+/// or before it was shut down, resets both halves (`RESET_STREAM` and `STOP_SENDING`), so the
+/// other side's reads and writes fail as a TCP reset would make them fail. Only a shutdown is an
+/// orderly EOF: quinn's default, finishing the send half of a stream dropped without one, would
+/// make a stream cut short (a task cancelled, an error path that forgot the reset) look complete.
 pub struct QuicStream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -273,7 +274,8 @@ impl Reset for QuicStream {
 
 impl Drop for QuicStream {
     fn drop(&mut self) {
-        if self.reset.load(Ordering::Relaxed) {
+        let shut_down = self.finished || self.finishing.is_some();
+        if self.reset.load(Ordering::Relaxed) || !shut_down {
             let _ = self.send.reset(codes::STREAM_RESET);
             let _ = self.recv.stop(codes::STREAM_RESET);
         }
