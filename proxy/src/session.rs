@@ -488,15 +488,16 @@ impl Records {
     }
 
     fn poll_ready_plain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
-        if let Some((kind, msg)) = &self.rx.failed {
-            return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
-        }
         loop {
             if self.rx.early_pos < self.rx.early.len() {
                 return Poll::Ready(Ok(Ready::Early));
             }
+            // What was authenticated before a failure is delivered before it.
             if !self.rx.plain.is_empty() {
                 return Poll::Ready(Ok(Ready::Plain));
+            }
+            if let Some((kind, msg)) = &self.rx.failed {
+                return Poll::Ready(Err(io::Error::new(*kind, msg.clone())));
             }
             if self.rx.closed {
                 return Poll::Ready(Ok(Ready::Eof));
@@ -524,7 +525,9 @@ impl Records {
                     self.send_fatal_alert(cx, alert);
                 }
                 self.rx.failed = Some((error.kind(), error.to_string()));
-                return Poll::Ready(Err(error));
+                if self.rx.plain.is_empty() {
+                    return Poll::Ready(Err(error));
+                }
             }
         }
     }
@@ -972,7 +975,7 @@ impl TlsSession {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use migtun_certs::{Ca, IssueOptions};
     use rustls::pki_types::pem::PemObject;
@@ -983,7 +986,7 @@ mod tests {
     use crate::config::TlsConfig;
     use crate::tls::{client_config, server_config, ALPN_DATA};
 
-    fn tls_config(ca: &Ca, name: &str) -> TlsConfig {
+    pub(crate) fn tls_config(ca: &Ca, name: &str) -> TlsConfig {
         let host = ca.issue(name, &IssueOptions::default()).unwrap();
         TlsConfig {
             cert_path: "cert.pem".into(),
@@ -1197,5 +1200,334 @@ mod tests {
         let err = server.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("authentication"), "{err}");
+    }
+
+    /// A key log: the traffic secrets of a rustls connection, so that a test can seal records
+    /// as that connection's peer would, and have rustls judge what comes back.
+    #[derive(Debug, Default)]
+    struct KeyLog(std::sync::Mutex<Vec<(String, Vec<u8>)>>);
+
+    impl rustls::KeyLog for KeyLog {
+        fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+            self.0.lock().unwrap().push((label.to_string(), secret.to_vec()));
+        }
+    }
+
+    impl KeyLog {
+        fn secret(&self, label: &str) -> Vec<u8> {
+            let log = self.0.lock().unwrap();
+            log.iter().find(|(l, _)| l == label).map(|(_, s)| s.clone()).unwrap_or_else(|| panic!("no {label} logged"))
+        }
+    }
+
+    /// The alert a rustls connection failed with, from its read error.
+    fn alert_of(e: &io::Error) -> Option<AlertDescription> {
+        match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::AlertReceived(a)) => Some(*a),
+            _ => None,
+        }
+    }
+
+    /// A rustls client (tokio-rustls) and a session server. Once the session is up and has
+    /// updated its key once (so the alert must be sealed under the current key, not the first),
+    /// the client writes what `craft` makes straight onto its socket, as a misbehaving peer
+    /// would: `craft` gets the client's application traffic keys and seals records at sequence
+    /// numbers from 0. Returns what the session read (bytes, then EOF or its error) and how the
+    /// rustls client's next read ended: the alert it received, or `None` with its error.
+    async fn misbehave(
+        craft: impl FnOnce(&ConnectionTrafficSecrets) -> Vec<u8>,
+    ) -> ((Vec<u8>, io::Result<()>), Result<Vec<u8>, (Option<AlertDescription>, io::Error)>) {
+        let s = setup().await;
+        let addr = s.listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = s.listener.accept().await.unwrap();
+            let mut session = accept(s.server, tcp).await.unwrap();
+            session.force_key_update();
+            session.write_all(b"ready").await.unwrap();
+            session.flush().await.unwrap();
+            let mut got = Vec::new();
+            let end = session.read_to_end(&mut got).await.map(|_| ());
+            if end.is_ok() {
+                session.shutdown().await.unwrap();
+            }
+            (got, end)
+        });
+        let log = Arc::new(KeyLog::default());
+        let mut config = (*s.client).clone();
+        config.key_log = log.clone();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name(), tcp).await.unwrap();
+        let mut ready = [0u8; 5];
+        tls.read_exact(&mut ready).await.unwrap();
+        assert_eq!(&ready, b"ready");
+        let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap();
+        let keys = crate::record::tests::traffic_keys(suite, &log.secret("CLIENT_TRAFFIC_SECRET_0"));
+        let raw = craft(&keys);
+        tls.get_mut().0.write_all(&raw).await.unwrap();
+        let mut rest = Vec::new();
+        let client = tls.read_to_end(&mut rest).await.map(|_| rest).map_err(|e| (alert_of(&e), e));
+        (server.await.unwrap(), client)
+    }
+
+    fn raw(keys: &ConnectionTrafficSecrets, seq: u64, inner: &[u8]) -> Vec<u8> {
+        crate::record::tests::raw_record(keys, seq, inner)
+    }
+
+    /// Inner plaintext: `content` then its content type.
+    fn inner(content: &[u8], typ: u8) -> Vec<u8> {
+        let mut v = content.to_vec();
+        v.push(typ);
+        v
+    }
+
+    const DATA: u8 = 23;
+    const HANDSHAKE: u8 = 22;
+    const ALERT: u8 = 21;
+
+    /// Runs [`misbehave`] and checks that the session failed naming `problem` after reading
+    /// exactly `before`, and that rustls received `alert`.
+    async fn refused_with(what: &str, alert: AlertDescription, problem: &str, before: &[u8], craft: impl FnOnce(&ConnectionTrafficSecrets) -> Vec<u8>) {
+        let ((got, end), client) = misbehave(craft).await;
+        let err = end.expect_err(what);
+        assert!(err.to_string().contains(problem), "{what}: the session's error names the problem: {err}");
+        assert!(got == before, "{what}: the session delivered {} bytes before failing", got.len());
+        match client {
+            Err((Some(a), _)) => assert_eq!(a, alert, "{what}: the alert rustls received"),
+            Err((None, e)) => panic!("{what}: rustls received no alert, its read failed with: {e}"),
+            Ok(b) => panic!("{what}: rustls read {} bytes and a clean end instead of an alert", b.len()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_that_fails_authentication_gets_bad_record_mac() {
+        refused_with("garbage", AlertDescription::BadRecordMac, "authentication", b"", |_| {
+            let mut r = crate::record::header(100).to_vec();
+            r.extend((0..100u8).map(|i| i.wrapping_mul(37)));
+            r
+        })
+        .await;
+        // Good data, then a record sealed at the wrong sequence number (a replay).
+        refused_with("replay", AlertDescription::BadRecordMac, "authentication", b"ok", |k| {
+            [raw(k, 0, &inner(b"ok", DATA)), raw(k, 0, &inner(b"ok", DATA))].concat()
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn oversized_records_get_record_overflow_at_the_exact_limits() {
+        // Ciphertext 2^14 + 256 passes framing (and fails authentication); one byte more is an
+        // overflow before any decryption.
+        refused_with("ciphertext 2^14+256", AlertDescription::BadRecordMac, "authentication", b"", |_| {
+            let mut r = crate::record::header(record::MAX_CIPHERTEXT).to_vec();
+            r.resize(record::MAX_RECORD, 0x5c);
+            r
+        })
+        .await;
+        refused_with("ciphertext 2^14+257", AlertDescription::RecordOverflow, "over the limit", b"", |_| {
+            let mut r = crate::record::header(record::MAX_CIPHERTEXT + 1).to_vec();
+            r.resize(record::MAX_RECORD + 1, 0x5c);
+            r
+        })
+        .await;
+        // Plaintext 2^14 is delivered; 2^14 + 1 is an overflow.
+        let full = vec![0x61u8; MAX_PLAINTEXT];
+        let over = vec![0x62u8; MAX_PLAINTEXT + 1];
+        refused_with("plaintext 2^14+1", AlertDescription::RecordOverflow, "inner plaintext", &full, |k| {
+            [raw(k, 0, &inner(&full, DATA)), raw(k, 1, &inner(&over, DATA))].concat()
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn records_of_the_wrong_kind_get_unexpected_message() {
+        let cases: Vec<(&str, &str, Box<dyn FnOnce(&ConnectionTrafficSecrets) -> Vec<u8> + Send>)> = vec![
+            ("plaintext alert", "type 21", Box::new(|_| vec![21, 3, 3, 0, 2, 2, 40])),
+            ("change_cipher_spec", "type 20", Box::new(|_| vec![20, 3, 3, 0, 1, 1])),
+            ("all-zero inner plaintext", "no content type", Box::new(|k| raw(k, 0, &[0; 40]))),
+            ("empty inner plaintext", "no content type", Box::new(|k| raw(k, 0, &[]))),
+            ("unknown inner type", "inner content type 99", Box::new(|k| raw(k, 0, &inner(b"x", 99)))),
+            ("inner change_cipher_spec", "inner content type 20", Box::new(|k| raw(k, 0, &inner(&[1], 20)))),
+            (
+                "key update not last in its record",
+                "not the last",
+                Box::new(|k| raw(k, 0, &inner(&[record::key_update_message(false), record::key_update_message(false)].concat(), HANDSHAKE))),
+            ),
+            ("session ticket to a server", "type 4", Box::new(|k| raw(k, 0, &inner(&[4, 0, 0, 1, 0], HANDSHAKE)))),
+            ("client hello after the handshake", "type 1", Box::new(|k| raw(k, 0, &inner(&[1, 0, 0, 0], HANDSHAKE)))),
+        ];
+        for (what, problem, craft) in cases {
+            refused_with(what, AlertDescription::UnexpectedMessage, problem, b"", craft).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_messages_get_decode_error() {
+        let cases: Vec<(&str, &str, Box<dyn FnOnce(&ConnectionTrafficSecrets) -> Vec<u8> + Send>)> = vec![
+            ("empty handshake record", "empty handshake", Box::new(|k| raw(k, 0, &[HANDSHAKE]))),
+            ("empty handshake record with padding", "empty handshake", Box::new(|k| raw(k, 0, &[HANDSHAKE, 0, 0]))),
+            ("truncated handshake message", "truncated", Box::new(|k| raw(k, 0, &inner(&[24, 0, 0, 5, 0], HANDSHAKE)))),
+            ("key update of two bytes", "body of 2", Box::new(|k| raw(k, 0, &inner(&[24, 0, 0, 2, 0, 0], HANDSHAKE)))),
+            ("alert of three bytes", "alert record of 3", Box::new(|k| raw(k, 0, &inner(&[2, 40, 0], ALERT)))),
+        ];
+        for (what, problem, craft) in cases {
+            refused_with(what, AlertDescription::DecodeError, problem, b"", craft).await;
+        }
+        refused_with("key update asking for 2", AlertDescription::IllegalParameter, "request_update 2", b"", |k| {
+            raw(k, 0, &inner(&[24, 0, 0, 1, 2], HANDSHAKE))
+        })
+        .await;
+    }
+
+    /// RFC 8446 §6.1: "Any data received after a closure alert has been received MUST be
+    /// ignored." Data (and even garbage) behind the peer's close_notify is never delivered:
+    /// the reader sees exactly the bytes before it and a clean EOF, and the peer no alert.
+    #[tokio::test]
+    async fn what_follows_close_notify_is_never_delivered() {
+        let ((got, end), client) = misbehave(|k| {
+            [
+                raw(k, 0, &inner(b"before", DATA)),
+                raw(k, 1, &inner(&record::CLOSE_NOTIFY, ALERT)),
+                raw(k, 2, &inner(b"after close_notify", DATA)),
+                vec![23, 3, 3, 0, 20, 1, 2, 3],
+            ]
+            .concat()
+        })
+        .await;
+        end.expect("a clean EOF");
+        assert_eq!(got, b"before");
+        assert_eq!(client.map_err(|(_, e)| e).expect("the session closed cleanly, no alert"), b"");
+    }
+
+    /// A fatal alert from the peer fails the read with that alert, and none is sent back.
+    #[tokio::test]
+    async fn a_fatal_alert_from_the_peer_is_an_error_naming_it() {
+        let ((got, end), client) = misbehave(|k| raw(k, 0, &inner(&record::fatal_alert(AlertDescription::AccessDenied), ALERT))).await;
+        let err = end.unwrap_err();
+        assert!(err.to_string().contains("AccessDenied"), "{err}");
+        assert!(got.is_empty());
+        let (alert, e) = client.expect_err("the session closed without close_notify");
+        assert_eq!((alert, e.kind()), (None, io::ErrorKind::UnexpectedEof), "{e}");
+    }
+
+    /// The confidentiality limit (RFC 8446 §5.5), lowered to 16 records per key: the session
+    /// updates its key on its own as it reaches it, on both write paths (writes, and the relay's
+    /// direct pull), and rustls accepts every update and every byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn automatic_key_updates_at_the_confidentiality_limit_are_accepted_by_rustls() {
+        use crate::buffers::PooledReader;
+        use crate::endpoint::LocalStream;
+        use prometheus_client::metrics::counter::Counter;
+
+        const LIMIT: u64 = 16;
+        const LEN: usize = 2 << 20;
+        let s = setup().await;
+        let addr = s.listener.local_addr().unwrap();
+        let data = pattern(LEN, 11);
+        let sent = data.clone();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = s.listener.accept().await.unwrap();
+            let mut session = accept(s.server, tcp).await.unwrap();
+            session.own().sealer.set_key_update_after(LIMIT);
+            // Writes, in odd pieces.
+            for chunk in sent.chunks(50_001) {
+                session.write_all(chunk).await.unwrap();
+            }
+            session.flush().await.unwrap();
+            let by_writes = session.own().key_updates;
+            // The relay's pull path, from a local socket.
+            let (mut app, local) = tokio::net::UnixStream::pair().unwrap();
+            let feed = tokio::spawn(async move {
+                app.write_all(&sent).await.unwrap();
+                app.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                let _ = app.read_to_end(&mut rest).await;
+            });
+            let mut local = PooledReader::new(LocalStream::Unix(local));
+            let moved = crate::relay::relay(&mut local, &mut session, &Counter::default(), &Counter::default()).await.unwrap();
+            feed.await.unwrap();
+            (by_writes, session.own().key_updates - by_writes, moved.local_to_peer)
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(s.client).connect(name(), tcp).await.unwrap();
+        let mut got = Vec::new();
+        tls.read_to_end(&mut got).await.expect("rustls reads everything to a clean end");
+        tls.shutdown().await.unwrap();
+        assert!(got.len() == 2 * LEN && got[..LEN] == data[..] && got[LEN..] == data[..], "every byte, in order");
+        let (by_writes, by_pulls, moved) = server.await.unwrap();
+        assert_eq!(moved, LEN as u64);
+        let records = (LEN / MAX_PLAINTEXT) as u64;
+        assert!(by_writes >= records / LIMIT, "{by_writes} key updates for {records}+ records written");
+        assert!(by_pulls >= records / LIMIT, "{by_pulls} key updates for {records}+ records pulled");
+    }
+
+    /// Both layers, both roles: a session's record layer is the one its rustls configuration
+    /// asks for, and the two interoperate through key updates.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rustls_record_layer_sessions_interoperate_with_our_own() {
+        for (client_own, server_own) in [(false, true), (true, false), (false, false)] {
+            let s = setup().await;
+            let addr = s.listener.local_addr().unwrap();
+            let layer = |own: bool, mut c: ClientConfig| {
+                c.enable_secret_extraction = own;
+                Arc::new(c)
+            };
+            let mut server_config = (*s.server).clone();
+            server_config.enable_secret_extraction = server_own;
+            let server_config = Arc::new(server_config);
+            let server = tokio::spawn(async move {
+                let (tcp, _) = s.listener.accept().await.unwrap();
+                let session = accept(server_config, tcp).await.unwrap();
+                assert_eq!(session.layer_name(), if server_own { "own" } else { "rustls" });
+                assert_eq!(session.info().alpn.as_deref(), Some(ALPN_DATA));
+                let own = server_own;
+                exchange(session, 500_000, 8, move |s| {
+                    if own {
+                        s.force_key_update()
+                    }
+                })
+                .await
+            });
+            let client = connect(layer(client_own, (*s.client).clone()), name(), TcpStream::connect(addr).await.unwrap()).await.unwrap();
+            assert_eq!(client.layer_name(), if client_own { "own" } else { "rustls" });
+            assert!(client.info().peer_certificates.is_some());
+            let got = exchange(client, 500_000, 7, move |s| {
+                if client_own {
+                    s.force_key_update()
+                }
+            })
+            .await;
+            assert!(got == pattern(500_000, 8), "client {client_own} server {server_own}");
+            assert!(server.await.unwrap() == pattern(500_000, 7));
+        }
+    }
+
+    /// A session dropped in the middle of a stream, without shutdown, is never a clean end for
+    /// the far end: on either record layer, the reader gets an error (a TCP FIN without
+    /// close_notify).
+    #[tokio::test]
+    async fn a_session_dropped_mid_stream_is_an_error_at_the_far_end_on_both_layers() {
+        for own in [true, false] {
+            let s = setup().await;
+            let addr = s.listener.local_addr().unwrap();
+            let mut server_config = (*s.server).clone();
+            server_config.enable_secret_extraction = own;
+            let server = tokio::spawn(async move {
+                let (tcp, _) = s.listener.accept().await.unwrap();
+                let mut session = accept(Arc::new(server_config), tcp).await.unwrap();
+                let mut got = Vec::new();
+                let end = session.read_to_end(&mut got).await;
+                (got.len(), end)
+            });
+            let mut client_config = (*s.client).clone();
+            client_config.enable_secret_extraction = own;
+            let mut client = connect(Arc::new(client_config), name(), TcpStream::connect(addr).await.unwrap()).await.unwrap();
+            client.write_all(&pattern(100_000, 1)).await.unwrap();
+            client.flush().await.unwrap();
+            drop(client);
+            let (n, end) = server.await.unwrap();
+            let err = end.expect_err("a truncated stream is an error, not an EOF");
+            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "layer own={own}: {err}");
+            assert!(n <= 100_000);
+        }
     }
 }
