@@ -540,6 +540,55 @@ mod tests {
         assert_eq!(failure_reason(&ConnectionError::TimedOut), "timeout");
     }
 
+    /// A QUIC server and client endpoint on loopback with certificates from one test CA.
+    async fn endpoints() -> (quinn::Endpoint, quinn::Endpoint, SocketAddr) {
+        let ca = migtun_certs::Ca::generate("test CA").unwrap();
+        let server_tls = crate::session::tests::tls_config(&ca, "host-b");
+        let client_tls = crate::session::tests::tls_config(&ca, "host-a");
+        let server = quinn::Endpoint::server(server_config(&server_tls, &[ALPN_DATA]).unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config(&client_tls, &[ALPN_DATA]).unwrap());
+        (server, client, addr)
+    }
+
+    /// A stream dropped in the middle of a transfer, before any shutdown (a task cancelled, an
+    /// error path that did not ask for a reset), is reset: the far end's read fails, it never
+    /// sees a FIN, so a truncated stream cannot look complete. One that was shut down ends with
+    /// an EOF after all its bytes.
+    #[tokio::test]
+    async fn a_stream_dropped_before_shutdown_is_reset_not_finished() {
+        use tokio::io::AsyncWriteExt;
+        let (server, client, addr) = endpoints().await;
+        let far = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut ends = Vec::new();
+            for _ in 0..2 {
+                let (_send, mut recv) = conn.accept_bi().await.unwrap();
+                let mut got = Vec::new();
+                ends.push(tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut got).await.map(|_| got.len()).map_err(|e| e.to_string()));
+            }
+            ends
+        });
+        let conn = client.connect(addr, "host-b").unwrap().await.unwrap();
+        let data = vec![0x5a; 200_000];
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut cut = QuicStream::new(send, recv);
+        cut.write_all(&data).await.unwrap();
+        cut.flush().await.unwrap();
+        drop(cut);
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut whole = QuicStream::new(send, recv);
+        whole.write_all(&data).await.unwrap();
+        whole.shutdown().await.unwrap();
+        drop(whole);
+        let ends = far.await.unwrap();
+        let reset = ends[0].as_ref().expect_err("the stream cut short is an error at the far end, not an EOF");
+        assert!(reset.contains("reset"), "{reset}");
+        assert_eq!(ends[1], Ok(data.len()), "the stream shut down ends with every byte and an EOF");
+    }
+
     #[test]
     fn transport_config_builds_for_every_controller() {
         for c in [Congestion::Cubic, Congestion::NewReno, Congestion::Bbr] {
