@@ -1460,34 +1460,36 @@ pub(crate) mod tests {
         assert!(by_pulls >= records / LIMIT, "{by_pulls} key updates for {records}+ records pulled");
     }
 
-    /// Both layers, both roles: a session's record layer is the one its rustls configuration
-    /// asks for, and the two interoperate through key updates.
+    /// Both layers, both roles: `tls.record_layer` decides the layer of a session on either
+    /// side (through the rustls configurations [`crate::tls`] builds), and the two interoperate
+    /// through key updates.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rustls_record_layer_sessions_interoperate_with_our_own() {
+        use crate::config::RecordLayer;
+        let ca = Ca::generate("test CA").unwrap();
+        let tls = |name: &str, own: bool| {
+            let mut t = tls_config(&ca, name);
+            t.record_layer = if own { RecordLayer::Own } else { RecordLayer::Rustls };
+            t
+        };
         for (client_own, server_own) in [(false, true), (true, false), (false, false)] {
-            let s = setup().await;
-            let addr = s.listener.local_addr().unwrap();
-            let layer = |own: bool, mut c: ClientConfig| {
-                c.enable_secret_extraction = own;
-                Arc::new(c)
-            };
-            let mut server_config = (*s.server).clone();
-            server_config.enable_secret_extraction = server_own;
-            let server_config = Arc::new(server_config);
+            let client_config = client_config(&tls("host-a", client_own), &[ALPN_DATA]).unwrap();
+            let server_config = server_config(&tls("host-b", server_own), &[ALPN_DATA]).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
             let server = tokio::spawn(async move {
-                let (tcp, _) = s.listener.accept().await.unwrap();
+                let (tcp, _) = listener.accept().await.unwrap();
                 let session = accept(server_config, tcp).await.unwrap();
                 assert_eq!(session.layer_name(), if server_own { "own" } else { "rustls" });
                 assert_eq!(session.info().alpn.as_deref(), Some(ALPN_DATA));
-                let own = server_own;
                 exchange(session, 500_000, 8, move |s| {
-                    if own {
+                    if server_own {
                         s.force_key_update()
                     }
                 })
                 .await
             });
-            let client = connect(layer(client_own, (*s.client).clone()), name(), TcpStream::connect(addr).await.unwrap()).await.unwrap();
+            let client = connect(client_config, name(), TcpStream::connect(addr).await.unwrap()).await.unwrap();
             assert_eq!(client.layer_name(), if client_own { "own" } else { "rustls" });
             assert!(client.info().peer_certificates.is_some());
             let got = exchange(client, 500_000, 7, move |s| {
@@ -1496,7 +1498,7 @@ pub(crate) mod tests {
                 }
             })
             .await;
-            assert!(got == pattern(500_000, 8), "client {client_own} server {server_own}");
+            assert!(got == pattern(500_000, 8), "client own={client_own} server own={server_own}");
             assert!(server.await.unwrap() == pattern(500_000, 7));
         }
     }
