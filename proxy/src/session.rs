@@ -217,10 +217,24 @@ async fn handshake<C: Unbuffered>(mut conn: C, mut tcp: TcpStream) -> io::Result
             Ok(ConnectionState::BlockedHandshake) => need_read = true,
             Ok(ConnectionState::WriteTraffic(_)) => established = true,
             Ok(ConnectionState::ReadTraffic(mut data)) => {
+                let mut failed = None;
                 while let Some(rec) = data.next_record() {
-                    let rec = rec.map_err(tls_error)?;
-                    discard += rec.discard;
-                    early.extend_from_slice(rec.payload);
+                    match rec {
+                        Ok(rec) => {
+                            discard += rec.discard;
+                            early.extend_from_slice(rec.payload);
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = failed {
+                    // A bad record right behind the handshake: rustls judged it and queued the
+                    // alert, as our record layer would have (see `send_fatal_alert`).
+                    let _ = send_alert(&mut conn, &mut tcp, &mut incoming[..0]).await;
+                    return Err(tls_error(e));
                 }
             }
             Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
@@ -1396,6 +1410,32 @@ pub(crate) mod tests {
         end.expect("a clean EOF");
         assert_eq!(got, b"before");
         assert_eq!(client.map_err(|(_, e)| e).expect("the session closed cleanly, no alert"), b"");
+    }
+
+    /// A bad record right behind the client's Finished, before the session started: whether
+    /// rustls meets it still in the handshake or our layer just after, the peer is told
+    /// bad_record_mac.
+    #[tokio::test]
+    async fn a_bad_record_right_behind_the_handshake_gets_bad_record_mac() {
+        for _ in 0..5 {
+            let s = setup().await;
+            let addr = s.listener.local_addr().unwrap();
+            let server = tokio::spawn(async move {
+                let (tcp, _) = s.listener.accept().await.unwrap();
+                let mut session = accept(s.server, tcp).await?;
+                let mut got = Vec::new();
+                session.read_to_end(&mut got).await.map(|_| got)
+            });
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(s.client).connect(name(), tcp).await.unwrap();
+            let mut garbage = crate::record::header(64).to_vec();
+            garbage.extend([0xa5; 64]);
+            tls.get_mut().0.write_all(&garbage).await.unwrap();
+            let mut rest = Vec::new();
+            let err = tls.read_to_end(&mut rest).await.expect_err("an alert, not an EOF");
+            assert_eq!(alert_of(&err), Some(AlertDescription::BadRecordMac), "{err}");
+            assert!(server.await.unwrap().is_err());
+        }
     }
 
     /// A fatal alert from the peer fails the read with that alert, and none is sent back.
