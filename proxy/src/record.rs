@@ -11,9 +11,12 @@
 //! No I/O here: [`Sealer`], [`Opener`] and the parsers work on byte slices, so they are tested
 //! against rustls itself and RFC 8448's vectors without sockets, and fuzzed the same way. The
 //! entry points for a fuzz target are [`Opener::open_next`] (framing, decryption and the inner
-//! plaintext checks of the record at the start of a buffer), [`parse_post_handshake`] (the
-//! handshake messages of one record after the handshake) and [`parse_alert`]. Every error names
-//! the alert it must be answered with ([`RecordError::alert`]).
+//! plaintext checks of the record at the start of a buffer; an opener for any key is
+//! `Opener::new(TLS13_AES_256_GCM_SHA384, 0, ConnectionTrafficSecrets::Aes256Gcm { key: [k; 32]
+//! .into(), iv: [i; 12].into() })`), [`record_len`] (framing alone), [`parse_inner_plaintext`]
+//! (what follows decryption, without the crypto), [`parse_post_handshake`] (the handshake
+//! messages of one record after the handshake) and [`parse_alert`]. Every error names the alert
+//! it must be answered with ([`RecordError::alert`]).
 
 use std::ops::Range;
 
@@ -83,8 +86,8 @@ pub enum RecordError {
     BadVersion(u16),
     #[error("record of {0} bytes is over the limit of {MAX_CIPHERTEXT}")]
     TooLong(usize),
-    #[error("record of {0} bytes decrypts to {1} bytes of inner plaintext, over the limit of {MAX_INNER_PLAINTEXT}")]
-    InnerTooLong(usize, usize),
+    #[error("record decrypts to {0} bytes of inner plaintext, over the limit of {MAX_INNER_PLAINTEXT}")]
+    InnerTooLong(usize),
     #[error("record too short to hold a tag")]
     TooShort,
     #[error("record failed authentication (corrupted, or not from the peer)")]
@@ -130,7 +133,7 @@ impl RecordError {
                 AlertDescription::UnexpectedMessage
             }
             // §5.2 and §5.4.
-            TooLong(_) | InnerTooLong(..) => AlertDescription::RecordOverflow,
+            TooLong(_) | InnerTooLong(_) => AlertDescription::RecordOverflow,
             // §5.2: "If the decryption fails, the receiver MUST terminate the connection with a
             // bad_record_mac alert"; a record too short for a tag cannot authenticate either.
             TooShort | Decrypt => AlertDescription::BadRecordMac,
@@ -308,6 +311,21 @@ pub fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
     Ok(Some(HEADER_LEN + len))
 }
 
+/// Checks a decrypted TLSInnerPlaintext (RFC 8446 §5.4): at most 2^14 + 1 bytes of content,
+/// content type and zero padding together, a content type this layer carries after the
+/// padding. Returns the type and the content's length (the content is `plain[..len]`).
+pub fn parse_inner_plaintext(plain: &[u8]) -> Result<(ContentType, usize), RecordError> {
+    if plain.len() > MAX_INNER_PLAINTEXT {
+        return Err(RecordError::InnerTooLong(plain.len()));
+    }
+    // Strip the zero padding; the last non-zero byte is the content type.
+    let Some(end) = plain.iter().rposition(|&b| b != 0) else {
+        return Err(RecordError::NoInnerType);
+    };
+    let typ = ContentType::from_byte(plain[end]).ok_or(RecordError::BadInnerType(plain[end]))?;
+    Ok((typ, end))
+}
+
 /// A record opened by [`Opener::open_next`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Opened {
@@ -338,23 +356,14 @@ impl Opener {
     /// its inner content type and where its content now lies within `record`.
     pub fn open(&mut self, record: &mut [u8]) -> Result<(ContentType, Range<usize>), RecordError> {
         let hdr: [u8; HEADER_LEN] = record.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(RecordError::TooShort)?;
-        let ciphertext_len = record.len() - HEADER_LEN;
         let nonce = self.keys.next_nonce()?;
         let plain = self
             .keys
             .key
             .open_in_place(nonce, Aad::from(hdr), &mut record[HEADER_LEN..])
             .map_err(|_| RecordError::Decrypt)?;
-        // §5.4: content, type and padding together may not exceed 2^14 + 1 bytes.
-        if plain.len() > MAX_INNER_PLAINTEXT {
-            return Err(RecordError::InnerTooLong(ciphertext_len, plain.len()));
-        }
-        // Strip the zero padding; the last non-zero byte is the content type (§5.4).
-        let Some(end) = plain.iter().rposition(|&b| b != 0) else {
-            return Err(RecordError::NoInnerType);
-        };
-        let typ = ContentType::from_byte(plain[end]).ok_or(RecordError::BadInnerType(plain[end]))?;
-        Ok((typ, HEADER_LEN..HEADER_LEN + end))
+        let (typ, len) = parse_inner_plaintext(plain)?;
+        Ok((typ, HEADER_LEN..HEADER_LEN + len))
     }
 
     /// Installs the peer's next key after it sent a key update.
@@ -666,7 +675,7 @@ pub(crate) mod tests {
             let mut rec = raw_record(&keys, 0, &inner);
             let mut o = Opener::new(suite(), 0, secrets(5)).unwrap();
             let err = o.open_next(&mut rec).unwrap_err();
-            assert_eq!(err, RecordError::InnerTooLong(MAX_PLAINTEXT + 2 + TAG_LEN, MAX_PLAINTEXT + 2), "{what}");
+            assert_eq!(err, RecordError::InnerTooLong(MAX_PLAINTEXT + 2), "{what}");
             assert_eq!(err.alert(), Some(AlertDescription::RecordOverflow));
         }
         // Our own sealer never makes a record over the limit.
@@ -690,6 +699,10 @@ pub(crate) mod tests {
             assert_eq!(o.open_next(&mut rec), Err(err.clone()), "{inner:?}");
             assert_eq!(err.alert(), Some(AlertDescription::UnexpectedMessage));
         }
+        // The same checks, without the crypto.
+        assert_eq!(parse_inner_plaintext(&[0, 0]), Err(RecordError::NoInnerType));
+        assert_eq!(parse_inner_plaintext(b"ab\x16\0"), Ok((ContentType::Handshake, 2)));
+        assert_eq!(parse_inner_plaintext(&vec![0x17; MAX_INNER_PLAINTEXT + 1]), Err(RecordError::InnerTooLong(MAX_INNER_PLAINTEXT + 1)));
         // Padding after a known type is fine.
         let mut rec = raw_record(&keys, 3, b"ok\x17\0\0\0");
         let mut o = Opener::new(suite(), 3, secrets(6)).unwrap();
