@@ -232,7 +232,7 @@ impl Sealer {
     }
 
     /// Records sealed under the current key.
-    fn sealed(&self) -> u64 {
+    pub fn sealed(&self) -> u64 {
         self.keys.seq.saturating_sub(self.key_start)
     }
 

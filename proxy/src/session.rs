@@ -323,8 +323,9 @@ struct Records {
     sealer: Sealer,
     rx: RecvState,
     tx: SendState,
-    /// Key updates we sent (for tests and logs).
+    /// Key updates we sent, and the most records any of our keys sealed (for tests).
     key_updates: u64,
+    most_per_key: u64,
 }
 
 /// The receiving half: ciphertext at `buf[start..end]`, decrypted records' plaintext at the
@@ -392,6 +393,7 @@ impl Records {
             rx: RecvState { buf, start: 0, end: leftover.len(), plain: VecDeque::with_capacity(MAX_CHUNKS), early, early_pos: 0, closed: false, failed: None },
             tx: SendState { buf: None, start: 0, end: 0, key_update_owed: false, shut: false, alerted: None, alert_delivered: false },
             key_updates: 0,
+            most_per_key: 0,
         })
     }
 
@@ -587,6 +589,7 @@ impl Records {
             return Ok(());
         }
         self.seal_message(&record::key_update_message(false), ContentType::Handshake)?;
+        self.most_per_key = self.most_per_key.max(self.sealer.sealed());
         let (seq, secrets) = self.kernel.update_tx().map_err(tls_error)?;
         self.sealer.replace(seq, secrets).map_err(record_error)?;
         self.tx.key_update_owed = false;
@@ -1485,7 +1488,8 @@ pub(crate) mod tests {
             let mut local = PooledReader::new(LocalStream::Unix(local));
             let moved = crate::relay::relay(&mut local, &mut session, &Counter::default(), &Counter::default()).await.unwrap();
             feed.await.unwrap();
-            (by_writes, session.own().key_updates - by_writes, moved.local_to_peer)
+            let most = session.own().most_per_key;
+            (by_writes, session.own().key_updates - by_writes, moved.local_to_peer, most)
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(s.client).connect(name(), tcp).await.unwrap();
@@ -1493,8 +1497,9 @@ pub(crate) mod tests {
         tls.read_to_end(&mut got).await.expect("rustls reads everything to a clean end");
         tls.shutdown().await.unwrap();
         assert!(got.len() == 2 * LEN && got[..LEN] == data[..] && got[LEN..] == data[..], "every byte, in order");
-        let (by_writes, by_pulls, moved) = server.await.unwrap();
+        let (by_writes, by_pulls, moved, most) = server.await.unwrap();
         assert_eq!(moved, LEN as u64);
+        assert!(most <= LIMIT + 1, "a key sealed {most} records: over the limit of {LIMIT} data records and its key update");
         let records = (LEN / MAX_PLAINTEXT) as u64;
         assert!(by_writes >= records / LIMIT, "{by_writes} key updates for {records}+ records written");
         assert!(by_pulls >= records / LIMIT, "{by_pulls} key updates for {records}+ records pulled");
