@@ -58,6 +58,28 @@ pub struct TlsConfig {
     pub key: PrivateKeyDer<'static>,
     /// Trust anchors for peers (both directions).
     pub ca_certs: Vec<CertificateDer<'static>>,
+    /// `tls.record_layer`: who protects records after the handshake.
+    pub record_layer: RecordLayer,
+}
+
+/// `tls.record_layer`: whose TLS record layer carries data streams and control connections
+/// after rustls' handshake, on both the server and the client side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecordLayer {
+    /// migtun's own, in place ([`crate::record`]): the default, and the faster.
+    #[default]
+    Own,
+    /// tokio-rustls' (rustls' buffered connection): the fallback, if ours is ever in doubt.
+    Rustls,
+}
+
+impl RecordLayer {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordLayer::Own => "own",
+            RecordLayer::Rustls => "rustls",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,6 +250,15 @@ impl Config {
             self.tls.ca_certs.len(),
             subjects.join("; ")
         );
+        let _ = writeln!(
+            out,
+            "  records     {} ({})",
+            self.tls.record_layer.name(),
+            match self.tls.record_layer {
+                RecordLayer::Own => "tls.record_layer: migtun's own TLS record layer after rustls' handshake",
+                RecordLayer::Rustls => "tls.record_layer: rustls' record layer (tokio-rustls), the fallback",
+            }
+        );
         let _ = writeln!(out, "listen: TCP {} (TLS 1.3, mutual TLS; peers must present a certificate from the CA above)", self.listen);
         let _ = writeln!(
             out,
@@ -380,6 +411,7 @@ struct RawTls {
     cert: String,
     key: String,
     ca: String,
+    record_layer: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -835,6 +867,13 @@ impl Validator<'_> {
         let cert_chain = load_certs(&cert_path).or_else(|e| err("tls.cert", e.to_string()))?;
         let key = load_key(&key_path).or_else(|e| err("tls.key", e.to_string()))?;
         let ca_certs = load_certs(&ca_path).or_else(|e| err("tls.ca", e.to_string()))?;
+        let record_layer = match raw.record_layer.as_deref() {
+            None | Some("own") => RecordLayer::Own,
+            Some("rustls") => RecordLayer::Rustls,
+            Some(other) => {
+                return err("tls.record_layer", format!("unknown record layer {other:?} (expected \"own\" or \"rustls\")"))
+            }
+        };
 
         // The leaf: parseable, within its validity period.
         let (_, leaf) =
@@ -920,6 +959,7 @@ impl Validator<'_> {
             cert_chain,
             key,
             ca_certs,
+            record_layer,
         })
     }
 
@@ -1870,6 +1910,24 @@ max_upload_bytes = 1048576
             "{s}"
         );
         assert_eq!(s.lines().count(), 1);
+    }
+
+    #[test]
+    fn record_layer_defaults_to_own_is_explained_and_a_bad_value_names_the_key() {
+        let pki = Pki::new();
+        let c = pki.load(&pki.valid("")).unwrap();
+        assert_eq!(c.tls.record_layer, RecordLayer::Own);
+        assert!(c.explain().contains("records     own (tls.record_layer:"), "{}", c.explain());
+        for (value, layer) in [("own", RecordLayer::Own), ("rustls", RecordLayer::Rustls)] {
+            let text = pki.valid("").replacen("[tls]\n", &format!("[tls]\nrecord_layer = \"{value}\"\n"), 1);
+            let c = pki.load(&text).unwrap();
+            assert_eq!(c.tls.record_layer, layer);
+            assert!(c.explain().contains(&format!("records     {value} (tls.record_layer:")), "{}", c.explain());
+        }
+        let e = pki.err(&pki.valid("").replacen("[tls]\n", "[tls]\nrecord_layer = \"kernel\"\n", 1));
+        assert_key(&e, "tls.record_layer", "unknown record layer \"kernel\" (expected \"own\" or \"rustls\")");
+        let e = pki.err(&pki.valid("").replacen("[tls]\n", "[tls]\nrecord_layer = 1\n", 1));
+        assert_eq!(e.key, "tls.record_layer", "{e}");
     }
 
     #[test]

@@ -245,10 +245,11 @@ pub fn endpoint(socket: std::net::UdpSocket) -> io::Result<quinn::Endpoint> {
 
 /// One tunnelled stream on a QUIC connection: a bidirectional QUIC stream.
 ///
-/// Shutdown is `FIN` ([`quinn::SendStream::finish`]). Dropping it after [`Reset::set_reset_on_drop`]
-/// resets both halves (`RESET_STREAM` and `STOP_SENDING`), so the other side's reads and writes fail
-/// as a TCP reset would make them fail; dropping it otherwise finishes the send half (quinn's
-/// default), which is an orderly EOF.
+/// Shutdown is `FIN` ([`quinn::SendStream::finish`]). Dropping it after [`Reset::set_reset_on_drop`],
+/// or before it was shut down, resets both halves (`RESET_STREAM` and `STOP_SENDING`), so the
+/// other side's reads and writes fail as a TCP reset would make them fail. Only a shutdown is an
+/// orderly EOF: quinn's default, finishing the send half of a stream dropped without one, would
+/// make a stream cut short (a task cancelled, an error path that forgot the reset) look complete.
 pub struct QuicStream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -280,7 +281,8 @@ impl Reset for QuicStream {
 
 impl Drop for QuicStream {
     fn drop(&mut self) {
-        if self.reset.load(Ordering::Relaxed) {
+        let shut_down = self.finished || self.finishing.is_some();
+        if self.reset.load(Ordering::Relaxed) || !shut_down {
             let _ = self.send.reset(codes::STREAM_RESET);
             let _ = self.recv.stop(codes::STREAM_RESET);
         }
@@ -586,6 +588,55 @@ mod tests {
         assert_eq!(crypto_reason(0x100 + 48, "", true), "rejected-by-peer");
         assert_eq!(crypto_reason(0x0a, "", false), "protocol");
         assert_eq!(failure_reason(&ConnectionError::TimedOut), "timeout");
+    }
+
+    /// A QUIC server and client endpoint on loopback with certificates from one test CA.
+    async fn endpoints() -> (quinn::Endpoint, quinn::Endpoint, SocketAddr) {
+        let ca = migtun_certs::Ca::generate("test CA").unwrap();
+        let server_tls = crate::session::tests::tls_config(&ca, "host-b");
+        let client_tls = crate::session::tests::tls_config(&ca, "host-a");
+        let server = quinn::Endpoint::server(server_config(&server_tls, &[ALPN_DATA]).unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config(&client_tls, &[ALPN_DATA]).unwrap());
+        (server, client, addr)
+    }
+
+    /// A stream dropped in the middle of a transfer, before any shutdown (a task cancelled, an
+    /// error path that did not ask for a reset), is reset: the far end's read fails, it never
+    /// sees a FIN, so a truncated stream cannot look complete. One that was shut down ends with
+    /// an EOF after all its bytes.
+    #[tokio::test]
+    async fn a_stream_dropped_before_shutdown_is_reset_not_finished() {
+        use tokio::io::AsyncWriteExt;
+        let (server, client, addr) = endpoints().await;
+        let far = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut ends = Vec::new();
+            for _ in 0..2 {
+                let (_send, mut recv) = conn.accept_bi().await.unwrap();
+                let mut got = Vec::new();
+                ends.push(tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut got).await.map(|_| got.len()).map_err(|e| e.to_string()));
+            }
+            ends
+        });
+        let conn = client.connect(addr, "host-b").unwrap().await.unwrap();
+        let data = vec![0x5a; 200_000];
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut cut = QuicStream::new(send, recv);
+        cut.write_all(&data).await.unwrap();
+        cut.flush().await.unwrap();
+        drop(cut);
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut whole = QuicStream::new(send, recv);
+        whole.write_all(&data).await.unwrap();
+        whole.shutdown().await.unwrap();
+        drop(whole);
+        let ends = far.await.unwrap();
+        let reset = ends[0].as_ref().expect_err("the stream cut short is an error at the far end, not an EOF");
+        assert!(reset.contains("reset"), "{reset}");
+        assert_eq!(ends[1], Ok(data.len()), "the stream shut down ends with every byte and an EOF");
     }
 
     #[test]

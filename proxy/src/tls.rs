@@ -11,7 +11,7 @@ use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::config::TlsConfig;
+use crate::config::{RecordLayer, TlsConfig};
 use crate::identity::dns_sans;
 
 /// ALPN of one tunnelled data stream per TLS connection.
@@ -71,8 +71,9 @@ pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<ServerConfig
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.ignore_client_order = true;
     config.send_tls13_tickets = TLS13_TICKETS;
-    // The record layer after the handshake is ours (crate::session): rustls hands over the keys.
-    config.enable_secret_extraction = true;
+    // `tls.record_layer = "own"`: the record layer after the handshake is ours (crate::session),
+    // rustls hands over the keys; crate::session picks the layer by this flag.
+    config.enable_secret_extraction = tls.record_layer == RecordLayer::Own;
     Ok(Arc::new(config))
 }
 
@@ -86,7 +87,8 @@ pub fn client_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<ClientConfig
         .map_err(TlsSetupError::Identity)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.resumption = rustls::client::Resumption::in_memory_sessions(CLIENT_SESSION_CACHE);
-    config.enable_secret_extraction = true;
+    // As for the server: the record layer follows this flag (crate::session).
+    config.enable_secret_extraction = tls.record_layer == RecordLayer::Own;
     Ok(Arc::new(config))
 }
 
