@@ -248,8 +248,6 @@ impl Metrics {
             handshakes_pending,
             port_paused,
             awaiting_preamble,
-    }
-
             control_refusals,
         }
     }
@@ -309,6 +307,8 @@ impl Metrics {
     /// The gauge of handshakes in progress on `transport`.
     pub fn pending_handshakes(&self, transport: &'static str) -> Gauge {
         self.handshakes_pending.get_or_create(&TransportLabels { transport }).clone()
+    }
+
     /// A refused control RPC request; `peer` and `method` must already be bounded values.
     pub fn control_refused(&self, peer: &str, method: &str, reason: &'static str) {
         self.control_refusals
