@@ -36,6 +36,8 @@ pub struct ExposeContext {
     pub abort: CancellationToken,
     /// Serves control connections, when the control plane runs in this agent.
     pub control: Option<crate::agent::ControlHandler>,
+    /// Checks a resumed session's client certificate again ([`crate::tls::TlsContext::recheck_client`]).
+    pub tls: Arc<crate::tls::TlsContext>,
 }
 
 /// Route label for requests that name no configured route: keeps metric labels bounded.

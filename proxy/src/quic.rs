@@ -28,11 +28,10 @@ use tracing::{debug, info, warn};
 
 pub use quinn;
 
-use crate::config::TlsConfig;
 use crate::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
 use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES};
-use crate::tls::{PeerIdentity, TlsSetupError, ALPN_DATA};
+use crate::tls::{ClientSide, PeerIdentity, TlsContext, TlsSetupError, ALPN_DATA};
 use crate::Reset;
 
 /// Per-stream receive window: how far a sender may run ahead of a reader on one stream. At
@@ -73,6 +72,9 @@ pub mod codes {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(2);
     /// The connection carries an application protocol this agent does not serve.
     pub const UNSUPPORTED_ALPN: VarInt = VarInt::from_u32(3);
+    /// The peer's certificate failed its check after the handshake (expired or revoked since the
+    /// session it resumed was made); the reason text says which.
+    pub const CERTIFICATE_REFUSED: VarInt = VarInt::from_u32(4);
 }
 
 /// The congestion controller.
@@ -132,8 +134,8 @@ pub fn transport_config(congestion: Congestion) -> Arc<TransportConfig> {
 }
 
 /// The QUIC server side, from the TLS transport's rustls server configuration.
-pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ServerConfig, TlsSetupError> {
-    let rustls = crate::tls::server_config(tls, alpn)?;
+pub fn server_config(tls: &TlsContext, alpn: &[&[u8]]) -> Result<quinn::ServerConfig, TlsSetupError> {
+    let rustls = tls.server_config(alpn)?;
     let crypto = QuicServerConfig::try_from(rustls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config(Congestion::from_env()));
@@ -143,8 +145,8 @@ pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ServerCon
 }
 
 /// The QUIC client side, from the TLS transport's rustls client configuration.
-pub fn client_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ClientConfig, TlsSetupError> {
-    let rustls = crate::tls::client_config(tls, alpn)?;
+pub fn client_config(tls: &ClientSide) -> Result<quinn::ClientConfig, TlsSetupError> {
+    let rustls = tls.config.clone();
     let crypto = QuicClientConfig::try_from(rustls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport_config(Congestion::from_env()));
@@ -397,6 +399,7 @@ fn crypto_reason(code: u64, text: &str, by_peer: bool) -> &'static str {
         116 => "no-client-certificate",
         48 => "unknown-ca",
         51 if has("BadSignature") => "unknown-ca",
+        44 if has("Revoked") || has("revoked") => "revoked",
         45 if has("NotValidYet") || has("not valid yet") => "not-yet-valid",
         45 => "expired",
         42 if has("NotValidForName") || has("not valid for name") => "wrong-name",
@@ -475,6 +478,15 @@ async fn handshake(
         }
     };
     let peer = peer_identity(&conn);
+    // quinn does not say whether the session was resumed, whose certificates rustls did not
+    // verify: check every connection's (a full handshake's pass again, cheaply).
+    if let Err(e) = ctx.tls.recheck_client(peer_certificates(&conn).as_deref()) {
+        let reason = crate::tls::tls_failure_reason(&e);
+        warn!(%addr, peer = peer.name(), reason, error = %e, "QUIC session refused: the peer's certificate no longer verifies");
+        ctx.metrics.handshake_failed_on("quic", "server", peer.name(), reason);
+        conn.close(codes::CERTIFICATE_REFUSED, reason.as_bytes());
+        return None;
+    }
     ctx.metrics.handshake_done_on("quic", "server", false);
     if alpn(&conn).as_deref() != Some(ALPN_DATA) {
         let alpn = alpn(&conn).map(|p| String::from_utf8_lossy(&p).into_owned());
@@ -489,9 +501,14 @@ async fn handshake(
 
 /// Who the peer of an established connection is, from its certificate chain.
 pub fn peer_identity(conn: &quinn::Connection) -> PeerIdentity {
-    let certs =
-        conn.peer_identity().and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
-    PeerIdentity::from_certs(certs.as_deref().map(Vec::as_slice))
+    PeerIdentity::from_certs(peer_certificates(conn).as_deref())
+}
+
+/// The certificate chain the peer of an established connection presented (or resumed with).
+pub fn peer_certificates(conn: &quinn::Connection) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    conn.peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .map(|certs| *certs)
 }
 
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {

@@ -745,6 +745,8 @@ mod tests {
             cert_chain: CertificateDer::pem_slice_iter(host.cert_pem.as_bytes()).collect::<Result<_, _>>().unwrap(),
             key: PrivateKeyDer::from_pem_slice(host.key_pem.as_bytes()).unwrap(),
             ca_certs: CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()).collect::<Result<_, _>>().unwrap(),
+            crl_path: None,
+            crls: Vec::new(),
         }
     }
 
