@@ -750,6 +750,65 @@ mod tests {
     }
 
     #[test]
+    fn revoke_grows_one_signed_list() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        init(dir).unwrap();
+        issue(dir, "host-a").unwrap();
+        issue(dir, "host-b").unwrap();
+        let ca = Ca::load(dir).unwrap();
+        let serial = |host: &str| {
+            let path = dir.join(format!("{host}.pem"));
+            ca.serial_of(&std::fs::read_to_string(&path).unwrap(), &path)
+                .unwrap()
+        };
+        let listed = || {
+            let path = dir.join(CRL_FILE);
+            let (revoked, number) =
+                read_crl(&ca, &std::fs::read_to_string(&path).unwrap(), &path).unwrap();
+            let serials: Vec<Vec<u8>> = revoked.into_iter().map(|r| r.serial).collect();
+            (serials, number)
+        };
+
+        let crl = revoke(dir, "host-a").unwrap();
+        assert_eq!(crl, dir.join("crl.pem"));
+        assert_eq!(mode(&crl), 0o644);
+        assert_eq!(listed(), (vec![serial("host-a")], 1));
+        // Signed by the CA.
+        let crl_der = pem_der(&std::fs::read_to_string(&crl).unwrap(), "X509 CRL").unwrap();
+        let (_, parsed) = parse_x509_crl(&crl_der).unwrap();
+        let ca_der = der(&ca.cert_pem());
+        let (_, ca_cert) = parse_x509_certificate(&ca_der).unwrap();
+        assert_eq!(parsed.issuer(), ca_cert.subject());
+
+        revoke(dir, "host-b").unwrap();
+        assert_eq!(listed(), (vec![serial("host-a"), serial("host-b")], 2));
+        // Again: not listed twice, but re-signed with a higher number.
+        revoke(dir, "host-a").unwrap();
+        assert_eq!(listed(), (vec![serial("host-a"), serial("host-b")], 3));
+
+        // No such host, or a certificate of another CA: refused, naming the file.
+        let err = revoke(dir, "host-z").unwrap_err();
+        assert!(err.to_string().contains("host-z.pem"), "{err}");
+        let other = Ca::generate("other CA").unwrap();
+        other
+            .issue("host-x", &IssueOptions::default())
+            .unwrap()
+            .write(dir)
+            .unwrap();
+        let err = revoke(dir, "host-x").unwrap_err();
+        assert!(
+            err.to_string().contains("host-x.pem") && err.to_string().contains("not by this CA"),
+            "{err}"
+        );
+        assert_eq!(listed().1, 3, "a refused revoke leaves the list alone");
+        assert!(matches!(
+            revoke(dir, "../ca"),
+            Err(CertError::InvalidName { .. })
+        ));
+    }
+
+    #[test]
     fn explicit_validity() {
         let ca = Ca::generate("test CA").unwrap();
         let now = OffsetDateTime::now_utc();

@@ -187,6 +187,14 @@ impl Config {
             self.tls.ca_certs.len(),
             subjects.join("; ")
         );
+        if let Some(crl) = &self.tls.crl_path {
+            let _ = writeln!(
+                out,
+                "  revokes     {} ({} CRL(s); checked on every handshake, resumed ones too)",
+                crl.display(),
+                self.tls.crls.len()
+            );
+        }
         let _ = writeln!(out, "listen: TCP {} (TLS 1.3, mutual TLS; peers must present a certificate from the CA above)", self.listen);
         let _ = writeln!(
             out,
@@ -1155,6 +1163,27 @@ address = "192.0.2.2:7443"
             assert!(!e.to_string().contains('\n'), "one line: {e}");
             e
         }
+    }
+
+    /// `tls.crl`: relative to the config file, loaded, explained; a missing or malformed file,
+    /// or one revoking this host's own certificate, is an error naming the key.
+    #[test]
+    fn tls_crl() {
+        let pki = Pki::new();
+        let with_crl = |crl: &str| pki.valid("").replace("[[peer]]", &format!("crl = \"{crl}\"\n\n[[peer]]"));
+        migtun_certs::issue(pki.dir.path(), "host-c").unwrap();
+        migtun_certs::revoke(pki.dir.path(), "host-c").unwrap();
+        let c = pki.load(&with_crl("crl.pem")).expect("relative tls.crl");
+        assert_eq!(c.tls.crl_path, Some(pki.dir.path().join("crl.pem")));
+        assert_eq!(c.tls.crls.len(), 1);
+        assert!(c.explain().contains("revokes     "), "{}", c.explain());
+        assert!(pki.load(&pki.valid("")).unwrap().tls.crls.is_empty(), "no tls.crl: nothing revoked");
+
+        assert_key(&pki.err(&with_crl("missing.pem")), "tls.crl", "missing.pem: No such file");
+        std::fs::write(pki.dir.path().join("junk.pem"), "junk").unwrap();
+        assert_key(&pki.err(&with_crl("junk.pem")), "tls.crl", "holds no PEM CRL");
+        migtun_certs::revoke(pki.dir.path(), "host-a").unwrap();
+        assert_key(&pki.err(&with_crl("crl.pem")), "tls.cert", "is revoked by tls.crl");
     }
 
     fn assert_key(e: &ConfigError, key: &str, contains: &str) {

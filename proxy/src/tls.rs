@@ -385,3 +385,42 @@ pub fn tls_failure_reason(err: &rustls::Error) -> &'static str {
         _ => "protocol",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once a certificate is refused, the server's cache neither hands back nor stores a
+    /// session holding it (so the client's next handshake is a full one), and other sessions
+    /// stay; the refused list is bounded.
+    #[test]
+    fn sessions_of_a_refused_certificate_are_neither_resumed_nor_stored() {
+        let refused = Arc::new(RefusedCertificates::default());
+        let store = ServerSessions { inner: ServerSessionMemoryCache::new(8), refused: refused.clone() };
+        let leaf = CertificateDer::from(vec![0x30, 0x82, 0x01, 0x02, 0xaa, 0xbb, 0xcc]);
+        let session = |tag: &[u8]| [b"session:".as_slice(), leaf.as_ref(), tag].concat();
+        assert!(store.put(b"k1".to_vec(), session(b"1")));
+        assert!(store.put(b"k2".to_vec(), b"another peer's session".to_vec()));
+        assert_eq!(store.get(b"k1"), Some(session(b"1")));
+
+        refused.add(&leaf);
+        refused.add(&leaf);
+        assert_eq!(store.take(b"k1"), None, "not resumed");
+        assert_eq!(store.take(b"k2"), Some(b"another peer's session".to_vec()));
+        assert!(!store.put(b"k3".to_vec(), session(b"3")), "no new ticket for it");
+
+        for i in 0..MAX_REFUSED_CERTIFICATES + 10 {
+            refused.add(&CertificateDer::from((i as u64).to_be_bytes().to_vec()));
+        }
+        assert_eq!(refused.leaves.lock().unwrap().len(), MAX_REFUSED_CERTIFICATES);
+    }
+
+    #[test]
+    fn revocation_reasons() {
+        use rustls::CertificateError as C;
+        assert_eq!(tls_failure_reason(&rustls::Error::InvalidCertificate(C::Revoked)), "revoked");
+        assert_eq!(tls_failure_reason(&rustls::Error::InvalidCertificate(C::Expired)), "expired");
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked);
+        assert_eq!(tls_failure_reason(&alert), "rejected-by-peer");
+    }
+}
