@@ -440,3 +440,38 @@ async fn sslscan_sees_tls13_only_and_the_configured_suites() {
     );
     assert_eq!(pair.b.sample("migtun_stream_opens_total", &[]), 0.0, "the scan opened no stream");
 }
+
+/// `migtun certs revoke` as an operator runs it: DIR/crl.pem, which `migtun check` then uses
+/// through `tls.crl` (relative to the config file): the revoked host's own config is refused
+/// naming `tls.cert` and the CRL, another host's is explained with it.
+#[test]
+fn certs_revoke_then_check() {
+    let migtun = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_migtun")).args(args).output().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let p = pki.to_str().unwrap();
+    assert!(migtun(&["certs", "init", "--dir", p]).status.success());
+    for host in ["host-a", "host-b"] {
+        assert!(migtun(&["certs", "issue", "--dir", p, "--name", host]).status.success());
+    }
+    let out = migtun(&["certs", "revoke", "--dir", p, "--name", "host-b"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("crl.pem"));
+    let missing = migtun(&["certs", "revoke", "--dir", p, "--name", "host-z"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("host-z.pem"));
+
+    for host in ["host-a", "host-b"] {
+        let toml = format!(
+            "name = \"{host}\"\nlisten = \"127.0.0.1:0\"\n[tls]\ncert = \"pki/{host}.pem\"\nkey = \"pki/{host}.key\"\nca = \"pki/ca.pem\"\ncrl = \"pki/crl.pem\"\n"
+        );
+        std::fs::write(dir.path().join(format!("{host}.toml")), toml).unwrap();
+    }
+    let a = migtun(&["check", "--config", dir.path().join("host-a.toml").to_str().unwrap()]);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(String::from_utf8_lossy(&a.stdout).contains("crl.pem (1 CRL(s)"), "{}", String::from_utf8_lossy(&a.stdout));
+    let b = migtun(&["check", "--config", dir.path().join("host-b.toml").to_str().unwrap()]);
+    assert!(!b.status.success());
+    let err = String::from_utf8_lossy(&b.stderr);
+    assert!(err.contains("`tls.cert`") && err.contains("is revoked by tls.crl") && err.contains("crl.pem"), "{err}");
+}
