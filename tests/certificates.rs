@@ -475,3 +475,54 @@ fn certs_revoke_then_check() {
     let err = String::from_utf8_lossy(&b.stderr);
     assert!(err.contains("`tls.cert`") && err.contains("is revoked by tls.crl") && err.contains("crl.pem"), "{err}");
 }
+
+/// Over QUIC: a client whose certificate expires after its first connection. quinn does not
+/// say whether a session was resumed, so host-b checks every connection's certificate; the
+/// resumed one after expiry is refused by that check (counted with the peer's name, which a
+/// full handshake's refusal does not know) and opens no stream (old code: it did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_resumption_with_a_client_certificate_expired_since_is_refused() {
+    use migtun_proxy::quic::quinn;
+    let pair = start_pair(Pki::new(), "", "", false).await;
+    let not_after = short_lived(&pair.pki.pki(), "host-a");
+    let _target = spawn_hash_target(pair.sock("hash.sock"));
+    let cert = std::fs::read_to_string(pair.pki.pki().join("host-a.pem")).unwrap();
+    let key = std::fs::read_to_string(pair.pki.pki().join("host-a.key")).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(raw_client_config(
+        &pair.pki.pki(),
+        Some((cert, key)),
+    )))
+    .unwrap();
+    let config = quinn::ClientConfig::new(Arc::new(crypto));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hello = || async {
+        let conn = endpoint.connect_with(config.clone(), pair.b.addr, "host-b").unwrap().await.ok()?;
+        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+        send.write_all(&migtun_proxy::wire::Request::new("bulk", None).unwrap().encode()).await.ok()?;
+        send.write_all(b"hello").await.ok()?;
+        send.finish().ok()?;
+        let mut reply = Vec::new();
+        AsyncReadExt::read_to_end(&mut recv, &mut reply).await.ok()?;
+        // Keep the connection until the reply is read, so its session tickets arrive.
+        conn.close(0u32.into(), b"done");
+        Some(reply.ends_with(&digest_of(b"hello")))
+    };
+
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(30), hello()).await.expect("first"),
+        Some(true),
+        "first QUIC connection works"
+    );
+    still_valid(not_after, "the first QUIC connection");
+    wait_until_expired(not_after).await;
+    let second = tokio::time::timeout(Duration::from_secs(30), hello()).await.expect("the client learns the verdict");
+    assert_ne!(second, Some(true), "an expired certificate must not open a stream over QUIC");
+    eventually("host-b refuses host-a's resumed QUIC session as expired", || {
+        pair.b.sample(
+            "migtun_handshake_failures_total",
+            &[("transport", "quic"), ("role", "server"), ("reason", "expired"), ("peer", "host-a")],
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(pair.b.sample("migtun_stream_opens_total", &[]), 1.0);
+}
