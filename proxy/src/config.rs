@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::Deserialize;
 
 use crate::endpoint::{Endpoint, DEFAULT_SOCKET_MODE};
-use crate::identity::{dns_sans, load_certs, load_key};
+use crate::identity::{dns_sans, load_certs, load_crls, load_key};
 
 /// Default for `drain_timeout_secs`: how long open streams may run on after SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,6 +60,10 @@ pub struct TlsConfig {
     pub ca_certs: Vec<CertificateDer<'static>>,
     /// `tls.record_layer`: who protects records after the handshake.
     pub record_layer: RecordLayer,
+    /// `tls.crl`: revoked peer certificates (both directions), when configured.
+    pub crl_path: Option<PathBuf>,
+    /// The CRLs of `tls.crl` (DER), each parsed and issued by a CA of `tls.ca`.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 /// `tls.record_layer`: whose TLS record layer carries data streams and control connections
@@ -259,6 +263,14 @@ impl Config {
                 RecordLayer::Rustls => "tls.record_layer: rustls' record layer (tokio-rustls), the fallback",
             }
         );
+        if let Some(crl) = &self.tls.crl_path {
+            let _ = writeln!(
+                out,
+                "  revokes     {} ({} CRL(s); checked on every handshake, resumed ones too)",
+                crl.display(),
+                self.tls.crls.len()
+            );
+        }
         let _ = writeln!(out, "listen: TCP {} (TLS 1.3, mutual TLS; peers must present a certificate from the CA above)", self.listen);
         let _ = writeln!(
             out,
@@ -412,6 +424,7 @@ struct RawTls {
     key: String,
     ca: String,
     record_layer: Option<String>,
+    crl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -952,6 +965,15 @@ impl Validator<'_> {
             }
         }
 
+        let (crl_path, crls) = match &raw.crl {
+            None => (None, Vec::new()),
+            Some(c) => {
+                let path = self.path("tls.crl", c)?;
+                let crls = check_crls(&path, &ca_certs, &ca_path)?;
+                (Some(path), crls)
+            }
+        };
+
         Ok(TlsConfig {
             cert_path,
             key_path,
@@ -960,6 +982,8 @@ impl Validator<'_> {
             key,
             ca_certs,
             record_layer,
+            crl_path,
+            crls,
         })
     }
 
@@ -1106,29 +1130,19 @@ impl Validator<'_> {
 }
 
 /// Peers verify our certificate against the same CA bundle, for both server and client use:
-/// check now what they will check, so a wrong chain or EKU shows up in `migtun check`.
+/// check now what they will check, so a wrong chain or EKU shows up in `migtun check`. The
+/// verifiers are the agent's own ([`crate::tls::verifiers`]), with `tls.crl`: a revoked own
+/// certificate, or a CRL of our issuer with a bad signature, is reported here too.
 fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
     use rustls::client::danger::ServerCertVerifier;
 
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(tls.ca_certs.iter().cloned());
-    let roots = Arc::new(roots);
     let now = UnixTime::now();
     let (leaf, intermediates) = (&tls.cert_chain[0], &tls.cert_chain[1..]);
     let cert = tls.cert_path.display();
     let ca = tls.ca_path.display();
-
-    let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        roots.clone(),
-        provider.clone(),
-    )
-    .build()
-    .or_else(|e| {
-        err(
-            "tls.ca",
-            format!("{ca}: cannot build a certificate verifier ({e})"),
-        )
+    let (client, server) = crate::tls::verifiers(tls, crate::tls::provider()).or_else(|e| match &tls.crl_path {
+        Some(crl) => err("tls.crl", format!("{}: cannot build a certificate verifier with it ({e})", crl.display())),
+        None => err("tls.ca", format!("{ca}: cannot build a certificate verifier ({e})")),
     })?;
     let server_name = ServerName::try_from(name.to_string()).or_else(|e| {
         err(
@@ -1136,27 +1150,56 @@ fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
             format!("{name:?} is not usable as a TLS server name ({e})"),
         )
     })?;
+    let judged = |e: rustls::Error, what: &str| -> Result<(), Problem> {
+        let crl = tls.crl_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        match crate::tls::tls_failure_reason(&e) {
+            "revoked" => err("tls.cert", format!("{cert} is revoked by tls.crl {crl}")),
+            "bad-certificate" | "bad-crl" if !crl.is_empty() => err(
+                "tls.crl",
+                format!("{crl}: cannot check {cert} against it ({e}); is the CRL signed by the CA of tls.ca?"),
+            ),
+            _ => err("tls.cert", format!("{cert} does not verify as a TLS {what} under tls.ca {ca} ({e})")),
+        }
+    };
     if let Err(e) = server.verify_server_cert(leaf, intermediates, &server_name, &[], now) {
-        return err(
-            "tls.cert",
-            format!("{cert} does not verify as a TLS server certificate for {name} under tls.ca {ca} ({e})"),
-        );
+        return judged(e, &format!("server certificate for {name}"));
     }
-    let client = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-        .build()
-        .or_else(|e| {
-            err(
-                "tls.ca",
-                format!("{ca}: cannot build a certificate verifier ({e})"),
-            )
-        })?;
     if let Err(e) = client.verify_client_cert(leaf, intermediates, now) {
-        return err(
-            "tls.cert",
-            format!("{cert} does not verify as a TLS client certificate under tls.ca {ca} ({e}); it needs EKU clientAuth"),
-        );
+        return judged(e, "client certificate; it needs EKU clientAuth");
     }
     Ok(())
+}
+
+/// `tls.crl`: every CRL in the PEM file parses, and is issued by a CA of `tls.ca` (a CRL of
+/// another issuer would silently revoke nothing).
+fn check_crls(
+    path: &Path,
+    ca_certs: &[CertificateDer<'static>],
+    ca_path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, Problem> {
+    let file = path.display();
+    let crls = load_crls(path).or_else(|e| err("tls.crl", e.to_string()))?;
+    let subjects: Vec<Vec<u8>> = ca_certs
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+        .map(|(_, c)| c.subject().as_raw().to_vec())
+        .collect();
+    for (i, crl) in crls.iter().enumerate() {
+        let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
+            .or_else(|e| err("tls.crl", format!("{file}: CRL #{} does not parse: {e}", i + 1)))?;
+        if !subjects.iter().any(|s| s.as_slice() == parsed.issuer().as_raw()) {
+            return err(
+                "tls.crl",
+                format!(
+                    "{file}: CRL #{} is issued by {:?}, which is not a CA of tls.ca {}",
+                    i + 1,
+                    parsed.issuer().to_string(),
+                    ca_path.display()
+                ),
+            );
+        }
+    }
+    Ok(crls)
 }
 
 /// A DNS host name: labels of 1..=63 letters, digits and '-' (not at either end), '.'-separated,
@@ -1374,6 +1417,27 @@ address = "192.0.2.2:7443"
             assert!(!e.to_string().contains('\n'), "one line: {e}");
             e
         }
+    }
+
+    /// `tls.crl`: relative to the config file, loaded, explained; a missing or malformed file,
+    /// or one revoking this host's own certificate, is an error naming the key.
+    #[test]
+    fn tls_crl() {
+        let pki = Pki::new();
+        let with_crl = |crl: &str| pki.valid("").replace("[[peer]]", &format!("crl = \"{crl}\"\n\n[[peer]]"));
+        migtun_certs::issue(pki.dir.path(), "host-c").unwrap();
+        migtun_certs::revoke(pki.dir.path(), "host-c").unwrap();
+        let c = pki.load(&with_crl("crl.pem")).expect("relative tls.crl");
+        assert_eq!(c.tls.crl_path, Some(pki.dir.path().join("crl.pem")));
+        assert_eq!(c.tls.crls.len(), 1);
+        assert!(c.explain().contains("revokes     "), "{}", c.explain());
+        assert!(pki.load(&pki.valid("")).unwrap().tls.crls.is_empty(), "no tls.crl: nothing revoked");
+
+        assert_key(&pki.err(&with_crl("missing.pem")), "tls.crl", "missing.pem: No such file");
+        std::fs::write(pki.dir.path().join("junk.pem"), "junk").unwrap();
+        assert_key(&pki.err(&with_crl("junk.pem")), "tls.crl", "holds no PEM CRL");
+        migtun_certs::revoke(pki.dir.path(), "host-a").unwrap();
+        assert_key(&pki.err(&with_crl("crl.pem")), "tls.cert", "is revoked by tls.crl");
     }
 
     fn assert_key(e: &ConfigError, key: &str, contains: &str) {

@@ -53,6 +53,8 @@ pub struct ExposeContext {
     pub awaiting_preamble: Arc<KeyedLimit<String>>,
     /// Rate-limited log lines of the port.
     pub log: PortLog,
+    /// Checks a resumed session's client certificate again ([`crate::tls::TlsContext::recheck_client`]).
+    pub tls: Arc<crate::tls::TlsContext>,
 }
 
 impl ExposeContext {
@@ -63,6 +65,7 @@ impl ExposeContext {
         abort: CancellationToken,
         control: Option<crate::agent::ControlHandler>,
         peers: Vec<String>,
+        tls: Arc<crate::tls::TlsContext>,
     ) -> ExposeContext {
         ExposeContext {
             metrics,
@@ -73,6 +76,7 @@ impl ExposeContext {
             peers,
             awaiting_preamble: KeyedLimit::new(MAX_AWAITING_PREAMBLE_PER_PEER),
             log: PortLog::default(),
+            tls,
         }
     }
 }

@@ -106,6 +106,13 @@ pub struct SwitchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `leaf`: this agent's own certificate; `ca`: the earliest of its chain's intermediates
+    /// and the trust anchors of `tls.ca`.
+    pub which: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
 }
@@ -159,6 +166,7 @@ pub struct Metrics {
     pub port_paused: Counter,
     pub awaiting_preamble: Gauge,
     pub control_refusals: Family<ControlRefusalLabels, Counter>,
+    pub certificate_not_after: Family<CertificateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -184,6 +192,7 @@ impl Metrics {
         let port_paused = Counter::default();
         let awaiting_preamble = Gauge::default();
         let control_refusals = Family::default();
+        let certificate_not_after = Family::default();
         registry.register("bytes", "Bytes relayed, by peer, route and direction (tx: towards the peer)", bytes.clone());
         registry.register("streams_open", "Tunnelled streams open now", streams_open.clone());
         registry.register("stream_opens", "Tunnelled streams opened successfully", stream_opens.clone());
@@ -198,6 +207,11 @@ impl Metrics {
             "transport_switches",
             "Peers with transport \"auto\": new streams moved to `to` (tls: UDP blocked, quic: works again)",
             transport_switches.clone(),
+        );
+        registry.register(
+            "certificate_not_after_seconds",
+            "When certificates expire (unix seconds): which=\"leaf\" this agent's own, which=\"ca\" the earliest of its chain and tls.ca",
+            certificate_not_after.clone(),
         );
         registry.register("protocol_errors", "Malformed or unexpected data on the port", protocol_errors.clone());
         registry.register(
@@ -249,6 +263,16 @@ impl Metrics {
             port_paused,
             awaiting_preamble,
             control_refusals,
+            certificate_not_after,
+        }
+    }
+
+    /// The not-after (unix seconds) of the agent's own certificate and of its earliest CA.
+    pub fn certificates_expire(&self, leaf: Option<i64>, ca: Option<i64>) {
+        for (which, at) in [("leaf", leaf), ("ca", ca)] {
+            if let Some(at) = at {
+                self.certificate_not_after.get_or_create(&CertificateLabels { which }).set(at);
+            }
         }
     }
 

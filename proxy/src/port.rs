@@ -302,6 +302,13 @@ async fn handshake(
     };
     let info = conn.info();
     let peer = PeerIdentity::from_certs(info.peer_certificates.as_deref());
+    // rustls took a resumed session's certificates from the session: check them again, now.
+    if let Err(e) = info.resumed.then(|| ctx.tls.recheck_client(info.peer_certificates.as_deref())).unwrap_or(Ok(())) {
+        let reason = crate::tls::tls_failure_reason(&e);
+        warn!(%addr, peer = peer.name(), reason, error = %e, "resumed TLS session refused: the peer's certificate no longer verifies");
+        ctx.metrics.handshake_failed("server", peer.name(), reason);
+        return None;
+    }
     ctx.metrics.handshake_done("server", info.resumed);
     if !is_configured_peer(ctx, "tls", addr, &peer) {
         crate::socket::reset_on_drop(conn.tcp());

@@ -28,12 +28,11 @@ use tracing::{debug, info, warn};
 
 pub use quinn;
 
-use crate::config::TlsConfig;
 use crate::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
 use crate::limit::{source_key, KeyedLimit};
 use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_ADDRESS};
-use crate::tls::{PeerIdentity, TlsSetupError, ALPN_DATA};
+use crate::tls::{ClientSide, PeerIdentity, TlsContext, TlsSetupError, ALPN_DATA};
 use crate::Reset;
 
 /// Per-stream receive window: how far a sender may run ahead of a reader on one stream. At
@@ -80,6 +79,9 @@ pub mod codes {
     pub const UNSUPPORTED_ALPN: VarInt = VarInt::from_u32(3);
     /// The certificate is not a configured peer's, or the peer holds too many connections.
     pub const REFUSED: VarInt = VarInt::from_u32(4);
+    /// The peer's certificate failed its check after the handshake (expired or revoked since the
+    /// session it resumed was made); the reason text says which.
+    pub const CERTIFICATE_REFUSED: VarInt = VarInt::from_u32(5);
 }
 
 /// The congestion controller.
@@ -139,8 +141,8 @@ pub fn transport_config(congestion: Congestion) -> Arc<TransportConfig> {
 }
 
 /// The QUIC server side, from the TLS transport's rustls server configuration.
-pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ServerConfig, TlsSetupError> {
-    let rustls = crate::tls::server_config(tls, alpn)?;
+pub fn server_config(tls: &TlsContext, alpn: &[&[u8]]) -> Result<quinn::ServerConfig, TlsSetupError> {
+    let rustls = tls.server_config(alpn)?;
     let crypto = QuicServerConfig::try_from(rustls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config(Congestion::from_env()));
@@ -150,8 +152,8 @@ pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ServerCon
 }
 
 /// The QUIC client side, from the TLS transport's rustls client configuration.
-pub fn client_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ClientConfig, TlsSetupError> {
-    let rustls = crate::tls::client_config(tls, alpn)?;
+pub fn client_config(tls: &ClientSide) -> Result<quinn::ClientConfig, TlsSetupError> {
+    let rustls = tls.config.clone();
     let crypto = QuicClientConfig::try_from(rustls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport_config(Congestion::from_env()));
@@ -406,6 +408,7 @@ fn crypto_reason(code: u64, text: &str, by_peer: bool) -> &'static str {
         116 => "no-client-certificate",
         48 => "unknown-ca",
         51 if has("BadSignature") => "unknown-ca",
+        44 if has("Revoked") || has("revoked") => "revoked",
         45 if has("NotValidYet") || has("not valid yet") => "not-yet-valid",
         45 => "expired",
         42 if has("NotValidForName") || has("not valid for name") => "wrong-name",
@@ -523,6 +526,15 @@ async fn handshake(
         }
     };
     let peer = peer_identity(&conn);
+    // quinn does not say whether the session was resumed, whose certificates rustls did not
+    // verify: check every connection's (a full handshake's pass again, cheaply).
+    if let Err(e) = ctx.tls.recheck_client(peer_certificates(&conn).as_deref()) {
+        let reason = crate::tls::tls_failure_reason(&e);
+        warn!(%addr, peer = peer.name(), reason, error = %e, "QUIC session refused: the peer's certificate no longer verifies");
+        ctx.metrics.handshake_failed_on("quic", "server", peer.name(), reason);
+        conn.close(codes::CERTIFICATE_REFUSED, reason.as_bytes());
+        return None;
+    }
     ctx.metrics.handshake_done_on("quic", "server", false);
     if !crate::port::is_configured_peer(ctx, "quic", addr, &peer) {
         conn.close(codes::REFUSED, b"not a configured peer");
@@ -541,9 +553,14 @@ async fn handshake(
 
 /// Who the peer of an established connection is, from its certificate chain.
 pub fn peer_identity(conn: &quinn::Connection) -> PeerIdentity {
-    let certs =
-        conn.peer_identity().and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
-    PeerIdentity::from_certs(certs.as_deref().map(Vec::as_slice))
+    PeerIdentity::from_certs(peer_certificates(conn).as_deref())
+}
+
+/// The certificate chain the peer of an established connection presented (or resumed with).
+pub fn peer_certificates(conn: &quinn::Connection) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    conn.peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .map(|certs| *certs)
 }
 
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {

@@ -1013,6 +1013,8 @@ pub(crate) mod tests {
             key: PrivateKeyDer::from_pem_slice(host.key_pem.as_bytes()).unwrap(),
             ca_certs: CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()).collect::<Result<_, _>>().unwrap(),
             record_layer: crate::config::RecordLayer::Own,
+            crl_path: None,
+            crls: Vec::new(),
         }
     }
 
