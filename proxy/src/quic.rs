@@ -612,11 +612,13 @@ mod tests {
         let ca = migtun_certs::Ca::generate("test CA").unwrap();
         let server_tls = crate::session::tests::tls_config(&ca, "host-b");
         let client_tls = crate::session::tests::tls_config(&ca, "host-a");
-        let server = quinn::Endpoint::server(server_config(&server_tls, &[ALPN_DATA]).unwrap(), "127.0.0.1:0".parse().unwrap())
+        let server_ctx = TlsContext::new(&server_tls).unwrap();
+        let server = quinn::Endpoint::server(server_config(&server_ctx, &[ALPN_DATA]).unwrap(), "127.0.0.1:0".parse().unwrap())
             .unwrap();
         let addr = server.local_addr().unwrap();
         let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        client.set_default_client_config(client_config(&client_tls, &[ALPN_DATA]).unwrap());
+        let client_side = TlsContext::new(&client_tls).unwrap().client_config(&[ALPN_DATA]).unwrap();
+        client.set_default_client_config(client_config(&client_side).unwrap());
         (server, client, addr)
     }
 
