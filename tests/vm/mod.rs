@@ -264,6 +264,11 @@ impl Monitor {
         self.rt.block_on(self.qmp.execute(command, args)).map_err(|e| e.to_string())
     }
 
+    /// A command with its own reply timeout (QEMU's main loop may be blocked).
+    pub fn cmd_timeout(&self, command: &str, args: serde_json::Value, timeout: Duration) -> Result<serde_json::Value, String> {
+        self.rt.block_on(self.qmp.execute_with_timeout(command, args, timeout)).map_err(|e| e.to_string())
+    }
+
     /// `query-status`'s `running`.
     pub fn running(&self) -> bool {
         self.cmd("query-status", serde_json::Value::Null).expect("query-status")["running"] == true
