@@ -7,3 +7,6 @@ pub mod messages;
 pub mod admin;
 pub mod machine;
 pub mod driver;
+/// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
+#[doc(hidden)]
+pub mod fuzzing;

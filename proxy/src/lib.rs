@@ -17,6 +17,9 @@ pub mod connect;
 pub mod endpoint;
 pub mod expose;
 pub mod forward;
+/// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod metrics;
 pub mod port;
