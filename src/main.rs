@@ -62,7 +62,7 @@ enum Command {
         parallel: Option<u8>,
         #[arg(long)]
         postcopy: bool,
-        /// Bytes per second.
+        /// Bytes per second for the RAM migration [default: no limit; QEMU's own 128 MiB/s is lifted].
         #[arg(long)]
         max_bandwidth: Option<u64>,
         #[arg(long)]
@@ -106,6 +106,13 @@ enum CertsCommand {
         #[arg(long)]
         name: String,
     },
+    /// Revoke DIR/HOST.pem: adds it to DIR/crl.pem (signed by DIR/ca.key), the agents' `tls.crl`.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -115,6 +122,7 @@ fn main() -> ExitCode {
         Command::Check { config } => cmd::serve::check(&config),
         Command::Certs { command: CertsCommand::Init { dir } } => cmd::certs::init(&dir),
         Command::Certs { command: CertsCommand::Issue { dir, name } } => cmd::certs::issue(&dir, &name),
+        Command::Certs { command: CertsCommand::Revoke { dir, name } } => cmd::certs::revoke(&dir, &name),
         Command::Migrate {
             admin, qmp, to, disks, shared_storage, parallel, postcopy, max_bandwidth, downtime_ms, force, with_file, json,
         } => cmd::migrate::check_files(&with_file).and_then(|files| {

@@ -391,8 +391,9 @@ async fn vanished_peer_is_noticed_and_the_stream_ends() {
     let firewall = Firewall::start(addr_b).await;
     firewall.open_udp(addr_b);
     let _target = spawn_hash_target(pki.path("hash.sock"));
+    // host-a is one of host-b's peers: a certificate that is not gets nothing past the handshake.
     let b = format!(
-        "name = \"host-b\"\nlisten = \"{addr_b}\"\n{}\n[[expose]]\nroute = \"bulk\"\ntarget = \"unix:{}\"\nallow = [\"host-a\"]\n",
+        "name = \"host-b\"\nlisten = \"{addr_b}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n\n[[expose]]\nroute = \"bulk\"\ntarget = \"unix:{}\"\nallow = [\"host-a\"]\n",
         tls_table(&pki.pki(), "host-b"),
         pki.path("hash.sock").display()
     );

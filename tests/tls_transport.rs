@@ -1,8 +1,17 @@
-//! The data plane over TLS/TCP: the shared stream suite, plus what only TLS has to show.
+//! The data plane over TLS/TCP: the shared stream suite on both TLS record layers, plus what
+//! only TLS has to show.
 
 mod common;
 
-common::suite::transport_suite!("tls");
+/// The whole suite on migtun's own record layer (`tls.record_layer = "own"`, the default).
+mod own_record_layer {
+    crate::common::suite::transport_suite!("tls", "own");
+}
+
+/// The whole suite again on the fallback, tokio-rustls' record layer (`"rustls"`).
+mod rustls_record_layer {
+    crate::common::suite::transport_suite!("tls", "rustls");
+}
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -230,4 +239,33 @@ async fn a_burst_of_a_thousand_opens_all_arrive() {
     }
     assert_eq!(pair.a.sample("migtun_stream_failures_total", &[]), 0.0);
     assert_eq!(pair.b.sample("migtun_handshake_failures_total", &[]), 0.0, "no handshake dropped by the peer");
+}
+
+/// Control connections (ALPN h2) run on the configured record layer too, on either side and
+/// mixed: bytes both ways and a clean end, whichever layer each agent uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_connections_work_on_either_record_layer_and_mixed() {
+    for (layer_a, layer_b) in [("rustls", "rustls"), ("own", "rustls"), ("rustls", "own")] {
+        let echo: migtun_proxy::agent::ControlHandler = Arc::new(|mut io, peer| {
+            Box::pin(async move {
+                assert_eq!(peer.name(), "host-a");
+                let mut got = Vec::new();
+                io.read_to_end(&mut got).await.expect("the control client's bytes, to a clean end");
+                io.write_all(&got).await.unwrap();
+                io.shutdown().await.unwrap();
+            })
+        });
+        let (_pki, a, _b) = control_pair_on(echo, layer_a, layer_b).await;
+        let mut io = a.handle.connect_control("host-b").await.expect("control connection");
+        let data = DataGen::new(9).bytes(3 << 20);
+        let (mut r, mut w) = tokio::io::split(&mut io);
+        let write = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let ((), read) = tokio::join!(write, r.read_to_end(&mut back));
+        read.expect("the echo, to a clean end");
+        assert!(back == data, "host-a {layer_a}, host-b {layer_b}: the echo is exact");
+    }
 }

@@ -18,8 +18,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
+    SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -36,6 +37,12 @@ pub const DEFAULT_CA_NAME: &str = "migtun CA";
 pub const CA_VALIDITY: Duration = Duration::days(3650);
 /// Default validity of a host certificate.
 pub const HOST_VALIDITY: Duration = Duration::days(730);
+/// File name of the certificate revocation list written by [`revoke`] (the agents' `tls.crl`).
+pub const CRL_FILE: &str = "crl.pem";
+/// The nextUpdate of a CRL made by [`revoke`] is this far ahead. migtun does not enforce
+/// nextUpdate (a CRL from `revoke` only ever grows); tools that do will want `revoke` re-run
+/// (any name already revoked re-signs the list) within this time.
+pub const CRL_VALIDITY: Duration = Duration::days(365);
 /// `notBefore` is set this far in the past, so hosts with slightly slow clocks accept the cert.
 pub const CLOCK_SKEW_MARGIN: Duration = Duration::hours(1);
 
@@ -92,6 +99,13 @@ pub struct IssueOptions {
     pub not_after: Option<OffsetDateTime>,
     /// An Ed25519 key instead of ECDSA P-256.
     pub ed25519: bool,
+}
+
+/// One revoked certificate of a CRL: its serial number (big-endian bytes) and when it was revoked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revoked {
+    pub serial: Vec<u8>,
+    pub at: OffsetDateTime,
 }
 
 /// A host certificate and its private key (PKCS#8), both PEM.
@@ -260,6 +274,72 @@ impl Ca {
         })
     }
 
+    /// A CRL (PEM) signed by this CA listing `revoked`, with CRL number `number` (which must
+    /// grow with each new list), current from now for [`CRL_VALIDITY`].
+    pub fn crl(&self, revoked: &[Revoked], number: u64) -> Result<String, CertError> {
+        let gen_err = |source| CertError::Generate {
+            name: "CRL".to_string(),
+            source,
+        };
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - CLOCK_SKEW_MARGIN,
+            next_update: now + CRL_VALIDITY,
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|r| RevokedCertParams {
+                    serial_number: SerialNumber::from(r.serial.clone()),
+                    revocation_time: r.at,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer, &self.key)
+            .and_then(|crl| crl.pem())
+            .map_err(gen_err)
+    }
+
+    /// The serial number of a certificate (PEM) this CA issued; an error names `path` if the
+    /// certificate does not parse or another CA issued it.
+    pub fn serial_of(&self, cert_pem: &str, path: &Path) -> Result<Vec<u8>, CertError> {
+        let bad = |detail: String| CertError::BadFile {
+            path: path.display().to_string(),
+            detail,
+        };
+        let der = pem_der(cert_pem, "CERTIFICATE").ok_or_else(|| bad("no PEM certificate".into()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| bad(format!("cannot parse the certificate: {e}")))?;
+        if cert.issuer().as_raw() != self.subject_der()?.as_slice() {
+            return Err(bad(format!(
+                "issued by {:?}, not by this CA ({:?})",
+                cert.issuer().to_string(),
+                self.subject_name()
+            )));
+        }
+        Ok(cert.serial.to_bytes_be())
+    }
+
+    fn subject_der(&self) -> Result<Vec<u8>, CertError> {
+        let der = pem_der(&self.cert_pem, "CERTIFICATE").unwrap_or_default();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::BadFile {
+            path: CA_CERT_FILE.to_string(),
+            detail: format!("cannot parse the CA certificate: {e}"),
+        })?;
+        Ok(cert.subject().as_raw().to_vec())
+    }
+
+    fn subject_name(&self) -> String {
+        let der = pem_der(&self.cert_pem, "CERTIFICATE").unwrap_or_default();
+        x509_parser::parse_x509_certificate(&der)
+            .map(|(_, c)| c.subject().to_string())
+            .unwrap_or_default()
+    }
+
     /// Writes `DIR/ca.pem` (0644) and `DIR/ca.key` (0600). Refuses to overwrite an existing
     /// `ca.key`: replacing a CA key invalidates every certificate it issued.
     pub fn write(&self, dir: &Path) -> Result<(), CertError> {
@@ -315,6 +395,83 @@ pub fn issue(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), CertError> {
     validate_dns_name(name)?;
     let ca = Ca::load(dir)?;
     ca.issue(name, &IssueOptions::default())?.write(dir)
+}
+
+/// `migtun certs revoke --dir DIR --name HOST`: adds DIR/HOST.pem (which DIR/ca.* must have
+/// issued) to DIR/crl.pem, signed by DIR/ca.key, keeping what the list revoked before and
+/// raising its CRL number. Returns the CRL's path. Revoking a certificate twice re-signs the
+/// list without adding it again.
+pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf, CertError> {
+    validate_dns_name(name)?;
+    let ca = Ca::load(dir)?;
+    let cert_path = dir.join(format!("{name}.pem"));
+    let serial = ca.serial_of(&read_string(&cert_path)?, &cert_path)?;
+    let crl_path = dir.join(CRL_FILE);
+    let (mut revoked, number) = match std::fs::read_to_string(&crl_path) {
+        Ok(text) => read_crl(&ca, &text, &crl_path)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (Vec::new(), 0),
+        Err(source) => {
+            return Err(CertError::Read {
+                path: crl_path.display().to_string(),
+                source,
+            })
+        }
+    };
+    if !revoked.iter().any(|r| r.serial == serial) {
+        revoked.push(Revoked {
+            serial,
+            at: OffsetDateTime::now_utc(),
+        });
+    }
+    let next = number.checked_add(1).ok_or_else(|| CertError::BadFile {
+        path: crl_path.display().to_string(),
+        detail: "CRL number cannot grow any more".into(),
+    })?;
+    write_replace(&crl_path, ca.crl(&revoked, next)?.as_bytes(), 0o644)?;
+    Ok(crl_path)
+}
+
+/// The entries and CRL number of a CRL (PEM) that `ca` issued.
+pub fn read_crl(ca: &Ca, text: &str, path: &Path) -> Result<(Vec<Revoked>, u64), CertError> {
+    let bad = |detail: String| CertError::BadFile {
+        path: path.display().to_string(),
+        detail,
+    };
+    let der = pem_der(text, "X509 CRL").ok_or_else(|| bad("no PEM CRL (-----BEGIN X509 CRL-----)".into()))?;
+    let (_, crl) =
+        x509_parser::parse_x509_crl(&der).map_err(|e| bad(format!("cannot parse the CRL: {e}")))?;
+    if crl.issuer().as_raw() != ca.subject_der()?.as_slice() {
+        return Err(bad(format!(
+            "issued by {:?}, not by the CA of this directory",
+            crl.issuer().to_string()
+        )));
+    }
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|r| Revoked {
+            serial: r.serial().to_bytes_be(),
+            at: r.revocation_date.to_datetime(),
+        })
+        .collect();
+    let number = match crl.crl_number() {
+        None => 0,
+        Some(n) => {
+            let bytes = n.to_bytes_be();
+            if bytes.len() > 8 {
+                return Err(bad("CRL number larger than 64 bits".into()));
+            }
+            bytes.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b))
+        }
+    };
+    Ok((revoked, number))
+}
+
+/// The DER contents of the first PEM block labelled `label` in `text`.
+fn pem_der(text: &str, label: &str) -> Option<Vec<u8>> {
+    x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
+        .filter_map(Result::ok)
+        .find(|p| p.label == label)
+        .map(|p| p.contents)
 }
 
 /// Checks that `name` is a DNS host name: labels of 1..=63 letters, digits and '-' (not at
@@ -590,6 +747,65 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let err = issue(tmp.path(), "host-a").unwrap_err();
         assert!(err.to_string().contains("ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn revoke_grows_one_signed_list() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        init(dir).unwrap();
+        issue(dir, "host-a").unwrap();
+        issue(dir, "host-b").unwrap();
+        let ca = Ca::load(dir).unwrap();
+        let serial = |host: &str| {
+            let path = dir.join(format!("{host}.pem"));
+            ca.serial_of(&std::fs::read_to_string(&path).unwrap(), &path)
+                .unwrap()
+        };
+        let listed = || {
+            let path = dir.join(CRL_FILE);
+            let (revoked, number) =
+                read_crl(&ca, &std::fs::read_to_string(&path).unwrap(), &path).unwrap();
+            let serials: Vec<Vec<u8>> = revoked.into_iter().map(|r| r.serial).collect();
+            (serials, number)
+        };
+
+        let crl = revoke(dir, "host-a").unwrap();
+        assert_eq!(crl, dir.join("crl.pem"));
+        assert_eq!(mode(&crl), 0o644);
+        assert_eq!(listed(), (vec![serial("host-a")], 1));
+        // Signed by the CA.
+        let crl_der = pem_der(&std::fs::read_to_string(&crl).unwrap(), "X509 CRL").unwrap();
+        let (_, parsed) = parse_x509_crl(&crl_der).unwrap();
+        let ca_der = der(&ca.cert_pem());
+        let (_, ca_cert) = parse_x509_certificate(&ca_der).unwrap();
+        assert_eq!(parsed.issuer(), ca_cert.subject());
+
+        revoke(dir, "host-b").unwrap();
+        assert_eq!(listed(), (vec![serial("host-a"), serial("host-b")], 2));
+        // Again: not listed twice, but re-signed with a higher number.
+        revoke(dir, "host-a").unwrap();
+        assert_eq!(listed(), (vec![serial("host-a"), serial("host-b")], 3));
+
+        // No such host, or a certificate of another CA: refused, naming the file.
+        let err = revoke(dir, "host-z").unwrap_err();
+        assert!(err.to_string().contains("host-z.pem"), "{err}");
+        let other = Ca::generate("other CA").unwrap();
+        other
+            .issue("host-x", &IssueOptions::default())
+            .unwrap()
+            .write(dir)
+            .unwrap();
+        let err = revoke(dir, "host-x").unwrap_err();
+        assert!(
+            err.to_string().contains("host-x.pem") && err.to_string().contains("not by this CA"),
+            "{err}"
+        );
+        assert_eq!(listed().1, 3, "a refused revoke leaves the list alone");
+        assert!(matches!(
+            revoke(dir, "../ca"),
+            Err(CertError::InvalidName { .. })
+        ));
     }
 
     #[test]

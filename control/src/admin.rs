@@ -181,25 +181,18 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let listener = LocalListener::bind(&Endpoint::Unix(path.to_path_buf()), 0o600).await?;
+    let mut accept = migtun_proxy::accept::AcceptLoop::new("admin", Some(agent.metrics()));
     loop {
         let conn = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            c = listener.accept() => c,
+            c = accept.accept(|| listener.accept()) => c,
         };
-        match conn {
-            Ok(conn) => {
-                let (agent, registry, starter) = (agent.clone(), registry.clone(), starter.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = handle(conn, agent, registry, starter).await {
-                        warn!(error = %e, "admin connection failed");
-                    }
-                });
+        let (agent, registry, starter) = (agent.clone(), registry.clone(), starter.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(conn, agent, registry, starter).await {
+                warn!(error = %e, "admin connection failed");
             }
-            Err(e) => {
-                warn!(error = %e, "admin socket: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
+        });
     }
 }
 

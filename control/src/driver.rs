@@ -43,6 +43,13 @@ const TEARDOWN_WAIT: Duration = Duration::from_secs(30);
 /// Waiting for a job or the migration to end is driven by QEMU's events; without one for this
 /// long, the state is queried anyway (a safety net, not the mechanism).
 const STATUS_RECHECK: Duration = Duration::from_millis(250);
+/// `Finish(failure)` is best effort: the destination also cleans up by itself when the control
+/// connection ends, so a rollback never waits longer than this for a stalled peer's answer.
+const FINISH_FAILURE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The source's `query-status` for the final report; QEMU answers in milliseconds.
+const REPORT_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// `query-yank` and `yank` run out of band in QEMU's monitor thread: they answer at once.
+const YANK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The events that announce a block job's state changes.
 const JOB_EVENTS: &[&str] = &["JOB_STATUS_CHANGE", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"];
 
@@ -120,10 +127,19 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
     let mut cancel_sent = false;
     let mut peer_lost_sent = false;
     let mut last_activity = tokio::time::Instant::now();
+    // The QMP event stream is open until the source QEMU goes away; then it is polled no more
+    // (a closed channel is ready at once: polling it is a busy loop).
+    let mut qemu_lost_sent = false;
     loop {
         while let Some(action) = queue.pop_front() {
             if let Some(event) = exec.perform(action, tracked).await {
                 queue.extend(machine.handle(event));
+            }
+            // A command found the QMP connection closed: the machine learns it at once, before
+            // it acts on the source QEMU again.
+            if !qemu_lost_sent && exec.qmp.is_closed() {
+                qemu_lost_sent = true;
+                queue.extend(machine.handle(Event::QemuLost(QEMU_GONE.to_string())));
             }
             let phase = machine.phase().to_string();
             if phase != last_phase {
@@ -133,7 +149,8 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
         }
         if let Some(outcome) = machine.outcome() {
             exec.cleanup_dir();
-            if matches!(outcome, Outcome::Failed { .. } | Outcome::Cancelled) {
+            let rolled_back = matches!(outcome, Outcome::Failed { .. } | Outcome::Cancelled);
+            if rolled_back && !exec.qmp.is_closed() {
                 // Rolled back: the source runs on as before, with its own migration settings.
                 exec.restore_settings().await;
             }
@@ -141,15 +158,22 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
             if kind == OutcomeKind::Succeeded {
                 message = format!("{message} ({})", exec.summary(started.elapsed()));
             }
+            if rolled_back {
+                if let Some(state) = exec.source_state(machine.was_running()).await {
+                    message = format!("{message}; {state}");
+                }
+            }
             return Ok((kind, message));
         }
         let event = tokio::select! {
-            ev = events.recv() => match ev {
+            ev = events.recv(), if !qemu_lost_sent => match ev {
                 Ok(ev) => exec.translate(&ev),
                 Err(broadcast::error::RecvError::Lagged(_)) => None,
-                // QEMU went away: the machine learns it from the next command's failure; give it
-                // a status so it does not wait for events that will never come.
-                Err(broadcast::error::RecvError::Closed) => Some(Event::MigrationState(MigrationStatus::Failed)),
+                // QEMU went away (exited, killed): one event, and the channel is not polled again.
+                Err(broadcast::error::RecvError::Closed) => {
+                    qemu_lost_sent = true;
+                    Some(Event::QemuLost(QEMU_GONE.to_string()))
+                }
             },
             _ = tick.tick() => exec.progress(tracked).await,
             _ = tracked.cancel.cancelled(), if !cancel_sent => {
@@ -158,6 +182,7 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
             }
             _ = exec.rpc.closed(), if !peer_lost_sent => {
                 peer_lost_sent = true;
+                exec.cut_peer_connections().await;
                 Some(Event::PeerLost(format!("the control connection to {} ended", args.to)))
             }
         };
@@ -197,6 +222,9 @@ fn phase_message(phase: &str) -> String {
     .to_string()
 }
 
+/// Why the machine hears [`Event::QemuLost`].
+const QEMU_GONE: &str = "its QMP connection closed";
+
 fn summarize(outcome: &Outcome) -> (OutcomeKind, String) {
     let kind = match outcome {
         Outcome::Succeeded => OutcomeKind::Succeeded,
@@ -207,8 +235,8 @@ fn summarize(outcome: &Outcome) -> (OutcomeKind, String) {
     };
     let message = match outcome {
         Outcome::Succeeded => "the guest now lives on the destination; the source QEMU has quit".to_string(),
-        Outcome::Cancelled => "cancelled; the guest runs on the source as before".to_string(),
-        Outcome::Failed { .. } => format!("{outcome}; the guest runs on the source as before"),
+        // What became of the guest is added from the source QEMU's state
+        // ([`Executor::source_state`]), not assumed.
         other => other.to_string(),
     };
     (kind, message)
@@ -304,7 +332,11 @@ impl Executor {
             Action::ContinueMigration => self.qmp_do("migrate-continue", json!({"state": "pre-switchover"})).await,
             Action::FinishPeer { success, resume } => {
                 let req = FinishRequest { migration: self.id.clone(), success, resume };
-                let reply = self.rpc.call::<_, FinishReply>("finish", &req).await;
+                let reply = if success {
+                    self.rpc.call::<_, FinishReply>("finish", &req).await
+                } else {
+                    self.rpc.call_with_timeout::<_, FinishReply>("finish", &req, FINISH_FAILURE_TIMEOUT).await
+                };
                 if success {
                     // The migration has completed on this side: keep its figures for the summary.
                     // Read after the destination's answer, not before it: QEMU fills in
@@ -340,6 +372,37 @@ impl Executor {
             Ok(Some(e)) => Some(e),
             Ok(None) => Some(Event::Done(step)),
             Err(msg) => Some(Event::Failed(step, msg)),
+        }
+    }
+
+    /// The destination is gone or stalled: cuts the source QEMU's connections to it (the NBD
+    /// clients of our targets and the migration stream) with `yank`, out of band. With NBD
+    /// requests in flight to a peer that does not answer, QEMU's main loop can block in a drain
+    /// (the SIGSTOP test saw `query-status` go unanswered), so that no in-band command of the
+    /// rollback, not even the one that resumes the guest, would run until the peer woke up.
+    async fn cut_peer_connections(&self) {
+        let ours: Vec<String> = self.disks.keys().map(|d| self.target_node(d)).collect();
+        let present = match self.qmp.execute_oob("query-yank", Value::Null, YANK_TIMEOUT).await {
+            Ok(v) => v.as_array().cloned().unwrap_or_default(),
+            Err(e) => {
+                warn!(migration = %self.id, error = %e, "query-yank failed; the rollback may wait for the lost destination");
+                return;
+            }
+        };
+        let instances: Vec<Value> = present
+            .into_iter()
+            .filter(|i| match i["type"].as_str() {
+                Some("block-node") => i["node-name"].as_str().is_some_and(|n| ours.iter().any(|o| o == n)),
+                Some("migration") => self.migration_started,
+                _ => false,
+            })
+            .collect();
+        if instances.is_empty() {
+            return;
+        }
+        match self.qmp.execute_oob("yank", json!({ "instances": instances }), YANK_TIMEOUT).await {
+            Ok(_) => info!(migration = %self.id, ?instances, "cut the source QEMU's connections to the lost destination"),
+            Err(e) => warn!(migration = %self.id, error = %e, "yank failed; the rollback may wait for the lost destination"),
         }
     }
 
@@ -538,9 +601,7 @@ impl Executor {
         if let Some(n) = s.multifd_channels {
             params.insert("multifd-channels".into(), json!(n));
         }
-        if let Some(b) = s.max_bandwidth {
-            params.insert("max-bandwidth".into(), json!(b));
-        }
+        params.insert("max-bandwidth".into(), json!(s.max_bandwidth));
         if let Some(d) = s.downtime_ms {
             params.insert("downtime-limit".into(), json!(d));
         }
@@ -603,6 +664,7 @@ impl Executor {
                 }
             }
             "BLOCK_JOB_CANCELLED" => self.disk_of_job(device).map(Event::MirrorCancelled),
+            "RESUME" => Some(Event::SourceResumed),
             "BLOCK_JOB_ERROR" => {
                 let disk = self.disk_of_job(device)?;
                 let op = ev.data.get("operation").and_then(|o| o.as_str()).unwrap_or("I/O");
@@ -675,6 +737,27 @@ impl Executor {
             }
         }
         parts.join(", ")
+    }
+
+    /// After a rollback: where the guest is, from the source QEMU itself (`query-status`), for
+    /// the final report. `None` when the machine's outcome already says it all (QEMU gone).
+    async fn source_state(&self, was_running: bool) -> Option<String> {
+        if self.qmp.is_closed() {
+            return None;
+        }
+        let status = match self.qmp.execute_with_timeout("query-status", Value::Null, REPORT_STATUS_TIMEOUT).await {
+            Ok(v) => serde_json::from_value::<crate::qmp::Status>(v).ok()?,
+            Err(e) => return Some(format!("the source guest's state is unknown ({e})")),
+        };
+        Some(match (status.running, status.status.as_str()) {
+            (true, _) if was_running => "the guest runs on the source as before".to_string(),
+            (true, _) => "the guest runs on the source (it was resumed there during the migration)".to_string(),
+            (false, "postmigrate") => "the guest is paused on the source, in QEMU state postmigrate: QEMU 7.2 migrates it \
+                                     again only after it has run (cont)"
+                .to_string(),
+            (false, s) if !was_running => format!("the guest is paused on the source as before ({s})"),
+            (false, s) => format!("the guest is NOT running on the source (QEMU state {s}); resume it with cont"),
+        })
     }
 
     fn cleanup_dir(&self) {

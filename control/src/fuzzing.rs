@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::destination::{self, cmdline::Layout, Policy};
 use crate::messages::{Cookie, FinishReply, FinishRequest, PrepareReply};
 use crate::qmp::{self, BlockDeviceInfo, BlockInfo, BlockJobInfo, LineError, Message, MigrationCapability, MigrationInfo, Status};
 use crate::rpc::{FileHeader, Hello, MAX_JSON_BODY};
@@ -83,22 +84,43 @@ pub fn cookie(data: &[u8]) -> RpcOutcome {
     }
 }
 
-/// What `Incoming::prepare` checks before it creates anything, then the hook's input.
+/// The destination's image directory for the fuzzed cookies: a real, empty directory, because
+/// the command-line builder canonicalizes it (it must exist, as it does in `prepare`).
+fn fuzz_layout() -> Option<&'static Layout> {
+    static LAYOUT: std::sync::OnceLock<Option<Layout>> = std::sync::OnceLock::new();
+    LAYOUT
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("migtun-fuzz-{}", std::process::id())).join("images");
+            std::fs::create_dir_all(&dir).ok()?;
+            let image_dir = dir.canonicalize().ok()?;
+            let run = image_dir.parent()?.to_path_buf();
+            Some(Layout { image_dir, qmp: run.join("qmp.sock"), pidfile: run.join("qemu.pid") })
+        })
+        .as_ref()
+}
+
+/// What `Incoming::prepare` checks before it creates anything (the caller is the cookie's
+/// source, [`destination::cookie::validate`], [`destination::cmdline::build`]), then the hook's
+/// input. Asserted of every plan built: argv[0] is the configured emulator, every image is a
+/// file directly inside the image directory, and the sandbox is on.
 fn cookie_checks(cookie: &Cookie) -> RpcOutcome {
-    if let Err(why) = migtun_proxy::wire::validate_name(&cookie.migration) {
-        return RpcOutcome::Refused(format!("migration id {:?}: {why}", cookie.migration));
-    }
     if cookie.source != FUZZ_PEER {
         return RpcOutcome::Refused(format!("{FUZZ_PEER} may not prepare a migration from {}", cookie.source));
     }
-    // ---- COOKIE VALIDATOR CALL SITE (issue 9 point 2) ---------------------------------------
-    // The pure cookie validator (helper A2's) is called here, exactly as `prepare` calls it,
-    // with a fuzz config (image_dir, size limit, allow-listed options). The lead wires it after
-    // merging, e.g.:
-    //     if let Err(e) = crate::<module>::validate_cookie(cookie, &limits) {
-    //         return RpcOutcome::Refused(e.to_string());
-    //     }
-    // ------------------------------------------------------------------------------------------
+    let policy = Policy { shared_storage: vec![std::path::PathBuf::from("/nonexistent-migtun-shared")], ..Policy::default() };
+    if let Err(e) = destination::cookie::validate(cookie, &policy) {
+        return RpcOutcome::Refused(e.to_string());
+    }
+    let Some(layout) = fuzz_layout() else { return RpcOutcome::Refused("no temporary directory for the fuzz layout".into()) };
+    let plan = match destination::cmdline::build(cookie, &policy, layout) {
+        Ok(p) => p,
+        Err(e) => return RpcOutcome::Refused(e.to_string()),
+    };
+    assert_eq!(plan.argv.first().map(std::path::Path::new), Some(policy.emulator.as_path()), "argv[0] is not qemu.emulator");
+    for image in &plan.images {
+        assert_eq!(image.path.parent(), Some(layout.image_dir.as_path()), "image {:?} outside the image directory", image.path);
+    }
+    assert!(plan.argv.iter().any(|a| a == "-sandbox"), "a plan without -sandbox");
 
     // The hook reads the cookie re-serialized (`run_hook`): it must say what was accepted.
     let hook_input = match serde_json::to_vec_pretty(cookie) {

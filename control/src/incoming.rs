@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
+use crate::destination::{cmdline, cookie, paths, Policy, Refusal};
 use crate::messages::{Cookie, FinishReply, FinishRequest, PrepareReply};
 use crate::qmp::Qmp;
 use crate::rpc::{FileHeader, MethodError, Router, Session, Upload};
@@ -46,6 +47,54 @@ struct Prepared {
     dir: PathBuf,
     /// Dropping these removes the routes.
     _routes: Vec<ExposeGuard>,
+    /// Its place among the incoming migrations, given back when it ends.
+    _slot: Slot,
+}
+
+/// What peers may make this host hold at once (`[qemu] max_incoming`, `max_incoming_per_peer`,
+/// `max_upload_bytes`).
+#[derive(Clone, Copy, Debug)]
+pub struct IncomingLimits {
+    pub max_incoming: usize,
+    pub max_incoming_per_peer: usize,
+    pub max_upload_bytes: u64,
+}
+
+impl Default for IncomingLimits {
+    fn default() -> Self {
+        use migtun_proxy::config::{DEFAULT_MAX_INCOMING, DEFAULT_MAX_INCOMING_PER_PEER, DEFAULT_MAX_UPLOAD_BYTES};
+        IncomingLimits {
+            max_incoming: DEFAULT_MAX_INCOMING,
+            max_incoming_per_peer: DEFAULT_MAX_INCOMING_PER_PEER,
+            max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+        }
+    }
+}
+
+/// Incoming migrations being prepared or prepared, by source peer.
+#[derive(Default)]
+struct Slots {
+    total: usize,
+    by_peer: HashMap<String, usize>,
+}
+
+/// One taken slot; dropping it gives it back.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    peer: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.by_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.by_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// The destination side, shared by all control connections.
@@ -53,12 +102,54 @@ pub struct Incoming {
     agent: AgentHandle,
     run_dir: PathBuf,
     hook: Option<PathBuf>,
+    /// What an incoming migration may run here (`[qemu]`).
+    policy: Policy,
     active: Mutex<HashMap<String, Arc<Prepared>>>,
+    limits: IncomingLimits,
+    slots: Arc<Mutex<Slots>>,
 }
 
 impl Incoming {
+    /// A destination with the default [`Policy`] (no shared storage, sandbox on).
     pub fn new(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>) -> Arc<Incoming> {
-        Arc::new(Incoming { agent, run_dir, hook, active: Mutex::new(HashMap::new()) })
+        Incoming::with_config(agent, run_dir, hook, Policy::default(), IncomingLimits::default())
+    }
+
+    /// A destination with `[qemu]`'s policy (what may run here) and limits (how much at once).
+    pub fn with_config(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>, policy: Policy, limits: IncomingLimits) -> Arc<Incoming> {
+        Arc::new(Incoming {
+            agent,
+            run_dir,
+            hook,
+            policy,
+            active: Mutex::new(HashMap::new()),
+            limits,
+            slots: Arc::new(Mutex::new(Slots::default())),
+        })
+    }
+
+    /// Takes a slot for an incoming migration from `peer`, or refuses (429) naming the limit.
+    fn take_slot(&self, peer: &str) -> Result<Slot, MethodError> {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let host = self.agent.name();
+        let from_peer = s.by_peer.get(peer).copied().unwrap_or(0);
+        if from_peer >= self.limits.max_incoming_per_peer {
+            return Err(MethodError::refused(
+                429,
+                "max-incoming-per-peer",
+                format!("{host} already has {from_peer} incoming migrations from {peer}, the limit of [qemu] max_incoming_per_peer; retry when one has ended"),
+            ));
+        }
+        if s.total >= self.limits.max_incoming {
+            return Err(MethodError::refused(
+                429,
+                "max-incoming",
+                format!("{host} already has {} incoming migrations, the limit of [qemu] max_incoming; retry when one has ended", s.total),
+            ));
+        }
+        s.total += 1;
+        *s.by_peer.entry(peer.to_string()).or_insert(0) += 1;
+        Ok(Slot { slots: self.slots.clone(), peer: peer.to_string() })
     }
 
     /// Adds `prepare`, `finish` and the side-channel upload to `router`.
@@ -97,30 +188,29 @@ impl Incoming {
         migtun_proxy::wire::validate_name(&id).map_err(|why| MethodError::bad_request(format!("migration id {id:?}: {why}")))?;
         let source = session.peer.name().to_string();
         if source != cookie.source {
-            return Err(MethodError::forbidden(format!("{source} may not prepare a migration from {}", cookie.source)));
+            return Err(MethodError::refused(403, "wrong-source", format!("{source} may not prepare a migration from {}", cookie.source)));
         }
+        let slot = self.take_slot(&source)?;
         if self.active.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&id) {
             return Err(MethodError::bad_request(format!("migration {id} is already prepared")));
         }
         let hook = self.hook.clone().ok_or_else(|| MethodError::failed("this agent has no qemu.prepare_hook configured"))?;
-        let dir = self.run_dir.join(&id);
-        create_private_dir(&dir).map_err(|e| MethodError::failed(format!("creating {}: {e}", dir.display())))?;
-        cookie.image_dir = dir.join("images").display().to_string();
-        create_private_dir(Path::new(&cookie.image_dir)).map_err(|e| MethodError::failed(format!("creating {}: {e}", cookie.image_dir)))?;
-
+        // The cookie is data from a peer: validated before anything is created or run.
+        cookie::validate(&cookie, &self.policy).map_err(|e| refused(&id, &source, e))?;
+        let dir = paths::create_migration_dir(&self.run_dir, &id).map_err(|e| refused(&id, &source, e))?;
         let t0 = std::time::Instant::now();
-        let qmp_path = match run_hook(&hook, &cookie).await {
+        let qmp_path = match self.plan_and_run_hook(&hook, &mut cookie, &dir).await {
             Ok(p) => p,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(MethodError::failed(e));
+                self.remove_dir(&dir);
+                return Err(e);
             }
         };
         let hook_ms = t0.elapsed().as_secs_f64() * 1e3;
         let qmp = match Qmp::connect(&qmp_path).await {
             Ok(q) => q,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                self.remove_dir(&dir);
                 return Err(MethodError::failed(format!("prepare hook printed {}, but: {e}", qmp_path.display())));
             }
         };
@@ -130,7 +220,7 @@ impl Incoming {
             Ok((reply, routes)) => {
                 let total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 info!(migration = %id, %source, qemu_pid = ?pid, hook_ms, qmp_ms, total_ms, "prepared: destination QEMU waits for the migration");
-                let prepared = Arc::new(Prepared { source, qmp, pid, dir, _routes: routes });
+                let prepared = Arc::new(Prepared { source, qmp, pid, dir, _routes: routes, _slot: slot });
                 self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), prepared);
                 // The destination's rule: no finish on this connection, no guest here.
                 let this = self.clone();
@@ -142,9 +232,52 @@ impl Incoming {
             }
             Err(e) => {
                 quit_qemu(&qmp, pid).await;
-                let _ = std::fs::remove_dir_all(&dir);
+                self.remove_dir(&dir);
                 Err(e)
             }
+        }
+    }
+
+    /// Builds what runs from the validated cookie (images in `dir/images`, the allow-listed
+    /// command line) and hands exactly that to the hook.
+    async fn plan_and_run_hook(&self, hook: &Path, cookie: &mut Cookie, dir: &Path) -> Result<PathBuf, MethodError> {
+        let (id, source) = (cookie.migration.clone(), cookie.source.clone());
+        let image_dir = paths::file_in(dir, "images", "image directory").map_err(|e| refused(&id, &source, e))?;
+        create_private_dir(&image_dir).map_err(|e| MethodError::failed(format!("creating {}: {e}", image_dir.display())))?;
+        if let Some(user) = &self.policy.run_as {
+            // QEMU binds the NBD and migration sockets here after -runas dropped to `user`.
+            // The images stay root's: QEMU opens them before it drops privileges.
+            let (uid, gid) = migtun_proxy::config::user_ids(user).map_err(|e| MethodError::failed(format!("qemu.run_as {user:?}: {e}")))?;
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| MethodError::failed(format!("chown {} to {user}: {e}", dir.display())))?;
+            // ... and must reach it: run_dir searchable (not listable) by others.
+            if let Some(run_dir) = dir.parent() {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(run_dir).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o700);
+                if mode & 0o011 != 0o011 {
+                    let _ = std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(mode | 0o011));
+                }
+            }
+        }
+        cookie.image_dir = image_dir.display().to_string();
+        cookie::check_free_space(&image_dir, cookie).map_err(|e| refused(&id, &source, e))?;
+        let layout = cmdline::Layout { image_dir: image_dir.clone(), qmp: dir.join("qmp.sock"), pidfile: dir.join("qemu.pid") };
+        let plan = cmdline::build(cookie, &self.policy, &layout).map_err(|e| refused(&id, &source, e))?;
+        let input = HookInput {
+            cookie,
+            emulator: &self.policy.emulator,
+            argv: &plan.argv,
+            images: &plan.images,
+            qmp: &layout.qmp,
+            pidfile: &layout.pidfile,
+            log: &dir.join("qemu.log"),
+        };
+        run_hook(hook, &input).await.map_err(MethodError::failed)
+    }
+
+    /// Removes a migration's directory (only ever `run_dir/<valid id>`).
+    fn remove_dir(&self, dir: &Path) {
+        if let Err(e) = paths::remove_migration_dir(&self.run_dir, dir) {
+            warn!(dir = %dir.display(), error = %e, "cannot remove the migration's directory");
         }
     }
 
@@ -257,21 +390,43 @@ impl Incoming {
                 .get(&header.migration)
                 .ok_or_else(|| MethodError::bad_request(format!("no migration {} here", header.migration)))?;
             if p.source != session.peer.name() {
-                return Err(MethodError::forbidden("another host's migration"));
+                return Err(MethodError::refused(403, "not-its-source", "another host's migration"));
             }
             p.dir.join("images")
         };
         migtun_proxy::wire::validate_name(&header.name)
             .map_err(|why| MethodError::bad_request(format!("file name {:?}: {why}", header.name)))?;
+        let limit = self.limits.max_upload_bytes;
+        let too_large = |what: String| {
+            MethodError::refused(413, "upload-too-large", format!("{}: {what}, more than [qemu] max_upload_bytes = {limit} of {}", header.name, self.agent.name()))
+        };
+        if header.size > limit {
+            return Err(too_large(format!("{} bytes announced", header.size)));
+        }
+        // Plain (no `.`/`..`), and never over an existing file (a disk image, an earlier upload).
+        let dest = paths::file_in(&dir, &header.name, "uploaded file").map_err(|e| MethodError::forbidden(e.to_string()))?;
+        if std::fs::symlink_metadata(&dest).is_ok() {
+            return Err(MethodError::forbidden(format!("{}: exists already; the destination never overwrites a file", header.name)));
+        }
         let tmp = dir.join(format!(".{}.partial", header.name));
-        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| MethodError::failed(format!("{}: {e}", tmp.display())))?;
+        // Whatever ends the upload early (a refusal, a reset stream, a full disk), the partial
+        // file goes.
+        let partial = RemoveOnDrop(Some(tmp.clone()));
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .await
+            .map_err(|e| MethodError::failed(format!("{}: {e}", tmp.display())))?;
         let mut hasher = Sha256::new();
         let mut n = 0u64;
         while let Some(chunk) = upload.chunk().await {
             let chunk = chunk.map_err(|e| MethodError::failed(format!("receiving {}: {e}", header.name)))?;
             n += chunk.len() as u64;
+            if n > limit {
+                return Err(too_large(format!("more than {limit} bytes sent")));
+            }
             if n > header.size {
-                let _ = tokio::fs::remove_file(&tmp).await;
                 return Err(MethodError::bad_request(format!("{}: more than the announced {} bytes", header.name, header.size)));
             }
             hasher.update(&chunk);
@@ -280,11 +435,11 @@ impl Incoming {
         file.sync_all().await.map_err(|e| MethodError::failed(e.to_string()))?;
         let sha = hex::encode(hasher.finalize());
         if n != header.size || sha != header.sha256 {
-            let _ = tokio::fs::remove_file(&tmp).await;
             return Err(MethodError::bad_request(format!("{}: received {n} bytes with sha256 {sha}, expected {} bytes {}", header.name, header.size, header.sha256)));
         }
-        let dest = dir.join(&header.name);
-        tokio::fs::rename(&tmp, &dest).await.map_err(|e| MethodError::failed(e.to_string()))?;
+        // A link, not a rename: it fails instead of replacing a file already there.
+        std::fs::hard_link(&tmp, &dest).map_err(|e| MethodError::bad_request(format!("{}: {e}", dest.display())))?;
+        drop(partial);
         Ok(json!({ "path": dest, "bytes": n, "sha256": sha }))
     }
 
@@ -292,7 +447,7 @@ impl Incoming {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         match active.get(id) {
             None => Err(MethodError::bad_request(format!("no migration {id} here (finished, abandoned, or never prepared)"))),
-            Some(p) if p.source != peer => Err(MethodError::forbidden("another host's migration")),
+            Some(p) if p.source != peer => Err(MethodError::refused(403, "not-its-source", "another host's migration")),
             Some(_) => Ok(active.remove(id).expect("present: checked under the same lock")),
         }
     }
@@ -308,7 +463,7 @@ impl Incoming {
     async fn cleanup(&self, id: &str, p: &Prepared, reason: &str) {
         warn!(migration = %id, source = %p.source, reason, "abandoning the migration: quitting the destination QEMU");
         quit_qemu(&p.qmp, p.pid).await;
-        let _ = std::fs::remove_dir_all(&p.dir);
+        self.remove_dir(&p.dir);
     }
 }
 
@@ -341,14 +496,49 @@ async fn wait_incoming_complete(qmp: &Qmp) -> Result<(), crate::qmp::QmpError> {
     }
 }
 
+/// Removes a file when dropped (a partial upload).
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 fn create_private_dir(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
-/// Runs the prepare hook: the cookie on stdin, the QMP socket path on the last line of stdout.
-async fn run_hook(hook: &Path, cookie: &Cookie) -> Result<PathBuf, String> {
-    let input = serde_json::to_vec_pretty(cookie).map_err(|e| e.to_string())?;
+/// A refused cookie: a 403 naming what was refused, and a log line.
+fn refused(id: &str, source: &str, e: Refusal) -> MethodError {
+    warn!(migration = %crate::destination::shorten(id), %source, reason = %e, "refused an incoming migration");
+    MethodError::forbidden(format!("the destination refuses this migration: {e}"))
+}
+
+/// What the prepare hook reads on stdin: the cookie's fields, plus what the destination
+/// decided (README.md, "The prepare hook"). The hook runs `argv` as given and creates `images`.
+#[derive(serde::Serialize)]
+struct HookInput<'a> {
+    #[serde(flatten)]
+    cookie: &'a Cookie,
+    /// `qemu.emulator`; `argv[0]`.
+    emulator: &'a Path,
+    argv: &'a [String],
+    /// Fresh files to create (none exists yet) before QEMU starts.
+    images: &'a [cmdline::Image],
+    /// The QMP socket `argv` makes; the hook prints it.
+    qmp: &'a Path,
+    pidfile: &'a Path,
+    /// Where QEMU's stdout and stderr go.
+    log: &'a Path,
+}
+
+/// Runs the prepare hook: its input on stdin, the QMP socket path on the last line of stdout.
+async fn run_hook(hook: &Path, input: &HookInput<'_>) -> Result<PathBuf, String> {
+    let input = serde_json::to_vec_pretty(input).map_err(|e| e.to_string())?;
     let mut child = tokio::process::Command::new(hook)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -7,6 +7,9 @@ pub mod messages;
 pub mod admin;
 pub mod machine;
 pub mod driver;
+pub mod authz;
+pub mod service;
+pub mod destination;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;

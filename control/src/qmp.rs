@@ -519,6 +519,8 @@ async fn writer_task(
 pub struct Qmp {
     greeting: Greeting,
     peer_pid: Option<u32>,
+    /// Out-of-band execution is enabled (QEMU offered `oob`): see [`Qmp::execute_oob`].
+    oob: bool,
     timeouts: Timeouts,
     next_id: AtomicU64,
     shared: Arc<Shared>,
@@ -595,9 +597,11 @@ impl Qmp {
             tokio::spawn(reader_task(rd, shared.clone(), events_tx)),
             tokio::spawn(writer_task(wr, queue, shared.clone())),
         ];
+        let oob = greeting.capabilities.iter().any(|c| c == "oob");
         let qmp = Qmp {
             greeting,
             peer_pid,
+            oob,
             timeouts,
             next_id: AtomicU64::new(1),
             shared,
@@ -605,7 +609,10 @@ impl Qmp {
             events: events_rx,
             tasks,
         };
-        qmp.execute_with_timeout("qmp_capabilities", Value::Null, timeouts.greeting)
+        // `oob` lets `yank` through while QEMU's main loop is blocked (see `execute_oob`);
+        // in-band commands behave as before (each has an id, which OOB mode requires).
+        let caps = if oob { json!({ "enable": ["oob"] }) } else { Value::Null };
+        qmp.execute_with_timeout("qmp_capabilities", caps, timeouts.greeting)
             .await?;
         Ok(qmp)
     }
@@ -723,11 +730,52 @@ impl Qmp {
         }
     }
 
+    /// Runs a command out of band (`exec-oob`): QEMU's monitor thread runs it at once, even
+    /// while the main loop is blocked, e.g. draining block requests to an NBD server that
+    /// stopped answering. Only commands QEMU marks `allow-oob` (`yank`, `query-yank`,
+    /// `migrate-pause`, ...) may be sent so. Without OOB support it is an ordinary command.
+    pub async fn execute_oob(
+        &self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
+        if !self.oob {
+            return self.execute_with_timeout(command, arguments, timeout).await;
+        }
+        let (id, line) = self.encode_as("exec-oob", command, arguments);
+        let reply = self.shared.register(id, command)?;
+        let _deregister = Deregister {
+            shared: &self.shared,
+            id,
+        };
+        let exchange = async {
+            if self.writer.send(line).await.is_err() {
+                return Err(self.shared.error_for(command));
+            }
+            match reply.await {
+                Ok(result) => result,
+                Err(_) => Err(self.shared.error_for(command)),
+            }
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(QmpError::Timeout {
+                command: command.to_owned(),
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
     /// A command line with a fresh id.
     fn encode(&self, command: &str, arguments: Value) -> (u64, Vec<u8>) {
+        self.encode_as("execute", command, arguments)
+    }
+
+    fn encode_as(&self, verb: &str, command: &str, arguments: Value) -> (u64, Vec<u8>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = Map::new();
-        msg.insert("execute".into(), Value::from(command));
+        msg.insert(verb.into(), Value::from(command));
         if !arguments.is_null() {
             msg.insert("arguments".into(), arguments);
         }

@@ -30,7 +30,7 @@ use crate::forward::ForwardContext;
 use crate::metrics::Metrics;
 use crate::routes::{ExposeRoute, RouteError, RouteTable};
 use crate::connect::TlsConnector;
-use crate::tls::{self, PeerIdentity, TlsSetupError, ALPN_CONTROL, ALPN_DATA};
+use crate::tls::{PeerIdentity, TlsContext, TlsSetupError, ALPN_CONTROL, ALPN_DATA};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -74,6 +74,9 @@ struct Shared {
     routes: Arc<RouteTable>,
     peers: HashMap<String, Arc<PeerConnector>>,
     control_connector: TlsConnector,
+    /// Verifiers and identity every rustls configuration is made from (one value, so that a
+    /// reload can replace it).
+    tls: Arc<TlsContext>,
     /// The QUIC endpoint on the port number, when UDP could be bound.
     quic: Option<quinn::Endpoint>,
     tracker: TaskTracker,
@@ -278,19 +281,28 @@ impl Agent {
         let metrics = Arc::new(Metrics::new());
         let draining = CancellationToken::new();
         let abort = CancellationToken::new();
-        let data_connector: TlsConnector = tls::client_config(&config.tls, &[ALPN_DATA])?;
-        let control_connector: TlsConnector = tls::client_config(&config.tls, &[ALPN_CONTROL])?;
+        let tls = TlsContext::new(&config.tls)?;
+        let data_connector: TlsConnector = tls.client_config(&[ALPN_DATA])?;
+        let control_connector: TlsConnector = tls.client_config(&[ALPN_CONTROL])?;
+        let ca_chain = config.tls.cert_chain.iter().skip(1).chain(&config.tls.ca_certs);
+        metrics.certificates_expire(
+            config.tls.cert_chain.first().and_then(crate::identity::not_after),
+            ca_chain.filter_map(crate::identity::not_after).min(),
+        );
 
         let quic_client = match &quic {
             Some(_) if config.peers.iter().any(|p| p.transport != Transport::Tls) => {
-                Some(crate::quic::client_config(&config.tls, &[ALPN_DATA])?)
+                let side = tls.client_config(&[ALPN_DATA])?;
+                Some((crate::quic::client_config(&side)?, side))
             }
             _ => None,
         };
         let mut peers = HashMap::new();
         for p in &config.peers {
             let quic = match (&quic, &quic_client, p.transport) {
-                (Some(e), Some(c), Transport::Quic | Transport::Auto) => Some(QuicClient::new(e.clone(), c.clone())),
+                (Some(e), Some((c, side)), Transport::Quic | Transport::Auto) => {
+                    Some(QuicClient::new(e.clone(), c.clone(), side.clone()))
+                }
                 _ => None,
             };
             let c = PeerConnector::with_transport(
@@ -345,6 +357,7 @@ impl Agent {
             routes,
             peers,
             control_connector,
+            tls,
             quic,
             tracker: TaskTracker::new(),
             draining,
@@ -393,20 +406,22 @@ impl Agent {
         let shared = self.handle.shared.clone();
         let tracker = shared.tracker.clone();
         let alpn: &[&[u8]] = if self.control.is_some() { &[ALPN_DATA, ALPN_CONTROL] } else { &[ALPN_DATA] };
-        let acceptor = tls::server_config(&self.config.tls, alpn)?;
+        let acceptor = shared.tls.server_config(alpn)?;
         let stop_metrics = CancellationToken::new();
         if let Some(l) = self.metrics_listener {
             tokio::spawn(crate::metrics::serve(l, shared.metrics.clone(), stop_metrics.clone()));
         }
-        let expose_ctx = Arc::new(ExposeContext {
-            metrics: shared.metrics.clone(),
-            routes: shared.routes.clone(),
-            draining: shared.draining.clone(),
-            abort: shared.abort.clone(),
-            control: self.control,
-        });
+        let expose_ctx = Arc::new(ExposeContext::new(
+            shared.metrics.clone(),
+            shared.routes.clone(),
+            shared.draining.clone(),
+            shared.abort.clone(),
+            self.control,
+            self.config.peers.iter().map(|p| p.name.clone()).collect(),
+            shared.tls.clone(),
+        ));
         if let Some(endpoint) = &shared.quic {
-            endpoint.set_server_config(Some(crate::quic::server_config(&self.config.tls, &[ALPN_DATA])?));
+            endpoint.set_server_config(Some(crate::quic::server_config(&shared.tls, &[ALPN_DATA])?));
             tracker.spawn(crate::quic::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));
         }
         tracker.spawn(crate::port::serve(self.port, acceptor, expose_ctx, tracker.clone()));

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::Deserialize;
 
 use crate::endpoint::{Endpoint, DEFAULT_SOCKET_MODE};
-use crate::identity::{dns_sans, load_certs, load_key};
+use crate::identity::{dns_sans, load_certs, load_crls, load_key};
 
 /// Default for `drain_timeout_secs`: how long open streams may run on after SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,6 +58,32 @@ pub struct TlsConfig {
     pub key: PrivateKeyDer<'static>,
     /// Trust anchors for peers (both directions).
     pub ca_certs: Vec<CertificateDer<'static>>,
+    /// `tls.record_layer`: who protects records after the handshake.
+    pub record_layer: RecordLayer,
+    /// `tls.crl`: revoked peer certificates (both directions), when configured.
+    pub crl_path: Option<PathBuf>,
+    /// The CRLs of `tls.crl` (DER), each parsed and issued by a CA of `tls.ca`.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+/// `tls.record_layer`: whose TLS record layer carries data streams and control connections
+/// after rustls' handshake, on both the server and the client side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RecordLayer {
+    /// migtun's own, in place ([`crate::record`]): the default, and the faster.
+    #[default]
+    Own,
+    /// tokio-rustls' (rustls' buffered connection): the fallback, if ours is ever in doubt.
+    Rustls,
+}
+
+impl RecordLayer {
+    pub fn name(self) -> &'static str {
+        match self {
+            RecordLayer::Own => "own",
+            RecordLayer::Rustls => "rustls",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,12 +120,57 @@ pub struct Expose {
     pub allow: Vec<String>,
 }
 
+/// Default for `qemu.emulator`: Debian's (and most distributions') system emulator.
+pub const DEFAULT_EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
+
+/// Default for `qemu.max_disk_bytes` (4 TiB): larger than the disks one migrates by copying
+/// (4 TiB at 10 Gbit/s is about an hour of mirroring), small enough that a mistaken or hostile
+/// size (1 EiB) is refused before an image is created. Free space is checked on top of it.
+pub const DEFAULT_MAX_DISK_BYTES: u64 = 4 << 40;
+
+/// Longest `qemu.run_as` user name (useradd's limit).
+const MAX_USER_NAME: usize = 32;
+
 /// `[qemu]`
 #[derive(Clone, Debug)]
 pub struct QemuConfig {
     pub run_dir: PathBuf,
     pub prepare_hook: Option<PathBuf>,
+    /// The only binary a destination QEMU is started from (never the source's).
+    pub emulator: PathBuf,
+    /// Absolute prefixes where disks that are not copied (and other guest files) may live.
+    pub shared_storage: Vec<PathBuf>,
+    /// Largest copied disk, in bytes.
+    pub max_disk_bytes: u64,
+    /// Unprivileged user the destination QEMU runs as (`-runas`).
+    pub run_as: Option<String>,
+    /// Start the destination QEMU with `-sandbox on` (seccomp).
+    pub sandbox: bool,
+    /// Configured peers that may migrate guests to this host (`allow_sources`). Empty: this
+    /// host accepts no incoming migration.
+    pub allow_sources: Vec<String>,
+    /// Incoming migrations (prepared or preparing) at once, from all peers (`max_incoming`).
+    pub max_incoming: usize,
+    /// Incoming migrations at once from one peer (`max_incoming_per_peer`).
+    pub max_incoming_per_peer: usize,
+    /// Largest side-channel file a peer may upload (`max_upload_bytes`).
+    pub max_upload_bytes: u64,
 }
+
+/// Default for `[qemu] max_incoming`. Each incoming migration starts a QEMU holding the guest's
+/// RAM and writes its disks here; a host being filled by an evacuation takes a few at a time
+/// (libvirt-based stacks default to one or two per host), so 8 leaves room without letting a
+/// peer start QEMUs without bound.
+pub const DEFAULT_MAX_INCOMING: usize = 8;
+/// Default for `[qemu] max_incoming_per_peer`: half of [`DEFAULT_MAX_INCOMING`], so that one
+/// source (or one compromised peer) cannot take every slot.
+pub const DEFAULT_MAX_INCOMING_PER_PEER: usize = 4;
+/// Default for `[qemu] max_upload_bytes`: 1 GiB. Side-channel files are NVRAM, TPM state and
+/// the like (KiB to a few MiB); 1 GiB is far above those and still bounded on a small disk.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 1 << 30;
+/// Largest accepted `max_incoming` / `max_incoming_per_peer`: beyond this the limit means
+/// nothing (each migration is a QEMU process with its sockets and files).
+const MAX_INCOMING_LIMIT: i64 = 1024;
 
 /// A config problem, naming the key it is about.
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +254,23 @@ impl Config {
             self.tls.ca_certs.len(),
             subjects.join("; ")
         );
+        let _ = writeln!(
+            out,
+            "  records     {} ({})",
+            self.tls.record_layer.name(),
+            match self.tls.record_layer {
+                RecordLayer::Own => "tls.record_layer: migtun's own TLS record layer after rustls' handshake",
+                RecordLayer::Rustls => "tls.record_layer: rustls' record layer (tokio-rustls), the fallback",
+            }
+        );
+        if let Some(crl) = &self.tls.crl_path {
+            let _ = writeln!(
+                out,
+                "  revokes     {} ({} CRL(s); checked on every handshake, resumed ones too)",
+                crl.display(),
+                self.tls.crls.len()
+            );
+        }
         let _ = writeln!(out, "listen: TCP {} (TLS 1.3, mutual TLS; peers must present a certificate from the CA above)", self.listen);
         let _ = writeln!(
             out,
@@ -267,6 +355,34 @@ impl Config {
                     }
                 };
                 let _ = writeln!(out, "qemu: run_dir {}, {}", q.run_dir.display(), hook);
+                let shared = if q.shared_storage.is_empty() {
+                    "none (migrations with disks that are not copied are refused)".to_string()
+                } else {
+                    q.shared_storage.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "qemu: destination QEMU is {}, sandbox {}, runs as {}; copied disks up to {} bytes each; shared storage: {shared}",
+                    q.emulator.display(),
+                    if q.sandbox { "on" } else { "off" },
+                    q.run_as.as_deref().unwrap_or("the agent's user"),
+                    q.max_disk_bytes,
+                );
+                if q.allow_sources.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "  incoming migrations: none accepted (qemu.allow_sources is empty)"
+                    );
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "  incoming migrations from: {} (at most {} at once, {} per peer; side-channel files up to {} bytes)",
+                        q.allow_sources.join(", "),
+                        q.max_incoming,
+                        q.max_incoming_per_peer,
+                        q.max_upload_bytes
+                    );
+                }
             }
             None => {
                 let _ = writeln!(out, "qemu: not configured (no orchestrated migrations)");
@@ -307,6 +423,8 @@ struct RawTls {
     cert: String,
     key: String,
     ca: String,
+    record_layer: Option<String>,
+    crl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -340,9 +458,63 @@ struct RawExpose {
 struct RawQemu {
     run_dir: String,
     prepare_hook: Option<String>,
+    emulator: Option<String>,
+    shared_storage: Option<Vec<String>>,
+    max_disk_bytes: Option<i64>,
+    run_as: Option<String>,
+    sandbox: Option<bool>,
+    allow_sources: Option<Vec<String>>,
+    max_incoming: Option<i64>,
+    max_incoming_per_peer: Option<i64>,
+    max_upload_bytes: Option<i64>,
 }
 
 type Problem = (String, String);
+
+/// A regular file with an execute bit.
+fn check_executable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| one_line(&e.to_string()))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("not executable".into());
+    }
+    Ok(())
+}
+
+/// A user name that exists on this host and is not root.
+fn check_user(user: &str) -> Result<(), String> {
+    user_ids(user).map(|_| ())
+}
+
+/// The uid and gid of `user`, an unprivileged user of this host (`qemu.run_as`).
+pub fn user_ids(user: &str) -> Result<(u32, u32), String> {
+    let ok = user.len() <= MAX_USER_NAME
+        && user.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && user.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+    if !ok {
+        return Err(format!("not a user name (lower-case letters, digits, '_', '-'; at most {MAX_USER_NAME})"));
+    }
+    let name = std::ffi::CString::new(user).map_err(|_| "contains NUL".to_string())?;
+    let mut pwd = std::mem::MaybeUninit::<libc::passwd>::zeroed();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `pwd` and `buf`
+    // (with its true length) are writable and outlive it, `result` is a local out-pointer.
+    // Only `pw_uid` and `pw_gid` are read afterwards, and only when getpwnam_r reported a match.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), pwd.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return Err("no such user on this host".into());
+    }
+    // SAFETY: getpwnam_r succeeded and `result` points to `pwd`, which it filled in.
+    let (uid, gid) = unsafe { ((*result).pw_uid, (*result).pw_gid) };
+    if uid == 0 {
+        return Err("is root; name an unprivileged user".into());
+    }
+    Ok((uid, gid))
+}
 
 fn one_line(s: &str) -> String {
     let s = s.trim();
@@ -597,13 +769,7 @@ impl Validator<'_> {
         let exposes = self.exposes(raw.expose)?;
         let qemu = match raw.qemu {
             None => None,
-            Some(q) => Some(QemuConfig {
-                run_dir: self.path("qemu.run_dir", &q.run_dir)?,
-                prepare_hook: match q.prepare_hook {
-                    None => None,
-                    Some(h) => Some(self.path("qemu.prepare_hook", &h)?),
-                },
-            }),
+            Some(q) => Some(self.qemu(q, &peers)?),
         };
 
         Ok(Config {
@@ -620,6 +786,99 @@ impl Validator<'_> {
         })
     }
 
+    fn qemu(&self, q: RawQemu, peers: &[Peer]) -> Result<QemuConfig, Problem> {
+        let run_dir = self.path("qemu.run_dir", &q.run_dir)?;
+        let prepare_hook = match q.prepare_hook {
+            None => None,
+            Some(h) => Some(self.path("qemu.prepare_hook", &h)?),
+        };
+        // The emulator is checked when this host can be a destination (a hook) or it is named;
+        // a source-only host need not have QEMU where the default says.
+        let emulator = match &q.emulator {
+            None => PathBuf::from(DEFAULT_EMULATOR),
+            Some(e) if !e.starts_with('/') => {
+                return err("qemu.emulator", format!("must be an absolute path, got {e:?}"))
+            }
+            Some(e) => PathBuf::from(e),
+        };
+        if q.emulator.is_some() || prepare_hook.is_some() {
+            check_executable(&emulator).or_else(|why| {
+                let default = if q.emulator.is_none() { " (the default; set qemu.emulator to your QEMU)" } else { "" };
+                err("qemu.emulator", format!("{}{default}: {why}", emulator.display()))
+            })?;
+        }
+        let mut shared_storage = Vec::new();
+        for (i, p) in q.shared_storage.unwrap_or_default().iter().enumerate() {
+            let key = format!("qemu.shared_storage[{i}]");
+            let path = Path::new(p);
+            if !path.is_absolute() {
+                return err(&key, format!("must be an absolute path, got {p:?}"));
+            }
+            if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return err(&key, format!("{p:?} contains `..`"));
+            }
+            if path.parent().is_none() {
+                return err(&key, "`/` would let a peer open any file of this host; name the directories of shared images");
+            }
+            shared_storage.push(path.to_path_buf());
+        }
+        let max_disk_bytes = match q.max_disk_bytes {
+            None => DEFAULT_MAX_DISK_BYTES,
+            Some(n) if n > 0 => n as u64,
+            Some(n) => return err("qemu.max_disk_bytes", format!("must be a positive number of bytes, got {n}")),
+        };
+        if let Some(user) = &q.run_as {
+            check_user(user).or_else(|why| err("qemu.run_as", format!("{user:?}: {why}")))?;
+        }
+        let allow_sources = q.allow_sources.unwrap_or_default();
+        for (i, name) in allow_sources.iter().enumerate() {
+            let key = format!("qemu.allow_sources[{i}]");
+            if !peers.iter().any(|p| &p.name == name) {
+                let known: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+                let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                return err(key, format!("unknown peer {name:?}: only a configured [[peer]] may migrate guests here (known peers: {known})"));
+            }
+            if allow_sources[..i].contains(name) {
+                return err(key, format!("{name:?} is listed twice"));
+            }
+        }
+        let limit = |key: &str, v: Option<i64>, default: usize| match v {
+            None => Ok(default),
+            Some(n) if (1..=MAX_INCOMING_LIMIT).contains(&n) => Ok(n as usize),
+            Some(n) => err(key, format!("must be between 1 and {MAX_INCOMING_LIMIT}, got {n}")),
+        };
+        let max_incoming = limit("qemu.max_incoming", q.max_incoming, DEFAULT_MAX_INCOMING)?;
+        let max_incoming_per_peer = limit(
+            "qemu.max_incoming_per_peer",
+            q.max_incoming_per_peer,
+            DEFAULT_MAX_INCOMING_PER_PEER.min(max_incoming),
+        )?;
+        if max_incoming_per_peer > max_incoming {
+            return err(
+                "qemu.max_incoming_per_peer",
+                format!("{max_incoming_per_peer} is more than qemu.max_incoming ({max_incoming})"),
+            );
+        }
+        let max_upload_bytes = match q.max_upload_bytes {
+            None => DEFAULT_MAX_UPLOAD_BYTES,
+            Some(n) if n >= 0 => n as u64,
+            Some(n) => return err("qemu.max_upload_bytes", format!("must not be negative, got {n}")),
+        };
+        Ok(QemuConfig {
+            run_dir,
+            prepare_hook,
+            emulator,
+            shared_storage,
+            max_disk_bytes,
+            run_as: q.run_as,
+            allow_sources,
+            max_incoming,
+            max_incoming_per_peer,
+            max_upload_bytes,
+            sandbox: q.sandbox.unwrap_or(true),
+        })
+    }
+
     fn tls(&self, raw: &RawTls) -> Result<TlsConfig, Problem> {
         let cert_path = self.path("tls.cert", &raw.cert)?;
         let key_path = self.path("tls.key", &raw.key)?;
@@ -627,6 +886,13 @@ impl Validator<'_> {
         let cert_chain = load_certs(&cert_path).or_else(|e| err("tls.cert", e.to_string()))?;
         let key = load_key(&key_path).or_else(|e| err("tls.key", e.to_string()))?;
         let ca_certs = load_certs(&ca_path).or_else(|e| err("tls.ca", e.to_string()))?;
+        let record_layer = match raw.record_layer.as_deref() {
+            None | Some("own") => RecordLayer::Own,
+            Some("rustls") => RecordLayer::Rustls,
+            Some(other) => {
+                return err("tls.record_layer", format!("unknown record layer {other:?} (expected \"own\" or \"rustls\")"))
+            }
+        };
 
         // The leaf: parseable, within its validity period.
         let (_, leaf) =
@@ -705,6 +971,15 @@ impl Validator<'_> {
             }
         }
 
+        let (crl_path, crls) = match &raw.crl {
+            None => (None, Vec::new()),
+            Some(c) => {
+                let path = self.path("tls.crl", c)?;
+                let crls = check_crls(&path, &ca_certs, &ca_path)?;
+                (Some(path), crls)
+            }
+        };
+
         Ok(TlsConfig {
             cert_path,
             key_path,
@@ -712,6 +987,9 @@ impl Validator<'_> {
             cert_chain,
             key,
             ca_certs,
+            record_layer,
+            crl_path,
+            crls,
         })
     }
 
@@ -858,29 +1136,19 @@ impl Validator<'_> {
 }
 
 /// Peers verify our certificate against the same CA bundle, for both server and client use:
-/// check now what they will check, so a wrong chain or EKU shows up in `migtun check`.
+/// check now what they will check, so a wrong chain or EKU shows up in `migtun check`. The
+/// verifiers are the agent's own ([`crate::tls::verifiers`]), with `tls.crl`: a revoked own
+/// certificate, or a CRL of our issuer with a bad signature, is reported here too.
 fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
     use rustls::client::danger::ServerCertVerifier;
 
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(tls.ca_certs.iter().cloned());
-    let roots = Arc::new(roots);
     let now = UnixTime::now();
     let (leaf, intermediates) = (&tls.cert_chain[0], &tls.cert_chain[1..]);
     let cert = tls.cert_path.display();
     let ca = tls.ca_path.display();
-
-    let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        roots.clone(),
-        provider.clone(),
-    )
-    .build()
-    .or_else(|e| {
-        err(
-            "tls.ca",
-            format!("{ca}: cannot build a certificate verifier ({e})"),
-        )
+    let (client, server) = crate::tls::verifiers(tls, crate::tls::provider()).or_else(|e| match &tls.crl_path {
+        Some(crl) => err("tls.crl", format!("{}: cannot build a certificate verifier with it ({e})", crl.display())),
+        None => err("tls.ca", format!("{ca}: cannot build a certificate verifier ({e})")),
     })?;
     let server_name = ServerName::try_from(name.to_string()).or_else(|e| {
         err(
@@ -888,27 +1156,56 @@ fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
             format!("{name:?} is not usable as a TLS server name ({e})"),
         )
     })?;
+    let judged = |e: rustls::Error, what: &str| -> Result<(), Problem> {
+        let crl = tls.crl_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        match crate::tls::tls_failure_reason(&e) {
+            "revoked" => err("tls.cert", format!("{cert} is revoked by tls.crl {crl}")),
+            "bad-certificate" | "bad-crl" if !crl.is_empty() => err(
+                "tls.crl",
+                format!("{crl}: cannot check {cert} against it ({e}); is the CRL signed by the CA of tls.ca?"),
+            ),
+            _ => err("tls.cert", format!("{cert} does not verify as a TLS {what} under tls.ca {ca} ({e})")),
+        }
+    };
     if let Err(e) = server.verify_server_cert(leaf, intermediates, &server_name, &[], now) {
-        return err(
-            "tls.cert",
-            format!("{cert} does not verify as a TLS server certificate for {name} under tls.ca {ca} ({e})"),
-        );
+        return judged(e, &format!("server certificate for {name}"));
     }
-    let client = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-        .build()
-        .or_else(|e| {
-            err(
-                "tls.ca",
-                format!("{ca}: cannot build a certificate verifier ({e})"),
-            )
-        })?;
     if let Err(e) = client.verify_client_cert(leaf, intermediates, now) {
-        return err(
-            "tls.cert",
-            format!("{cert} does not verify as a TLS client certificate under tls.ca {ca} ({e}); it needs EKU clientAuth"),
-        );
+        return judged(e, "client certificate; it needs EKU clientAuth");
     }
     Ok(())
+}
+
+/// `tls.crl`: every CRL in the PEM file parses, and is issued by a CA of `tls.ca` (a CRL of
+/// another issuer would silently revoke nothing).
+fn check_crls(
+    path: &Path,
+    ca_certs: &[CertificateDer<'static>],
+    ca_path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, Problem> {
+    let file = path.display();
+    let crls = load_crls(path).or_else(|e| err("tls.crl", e.to_string()))?;
+    let subjects: Vec<Vec<u8>> = ca_certs
+        .iter()
+        .filter_map(|c| x509_parser::parse_x509_certificate(c.as_ref()).ok())
+        .map(|(_, c)| c.subject().as_raw().to_vec())
+        .collect();
+    for (i, crl) in crls.iter().enumerate() {
+        let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
+            .or_else(|e| err("tls.crl", format!("{file}: CRL #{} does not parse: {e}", i + 1)))?;
+        if !subjects.iter().any(|s| s.as_slice() == parsed.issuer().as_raw()) {
+            return err(
+                "tls.crl",
+                format!(
+                    "{file}: CRL #{} is issued by {:?}, which is not a CA of tls.ca {}",
+                    i + 1,
+                    parsed.issuer().to_string(),
+                    ca_path.display()
+                ),
+            );
+        }
+    }
+    Ok(crls)
 }
 
 /// A DNS host name: labels of 1..=63 letters, digits and '-' (not at either end), '.'-separated,
@@ -1152,6 +1449,27 @@ address = "192.0.2.2:7443"
         }
     }
 
+    /// `tls.crl`: relative to the config file, loaded, explained; a missing or malformed file,
+    /// or one revoking this host's own certificate, is an error naming the key.
+    #[test]
+    fn tls_crl() {
+        let pki = Pki::new();
+        let with_crl = |crl: &str| pki.valid("").replace("[[peer]]", &format!("crl = \"{crl}\"\n\n[[peer]]"));
+        migtun_certs::issue(pki.dir.path(), "host-c").unwrap();
+        migtun_certs::revoke(pki.dir.path(), "host-c").unwrap();
+        let c = pki.load(&with_crl("crl.pem")).expect("relative tls.crl");
+        assert_eq!(c.tls.crl_path, Some(pki.dir.path().join("crl.pem")));
+        assert_eq!(c.tls.crls.len(), 1);
+        assert!(c.explain().contains("revokes     "), "{}", c.explain());
+        assert!(pki.load(&pki.valid("")).unwrap().tls.crls.is_empty(), "no tls.crl: nothing revoked");
+
+        assert_key(&pki.err(&with_crl("missing.pem")), "tls.crl", "missing.pem: No such file");
+        std::fs::write(pki.dir.path().join("junk.pem"), "junk").unwrap();
+        assert_key(&pki.err(&with_crl("junk.pem")), "tls.crl", "holds no PEM CRL");
+        migtun_certs::revoke(pki.dir.path(), "host-a").unwrap();
+        assert_key(&pki.err(&with_crl("crl.pem")), "tls.cert", "is revoked by tls.crl");
+    }
+
     fn assert_key(e: &ConfigError, key: &str, contains: &str) {
         assert_eq!(e.key, key, "{e}");
         assert!(
@@ -1181,6 +1499,14 @@ allow = ["host-b", "host-c.example.org"]
 [qemu]
 run_dir = "qemu-run"
 prepare_hook = "/etc/migtun/prepare"
+emulator = "/bin/true"
+shared_storage = ["/srv/vm", "/var/lib/images"]
+max_disk_bytes = 1099511627776
+sandbox = true
+allow_sources = ["host-b"]
+max_incoming = 6
+max_incoming_per_peer = 3
+max_upload_bytes = 1048576
 "#;
 
     #[test]
@@ -1224,6 +1550,12 @@ prepare_hook = "/etc/migtun/prepare"
             q.prepare_hook.as_deref(),
             Some(Path::new("/etc/migtun/prepare"))
         );
+        assert_eq!(q.emulator, Path::new("/bin/true"));
+        assert_eq!(q.shared_storage, [PathBuf::from("/srv/vm"), PathBuf::from("/var/lib/images")]);
+        assert_eq!(q.max_disk_bytes, 1 << 40);
+        assert!(q.sandbox && q.run_as.is_none());
+        assert_eq!(q.allow_sources, ["host-b"]);
+        assert_eq!((q.max_incoming, q.max_incoming_per_peer, q.max_upload_bytes), (6, 3, 1 << 20));
 
         let text = c.explain();
         for want in [
@@ -1239,6 +1571,8 @@ prepare_hook = "/etc/migtun/prepare"
             "admin: /run/migtun/admin.sock",
             "metrics: http://127.0.0.1:9477/metrics",
             "drain: open streams may run 5 s",
+            "destination QEMU is /bin/true, sandbox on, runs as the agent's user; copied disks up to 1099511627776 bytes each; shared storage: /srv/vm, /var/lib/images",
+            "incoming migrations from: host-b (at most 6 at once, 3 per peer; side-channel files up to 1048576 bytes)",
         ] {
             assert!(text.contains(want), "explain lacks {want:?}:\n{text}");
         }
@@ -1597,6 +1931,67 @@ prepare_hook = "/etc/migtun/prepare"
     }
 
     #[test]
+    fn qemu_destination_keys_are_validated() {
+        let pki = Pki::new();
+        let q = |tail: &str| pki.valid(&format!("[qemu]\nrun_dir = \"r\"\n{tail}"));
+        let c = pki.load(&q("")).unwrap();
+        let d = c.qemu.as_ref().unwrap();
+        assert_eq!(d.emulator, Path::new(DEFAULT_EMULATOR));
+        assert_eq!(d.max_disk_bytes, DEFAULT_MAX_DISK_BYTES);
+        assert!(d.sandbox && d.shared_storage.is_empty() && d.run_as.is_none());
+        assert!(c.explain().contains("shared storage: none (migrations with disks that are not copied are refused)"));
+
+        let not_exec = pki.dir.path().join("not-exec");
+        std::fs::write(&not_exec, "").unwrap();
+        assert_key(&pki.err(&q("emulator = \"qemu-system-x86_64\"")), "qemu.emulator", "absolute path");
+        assert_key(&pki.err(&q(&format!("emulator = \"{}\"", not_exec.display()))), "qemu.emulator", "not executable");
+        assert_key(&pki.err(&q(&format!("emulator = \"{}\"", pki.dir.path().display()))), "qemu.emulator", "not a regular file");
+        assert_key(&pki.err(&q("emulator = \"/nonexistent/qemu\"")), "qemu.emulator", "No such file");
+        assert_key(&pki.err(&q("shared_storage = [\"/srv\", \"vm\"]")), "qemu.shared_storage[1]", "absolute");
+        assert_key(&pki.err(&q("shared_storage = [\"/\"]")), "qemu.shared_storage[0]", "any file");
+        assert_key(&pki.err(&q("shared_storage = [\"/srv/../etc\"]")), "qemu.shared_storage[0]", "`..`");
+        assert_key(&pki.err(&q("max_disk_bytes = 0")), "qemu.max_disk_bytes", "positive");
+        assert_key(&pki.err(&q("run_as = \"root\"")), "qemu.run_as", "unprivileged");
+        assert_key(&pki.err(&q("run_as = \"no-such-user-migtun\"")), "qemu.run_as", "no such user");
+        assert_key(&pki.err(&q("run_as = \"Bad Name\"")), "qemu.run_as", "not a user name");
+        let c = pki.load(&q("sandbox = false")).unwrap();
+        assert!(!c.qemu.unwrap().sandbox);
+    }
+
+    #[test]
+    fn qemu_allow_sources_and_limits() {
+        let pki = Pki::new();
+        let qemu = |extra: &str| pki.valid(&format!("[qemu]\nrun_dir = \"/run/q\"\n{extra}"));
+        // Absent: no incoming migration, defaults for the limits.
+        let c = pki.load(&qemu("")).unwrap();
+        let q = c.qemu.as_ref().unwrap();
+        assert!(q.allow_sources.is_empty());
+        assert_eq!(
+            (q.max_incoming, q.max_incoming_per_peer, q.max_upload_bytes),
+            (DEFAULT_MAX_INCOMING, DEFAULT_MAX_INCOMING_PER_PEER, DEFAULT_MAX_UPLOAD_BYTES)
+        );
+        assert!(c.explain().contains("incoming migrations: none accepted (qemu.allow_sources is empty)"), "{}", c.explain());
+        // A per-peer default never exceeds a smaller total.
+        let c = pki.load(&qemu("max_incoming = 2")).unwrap();
+        assert_eq!(c.qemu.as_ref().unwrap().max_incoming_per_peer, 2);
+
+        assert_key(&pki.err(&qemu("allow_sources = [\"host-x\"]")), "qemu.allow_sources[0]", "unknown peer \"host-x\"");
+        assert_key(
+            &pki.err(&qemu("allow_sources = [\"host-b\", \"host-b\"]")),
+            "qemu.allow_sources[1]",
+            "listed twice",
+        );
+        assert_key(&pki.err(&qemu("max_incoming = 0")), "qemu.max_incoming", "between 1 and 1024");
+        assert_key(&pki.err(&qemu("max_incoming_per_peer = 5000")), "qemu.max_incoming_per_peer", "between 1 and 1024");
+        assert_key(
+            &pki.err(&qemu("max_incoming = 2\nmax_incoming_per_peer = 3")),
+            "qemu.max_incoming_per_peer",
+            "more than qemu.max_incoming (2)",
+        );
+        assert_key(&pki.err(&qemu("max_upload_bytes = -1")), "qemu.max_upload_bytes", "negative");
+    }
+
+    #[test]
     fn display_is_one_line_naming_the_key() {
         let pki = Pki::new();
         let e = pki.err(&pki.valid("").replace(
@@ -1609,6 +2004,24 @@ prepare_hook = "/etc/migtun/prepare"
             "{s}"
         );
         assert_eq!(s.lines().count(), 1);
+    }
+
+    #[test]
+    fn record_layer_defaults_to_own_is_explained_and_a_bad_value_names_the_key() {
+        let pki = Pki::new();
+        let c = pki.load(&pki.valid("")).unwrap();
+        assert_eq!(c.tls.record_layer, RecordLayer::Own);
+        assert!(c.explain().contains("records     own (tls.record_layer:"), "{}", c.explain());
+        for (value, layer) in [("own", RecordLayer::Own), ("rustls", RecordLayer::Rustls)] {
+            let text = pki.valid("").replacen("[tls]\n", &format!("[tls]\nrecord_layer = \"{value}\"\n"), 1);
+            let c = pki.load(&text).unwrap();
+            assert_eq!(c.tls.record_layer, layer);
+            assert!(c.explain().contains(&format!("records     {value} (tls.record_layer:")), "{}", c.explain());
+        }
+        let e = pki.err(&pki.valid("").replacen("[tls]\n", "[tls]\nrecord_layer = \"kernel\"\n", 1));
+        assert_key(&e, "tls.record_layer", "unknown record layer \"kernel\" (expected \"own\" or \"rustls\")");
+        let e = pki.err(&pki.valid("").replacen("[tls]\n", "[tls]\nrecord_layer = 1\n", 1));
+        assert_eq!(e.key, "tls.record_layer", "{e}");
     }
 
     #[test]

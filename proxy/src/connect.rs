@@ -35,11 +35,11 @@ use crate::transport::{AutoPolicy, Choice, Switch, AUTO_QUIC_TIMEOUT};
 /// Idle pre-handshaked connections kept per peer: enough for a migration's RAM stream and a
 /// disk or two to open without waiting; more streams at once get freshly resumed sessions.
 pub const WARM_CONNECTIONS: usize = 2;
-/// TLS dials in progress to one peer at once. Well under the receiver's
-/// [`crate::port::MAX_PENDING_HANDSHAKES`] (256), so that one busy source never has its own
-/// handshakes dropped by the peer's flood protection; a resumed handshake takes about a
-/// millisecond, so 64 at a time still opens 1,000 streams in well under a second.
-pub const MAX_CONCURRENT_DIALS: usize = 64;
+/// TLS dials in progress to one peer at once. Half the receiver's per-address cap on handshakes
+/// in progress ([`crate::port::MAX_PENDING_PER_ADDRESS`], 64), so that one busy source never has
+/// its own handshakes refused by the peer's flood protection; a resumed handshake takes about a
+/// millisecond, so 32 at a time still opens 1,000 streams in well under a second.
+pub const MAX_CONCURRENT_DIALS: usize = 32;
 /// Age after which an idle pooled connection is closed rather than used. Well under the
 /// receiver's [`crate::expose::IDLE_PREAMBLE_TIMEOUT`], so we never hand out a connection the
 /// peer is about to close.
@@ -56,8 +56,9 @@ pub const QUIC_STREAMS_PER_CONNECTION: usize = 256;
 /// After a failed refill, wait this long before trying to warm the pool again.
 const REFILL_BACKOFF: Duration = Duration::from_secs(2);
 
-/// A TLS client configuration (the data or the control connection's ALPN).
-pub type TlsConnector = Arc<rustls::ClientConfig>;
+/// A TLS client configuration (the data or the control connection's ALPN), with its session
+/// store and the verifier that checks a resumed session again.
+pub type TlsConnector = Arc<crate::tls::ClientSide>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -111,6 +112,8 @@ pub struct PeerConnector {
 pub struct QuicClient {
     pub endpoint: quinn::Endpoint,
     pub config: quinn::ClientConfig,
+    /// What `config` was made from: re-checks the server's certificate, forgets its tickets.
+    tls: TlsConnector,
     conn: Mutex<Option<quinn::Connection>>,
     /// Streams opened on `conn` so far (see [`QUIC_STREAMS_PER_CONNECTION`]).
     opened: AtomicUsize,
@@ -119,10 +122,11 @@ pub struct QuicClient {
 }
 
 impl QuicClient {
-    pub fn new(endpoint: quinn::Endpoint, config: quinn::ClientConfig) -> QuicClient {
+    pub fn new(endpoint: quinn::Endpoint, config: quinn::ClientConfig, tls: TlsConnector) -> QuicClient {
         QuicClient {
             endpoint,
             config,
+            tls,
             conn: Mutex::new(None),
             opened: AtomicUsize::new(0),
             dialing: tokio::sync::Mutex::new(()),
@@ -355,14 +359,30 @@ impl PeerConnector {
             .endpoint
             .connect_with(q.config.clone(), addr, &self.name)
             .map_err(|e| unreachable(io::Error::other(e)))?;
-        connecting.await.map_err(|e| {
+        let conn = connecting.await.map_err(|e| {
             let reason = crate::quic::failure_reason(&e);
             if crate::quic::is_crypto_error(&e) {
                 ConnectError::Handshake { address: self.address.clone(), reason, source: io::Error::other(e) }
             } else {
                 unreachable(io::Error::other(e))
             }
-        })
+        })?;
+        // quinn does not say whether the session was resumed (rustls then did not verify the
+        // certificates): check every connection's again.
+        if let Err(e) = q.tls.recheck(crate::quic::peer_certificates(&conn).as_deref(), &self.server_name) {
+            let reason = self.refused(&e);
+            conn.close(crate::quic::codes::CERTIFICATE_REFUSED, reason.as_bytes());
+            return Err(ConnectError::Handshake { address: self.address.clone(), reason, source: io::Error::other(e) });
+        }
+        Ok(conn)
+    }
+
+    /// Logs a session refused because the peer's certificate no longer verifies; its reason.
+    fn refused(&self, e: &rustls::Error) -> &'static str {
+        let reason = crate::tls::tls_failure_reason(e);
+        warn!(peer = %self.name, address = %self.address, reason, error = %e,
+            "resumed TLS session refused: the peer's certificate no longer verifies");
+        reason
     }
 
     /// Opens a new TLS connection with a TLS client configuration (this peer's data connector, or
@@ -407,11 +427,22 @@ impl PeerConnector {
         }
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
         crate::socket::tune(&tcp);
-        session::connect(tls.clone(), self.server_name.clone(), tcp).await.map_err(|source| ConnectError::Handshake {
-            address: self.address.clone(),
-            reason: crate::tls::failure_reason(&source),
-            source,
-        })
+        let session = session::connect(tls.config.clone(), self.server_name.clone(), tcp).await.map_err(|source| {
+            ConnectError::Handshake { address: self.address.clone(), reason: crate::tls::failure_reason(&source), source }
+        })?;
+        // rustls took a resumed session's certificates from the session: check them again, now.
+        let info = session.info();
+        if info.resumed {
+            if let Err(e) = tls.recheck(info.peer_certificates.as_deref(), &self.server_name) {
+                let reason = self.refused(&e);
+                return Err(ConnectError::Handshake {
+                    address: self.address.clone(),
+                    reason,
+                    source: io::Error::new(io::ErrorKind::InvalidData, e),
+                });
+            }
+        }
+        Ok(session)
     }
 
     fn take_warm(&self) -> Option<TlsSession> {

@@ -11,15 +11,26 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::limit::KeyedLimit;
 use crate::metrics::{Metrics, Side};
+use crate::port::PortLog;
 use crate::routes::RouteTable;
 use crate::tls::PeerIdentity;
 use crate::wire::{Reply, ReplyCode, Request, WireError, MAX_REQUEST_LEN};
 use crate::Reset;
 
 /// How long a handshaked connection may sit idle before its preamble starts. Sources keep a
-/// few connections warm for up to [`crate::connect::POOL_MAX_IDLE`]; this is comfortably more.
-pub const IDLE_PREAMBLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// few connections warm for up to [`crate::connect::POOL_MAX_IDLE`] (20 s); this is that plus
+/// a margin for a stream that waits its turn behind the one accepted before it, and short
+/// enough that a peer holding connections without a preamble gives them back soon.
+pub const IDLE_PREAMBLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections (or QUIC streams) one peer may have awaiting their preamble at once; more are
+/// refused with a reply that names the limit. A source holds a couple of warm connections plus
+/// one per stream that is opening: streams of a forward send their preambles in accept order
+/// ([`crate::forward`]), so a burst of 1,000 opens holds up to 1,000 connections waiting their
+/// turn (tests/tls_transport.rs, `a_burst_of_a_thousand_opens_all_arrive`). The cap keeps one
+/// peer, or one stolen key, from holding all of the agent's file descriptors.
+pub const MAX_AWAITING_PREAMBLE_PER_PEER: usize = 1024;
 /// Once the first byte of a preamble has arrived, the rest must follow promptly.
 pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connecting to a local target; a UNIX socket answers at once or not at all, so this is only
@@ -36,18 +47,67 @@ pub struct ExposeContext {
     pub abort: CancellationToken,
     /// Serves control connections, when the control plane runs in this agent.
     pub control: Option<crate::agent::ControlHandler>,
+    /// The configured `[[peer]]` names: any other certificate gets nothing past the handshake.
+    pub peers: Vec<String>,
+    /// Connections awaiting their preamble, per peer ([`MAX_AWAITING_PREAMBLE_PER_PEER`]).
+    pub awaiting_preamble: Arc<KeyedLimit<String>>,
+    /// Rate-limited log lines of the port.
+    pub log: PortLog,
+    /// Checks a resumed session's client certificate again ([`crate::tls::TlsContext::recheck_client`]).
+    pub tls: Arc<crate::tls::TlsContext>,
+}
+
+impl ExposeContext {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        routes: Arc<RouteTable>,
+        draining: CancellationToken,
+        abort: CancellationToken,
+        control: Option<crate::agent::ControlHandler>,
+        peers: Vec<String>,
+        tls: Arc<crate::tls::TlsContext>,
+    ) -> ExposeContext {
+        ExposeContext {
+            metrics,
+            routes,
+            draining,
+            abort,
+            control,
+            peers,
+            awaiting_preamble: KeyedLimit::new(MAX_AWAITING_PREAMBLE_PER_PEER),
+            log: PortLog::default(),
+            tls,
+        }
+    }
 }
 
 /// Route label for requests that name no configured route: keeps metric labels bounded.
 const UNKNOWN_ROUTE_LABEL: &str = "<unknown>";
 
-/// Serves one data stream on an authenticated connection.
-pub async fn serve<S>(mut conn: S, peer: PeerIdentity, ctx: &ExposeContext)
+/// Serves one data stream on an authenticated connection; `transport` (`tls` or `quic`) labels
+/// its refusals.
+pub async fn serve<S>(mut conn: S, peer: PeerIdentity, transport: &'static str, ctx: &ExposeContext)
 where
     S: crate::relay::RelayStream + Reset,
 {
     let peer_name = peer.name().to_string();
-    let (request, leftover) = match read_request(&mut conn, ctx).await {
+    let Some(waiting) = ctx.awaiting_preamble.try_acquire(peer_name.clone()) else {
+        ctx.metrics.port_refused(transport, "peer-preamble-limit");
+        if let Some(n) = ctx.log.preamble_limit.hit() {
+            warn!(peer = %peer_name, limit = MAX_AWAITING_PREAMBLE_PER_PEER, refused = n,
+                "too many connections of this peer awaiting their preamble; refused");
+        }
+        let detail = format!(
+            "too many connections from {peer_name} awaiting their preamble (limit {MAX_AWAITING_PREAMBLE_PER_PEER})"
+        );
+        let _ = send_reply(&mut conn, &Reply::refuse(ReplyCode::Internal, detail)).await;
+        return;
+    };
+    ctx.metrics.awaiting_preamble.inc();
+    let request = read_request(&mut conn, ctx).await;
+    ctx.metrics.awaiting_preamble.dec();
+    drop(waiting);
+    let (request, leftover) = match request {
         Ok(Some(r)) => r,
         Ok(None) => return, // an idle warm connection closed, or we are draining
         Err(err) => {

@@ -23,8 +23,6 @@ use crate::wire::{Reply, ReplyCode, Request, MAX_REPLY_LEN};
 
 /// The reply must come within the peer's target connect timeout plus a margin for the network.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
-/// Pause after an accept error (out of file descriptors, say) so we do not spin.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// One forward: where its streams go.
 pub struct ForwardContext {
@@ -87,17 +85,11 @@ fn quic_lost_reason(e: &std::io::Error) -> Option<&'static str> {
 pub async fn serve(listener: LocalListener, ctx: Arc<ForwardContext>, draining: CancellationToken, tracker: TaskTracker) {
     // The receiver that the next accepted stream waits on before it may send its preamble.
     let mut previous: Option<oneshot::Receiver<()>> = None;
+    let mut accept = crate::accept::AcceptLoop::new("forward", Some(ctx.metrics.clone()));
     loop {
         let local = tokio::select! {
             _ = draining.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(route = %ctx.route, error = %e, "forward: accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    continue;
-                }
-            },
+            s = accept.accept(|| listener.accept()) => s,
         };
         let (my_turn_done, next_waits_on) = oneshot::channel();
         let my_turn = previous.replace(next_waits_on);

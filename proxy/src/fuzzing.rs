@@ -128,7 +128,7 @@ fn open_all(opener: &mut Opener, buf: &mut [u8]) -> RecordSummary {
             Ok(Some(len)) if len <= avail.len() => len,
             Ok(_) => return summary,
         };
-        assert!(len > HEADER_LEN + TAG_LEN && len <= MAX_RECORD, "record_len measured {len} bytes");
+        assert!(len >= HEADER_LEN + TAG_LEN && len <= MAX_RECORD, "record_len measured {len} bytes");
         let (typ, range) = match opener.open(&mut avail[..len]) {
             Ok(r) => r,
             Err(e) => {
@@ -162,35 +162,42 @@ pub struct HandshakeSummary {
     pub complete: bool,
 }
 
-/// Fuzz target `handshake_messages`: the splitter of a post-handshake record's content into
-/// `(type, body)` messages. The input is the record's content.
+/// Fuzz target `handshake_messages`: [`record::parse_post_handshake`], which takes a
+/// post-handshake record's content apart into session tickets and key updates. The input is the
+/// record's content.
+///
+/// Asserted: accepted content is covered exactly by whole messages, each where its header says,
+/// a key update (one byte, 0 or 1) only last; a refusal is one the peer caused, so it has the
+/// fatal alert the session sends for it.
 pub fn handshake_messages(content: &[u8]) -> HandshakeSummary {
-    let mut summary = HandshakeSummary { messages: 0, complete: true };
+    let messages = match record::parse_post_handshake(content) {
+        Ok(m) => m,
+        Err(e) => {
+            assert!(e.alert().is_some(), "a refused handshake record must get an alert: {e}");
+            return HandshakeSummary { messages: 0, complete: false };
+        }
+    };
+    assert!(!content.is_empty(), "an empty handshake record was accepted");
     let mut used = 0usize;
-    let mut failed = false;
-    for m in record::handshake_messages(content) {
-        assert!(!failed, "a message after an error");
+    for (i, m) in messages.iter().enumerate() {
+        let header = &content[used..used + 4];
+        let len = u32::from_be_bytes([0, header[1], header[2], header[3]]) as usize;
         match m {
-            Ok((typ, body)) => {
-                // Each body is the next `len` bytes after a 4-byte header, in order.
-                assert_eq!(content.get(used), Some(&typ));
-                let len = u32::from_be_bytes([0, content[used + 1], content[used + 2], content[used + 3]]) as usize;
+            record::PostHandshake::NewSessionTicket(body) => {
+                assert_eq!(header[0], 4, "not a NewSessionTicket");
                 assert_eq!(body.len(), len);
                 assert!(std::ptr::eq(body.as_ptr(), content[used + 4..].as_ptr()), "body is not where its header says");
-                used += 4 + len;
-                summary.messages += 1;
             }
-            Err(_) => {
-                failed = true;
-                summary.complete = false;
+            record::PostHandshake::KeyUpdate { request } => {
+                assert_eq!((header[0], len), (24, 1), "not a one-byte KeyUpdate");
+                assert_eq!(content[used + 4], u8::from(*request));
+                assert_eq!(i, messages.len() - 1, "a key update that is not last in its record");
             }
         }
+        used += 4 + len;
     }
-    assert!(used <= content.len());
-    if !failed {
-        assert_eq!(used, content.len(), "bytes left over without an error");
-    }
-    summary
+    assert_eq!(used, content.len(), "bytes left over without an error");
+    HandshakeSummary { messages: messages.len(), complete: true }
 }
 
 /// What [`preamble`] found.

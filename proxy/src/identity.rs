@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -21,6 +21,10 @@ pub enum IdentityError {
     NoKey { path: String },
     #[error("{path}: bad PEM private key: {detail}")]
     BadKey { path: String, detail: String },
+    #[error("{path} holds no PEM CRL (-----BEGIN X509 CRL-----)")]
+    NoCrl { path: String },
+    #[error("{path}: bad PEM CRL: {detail}")]
+    BadCrl { path: String, detail: String },
 }
 
 /// The certificates in a PEM file, in order (leaf first for a chain).
@@ -44,6 +48,25 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
         rustls_pki_types::pem::Error::NoItemsFound => IdentityError::NoKey { path: p },
         e => IdentityError::BadKey { path: p, detail: e.to_string() },
     })
+}
+
+/// The certificate revocation lists in a PEM file (`-----BEGIN X509 CRL-----`), at least one.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
+    let p = path.display().to_string();
+    let data = std::fs::read(path).map_err(|source| IdentityError::Read { path: p.clone(), source })?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&data)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::BadCrl { path: p.clone(), detail: e.to_string() })?;
+    if crls.is_empty() {
+        return Err(IdentityError::NoCrl { path: p });
+    }
+    Ok(crls)
+}
+
+/// A DER certificate's notAfter, in unix seconds (`None` if it does not parse).
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 /// The DNS subject alternative names of a DER certificate (empty if it has none or does not parse).

@@ -10,6 +10,7 @@
 //! stream is a QUIC stream on the peer's one connection instead; [`transport`] hides which.
 //! [`agent`] ties the pieces to one validated [`config::Config`] and drains them on shutdown.
 
+pub mod accept;
 pub mod agent;
 pub mod buffers;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;
+pub mod limit;
 pub mod metrics;
 pub mod port;
 pub mod quic;

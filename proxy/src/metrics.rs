@@ -106,7 +106,46 @@ pub struct SwitchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `leaf`: this agent's own certificate; `ca`: the earliest of its chain's intermediates
+    /// and the trust anchors of `tls.ca`.
+    pub which: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptLabels {
+    /// `port`, `forward`, `metrics` or `admin`.
+    pub listener: &'static str,
+    /// [`crate::accept::ErrorKind::label`].
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `tls` (TLS over TCP) or `quic`.
+    pub transport: &'static str,
+    /// `address-limit`, `client-hello-timeout`, `not-tls`, `not-a-peer`, `peer-preamble-limit`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControlRefusalLabels {
+    /// The caller's name if it is a configured peer, `unknown` otherwise (a stranger's
+    /// certificate name must not create series).
+    pub peer: String,
+    /// A method this agent serves, `upload`, or `unknown`.
+    pub method: String,
+    /// A fixed string naming the rule (e.g. `not-allowed`, `max-incoming-per-peer`).
     pub reason: &'static str,
 }
 
@@ -121,6 +160,13 @@ pub struct Metrics {
     pub handshake_failures: Family<HandshakeFailureLabels, Counter>,
     pub protocol_errors: Family<ReasonLabels, Counter>,
     pub transport_switches: Family<SwitchLabels, Counter>,
+    pub accept_failures: Family<AcceptLabels, Counter>,
+    pub port_refusals: Family<RefusalLabels, Counter>,
+    pub handshakes_pending: Family<TransportLabels, Gauge>,
+    pub port_paused: Counter,
+    pub awaiting_preamble: Gauge,
+    pub control_refusals: Family<ControlRefusalLabels, Counter>,
+    pub certificate_not_after: Family<CertificateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -140,6 +186,13 @@ impl Metrics {
         let handshake_failures = Family::default();
         let protocol_errors = Family::default();
         let transport_switches = Family::default();
+        let accept_failures = Family::default();
+        let port_refusals = Family::default();
+        let handshakes_pending = Family::default();
+        let port_paused = Counter::default();
+        let awaiting_preamble = Gauge::default();
+        let control_refusals = Family::default();
+        let certificate_not_after = Family::default();
         registry.register("bytes", "Bytes relayed, by peer, route and direction (tx: towards the peer)", bytes.clone());
         registry.register("streams_open", "Tunnelled streams open now", streams_open.clone());
         registry.register("stream_opens", "Tunnelled streams opened successfully", stream_opens.clone());
@@ -155,7 +208,40 @@ impl Metrics {
             "Peers with transport \"auto\": new streams moved to `to` (tls: UDP blocked, quic: works again)",
             transport_switches.clone(),
         );
+        registry.register(
+            "certificate_not_after_seconds",
+            "When certificates expire (unix seconds): which=\"leaf\" this agent's own, which=\"ca\" the earliest of its chain and tls.ca",
+            certificate_not_after.clone(),
+        );
         registry.register("protocol_errors", "Malformed or unexpected data on the port", protocol_errors.clone());
+        registry.register(
+            "accept_failures",
+            "Failed accepts on a listener, by listener and reason (fd-limit, memory: the loop backs off)",
+            accept_failures.clone(),
+        );
+        registry.register(
+            "port_refusals",
+            "Connections to the port refused before any stream: over the per-address handshake limit, no \
+             ClientHello in time, not TLS, a certificate that is not a configured peer, too many \
+             connections of one peer awaiting their preamble",
+            port_refusals.clone(),
+        );
+        registry.register("handshakes_pending", "Handshakes in progress on the port, by transport", handshakes_pending.clone());
+        registry.register(
+            "port_paused",
+            "Times the port stopped accepting because every handshake slot was taken (connections wait in the backlog)",
+            port_paused.clone(),
+        );
+        registry.register(
+            "awaiting_preamble",
+            "Authenticated data connections (or QUIC streams) whose preamble has not arrived yet",
+            awaiting_preamble.clone(),
+        );
+        registry.register(
+            "control_refusals",
+            "Control RPC requests refused (not authorized, over a limit), by peer, method and reason",
+            control_refusals.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -171,6 +257,22 @@ impl Metrics {
             handshake_failures,
             protocol_errors,
             transport_switches,
+            accept_failures,
+            port_refusals,
+            handshakes_pending,
+            port_paused,
+            awaiting_preamble,
+            control_refusals,
+            certificate_not_after,
+        }
+    }
+
+    /// The not-after (unix seconds) of the agent's own certificate and of its earliest CA.
+    pub fn certificates_expire(&self, leaf: Option<i64>, ca: Option<i64>) {
+        for (which, at) in [("leaf", leaf), ("ca", ca)] {
+            if let Some(at) = at {
+                self.certificate_not_after.get_or_create(&CertificateLabels { which }).set(at);
+            }
         }
     }
 
@@ -214,6 +316,28 @@ impl Metrics {
     pub fn handshake_done_on(&self, transport: &'static str, role: &'static str, resumed: bool) {
         let kind = if resumed { "resumed" } else { "full" };
         self.handshakes.get_or_create(&HandshakeLabels { transport, role, kind }).inc();
+    }
+
+    /// A failed `accept` on `listener` ([`crate::accept`]).
+    pub fn accept_failed(&self, listener: &'static str, reason: &'static str) {
+        self.accept_failures.get_or_create(&AcceptLabels { listener, reason }).inc();
+    }
+
+    /// A connection refused by the port's limits or because its certificate is not a peer's.
+    pub fn port_refused(&self, transport: &'static str, reason: &'static str) {
+        self.port_refusals.get_or_create(&RefusalLabels { transport, reason }).inc();
+    }
+
+    /// The gauge of handshakes in progress on `transport`.
+    pub fn pending_handshakes(&self, transport: &'static str) -> Gauge {
+        self.handshakes_pending.get_or_create(&TransportLabels { transport }).clone()
+    }
+
+    /// A refused control RPC request; `peer` and `method` must already be bounded values.
+    pub fn control_refused(&self, peer: &str, method: &str, reason: &'static str) {
+        self.control_refusals
+            .get_or_create(&ControlRefusalLabels { peer: peer.to_string(), method: method.to_string(), reason })
+            .inc();
     }
 
     /// `auto` transport: a peer's streams moved from QUIC to TLS over TCP, or back.
@@ -275,18 +399,28 @@ impl Drop for StreamMetrics {
     }
 }
 
+/// Scrapes served at once; more connections wait in the listener's backlog. A Prometheus
+/// server scrapes one at a time; this leaves room for a few humans with curl.
+const MAX_METRICS_CONNECTIONS: usize = 16;
+/// A scrape connection is closed after this long, whatever it does: a client that opens one and
+/// sends nothing must not keep a descriptor (or a slot) for good.
+const METRICS_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves `GET /metrics` until `shutdown`.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut accept = crate::accept::AcceptLoop::new("metrics", Some(metrics.clone()));
     loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // never closed
+            },
+        };
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    continue;
-                }
-            },
+            s = accept.accept(|| listener.accept()) => s,
         };
         let metrics = metrics.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -295,7 +429,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
+            drop(permit);
         });
     }
 }

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,11 +28,11 @@ use tracing::{debug, info, warn};
 
 pub use quinn;
 
-use crate::config::TlsConfig;
 use crate::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
-use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES};
-use crate::tls::{PeerIdentity, TlsSetupError, ALPN_DATA};
+use crate::limit::{source_key, KeyedLimit};
+use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_ADDRESS};
+use crate::tls::{ClientSide, PeerIdentity, TlsContext, TlsSetupError, ALPN_DATA};
 use crate::Reset;
 
 /// Per-stream receive window: how far a sender may run ahead of a reader on one stream. At
@@ -47,6 +47,10 @@ pub const SEND_WINDOW: u64 = 64 << 20;
 pub const UDP_BUFFER: usize = 8 << 20;
 /// Streams a peer may have open at once on one connection (a migration uses a few dozen).
 pub const MAX_STREAMS: u32 = 1024;
+/// QUIC connections one peer may hold at once. An agent keeps one per peer, and a second while
+/// the first ends its last streams ([`crate::connect::QUIC_STREAMS_PER_CONNECTION`]); connection
+/// migration keeps the connection. More is a misbehaving peer holding the agent's memory.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
 /// A PING this often keeps NAT and firewall state alive and proves the peer is still there.
 pub const KEEPALIVE: Duration = Duration::from_secs(2);
 /// No packet from the peer for this long: the connection (and its streams) is dead.
@@ -73,6 +77,11 @@ pub mod codes {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(2);
     /// The connection carries an application protocol this agent does not serve.
     pub const UNSUPPORTED_ALPN: VarInt = VarInt::from_u32(3);
+    /// The certificate is not a configured peer's, or the peer holds too many connections.
+    pub const REFUSED: VarInt = VarInt::from_u32(4);
+    /// The peer's certificate failed its check after the handshake (expired or revoked since the
+    /// session it resumed was made); the reason text says which.
+    pub const CERTIFICATE_REFUSED: VarInt = VarInt::from_u32(5);
 }
 
 /// The congestion controller.
@@ -132,8 +141,8 @@ pub fn transport_config(congestion: Congestion) -> Arc<TransportConfig> {
 }
 
 /// The QUIC server side, from the TLS transport's rustls server configuration.
-pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ServerConfig, TlsSetupError> {
-    let rustls = crate::tls::server_config(tls, alpn)?;
+pub fn server_config(tls: &TlsContext, alpn: &[&[u8]]) -> Result<quinn::ServerConfig, TlsSetupError> {
+    let rustls = tls.server_config(alpn)?;
     let crypto = QuicServerConfig::try_from(rustls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config(Congestion::from_env()));
@@ -143,8 +152,8 @@ pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ServerCon
 }
 
 /// The QUIC client side, from the TLS transport's rustls client configuration.
-pub fn client_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<quinn::ClientConfig, TlsSetupError> {
-    let rustls = crate::tls::client_config(tls, alpn)?;
+pub fn client_config(tls: &ClientSide) -> Result<quinn::ClientConfig, TlsSetupError> {
+    let rustls = tls.config.clone();
     let crypto = QuicClientConfig::try_from(rustls).map_err(|e| TlsSetupError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport_config(Congestion::from_env()));
@@ -238,10 +247,11 @@ pub fn endpoint(socket: std::net::UdpSocket) -> io::Result<quinn::Endpoint> {
 
 /// One tunnelled stream on a QUIC connection: a bidirectional QUIC stream.
 ///
-/// Shutdown is `FIN` ([`quinn::SendStream::finish`]). Dropping it after [`Reset::set_reset_on_drop`]
-/// resets both halves (`RESET_STREAM` and `STOP_SENDING`), so the other side's reads and writes fail
-/// as a TCP reset would make them fail; dropping it otherwise finishes the send half (quinn's
-/// default), which is an orderly EOF.
+/// Shutdown is `FIN` ([`quinn::SendStream::finish`]). Dropping it after [`Reset::set_reset_on_drop`],
+/// or before it was shut down, resets both halves (`RESET_STREAM` and `STOP_SENDING`), so the
+/// other side's reads and writes fail as a TCP reset would make them fail. Only a shutdown is an
+/// orderly EOF: quinn's default, finishing the send half of a stream dropped without one, would
+/// make a stream cut short (a task cancelled, an error path that forgot the reset) look complete.
 pub struct QuicStream {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -273,7 +283,8 @@ impl Reset for QuicStream {
 
 impl Drop for QuicStream {
     fn drop(&mut self) {
-        if self.reset.load(Ordering::Relaxed) {
+        let shut_down = self.finished || self.finishing.is_some();
+        if self.reset.load(Ordering::Relaxed) || !shut_down {
             let _ = self.send.reset(codes::STREAM_RESET);
             let _ = self.recv.stop(codes::STREAM_RESET);
         }
@@ -397,6 +408,7 @@ fn crypto_reason(code: u64, text: &str, by_peer: bool) -> &'static str {
         116 => "no-client-certificate",
         48 => "unknown-ca",
         51 if has("BadSignature") => "unknown-ca",
+        44 if has("Revoked") || has("revoked") => "revoked",
         45 if has("NotValidYet") || has("not valid yet") => "not-yet-valid",
         45 => "expired",
         42 if has("NotValidForName") || has("not valid for name") => "wrong-name",
@@ -412,6 +424,9 @@ fn crypto_reason(code: u64, text: &str, by_peer: bool) -> &'static str {
 /// connection's streams are served like the TLS transport's connections ([`expose::serve`]).
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ExposeContext>, tracker: TaskTracker) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let per_address = KeyedLimit::<IpAddr>::new(MAX_PENDING_PER_ADDRESS);
+    let per_peer = KeyedLimit::<String>::new(MAX_CONNECTIONS_PER_PEER);
+    let gauge = ctx.metrics.pending_handshakes("quic");
     loop {
         let incoming = tokio::select! {
             _ = ctx.draining.cancelled() => break,
@@ -421,20 +436,50 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<ExposeContext>, tracker: 
             },
         };
         let addr = incoming.remote_address();
+        // UDP source addresses are easy to forge: under load, make the client prove its address
+        // (a stateless Retry) before it may count against anything.
+        if !incoming.remote_address_validated() && pending.available_permits() < MAX_PENDING_HANDSHAKES / 2 {
+            let _ = incoming.retry();
+            continue;
+        }
         let Ok(permit) = pending.clone().try_acquire_owned() else {
-            warn!(%addr, "too many QUIC handshakes in progress; connection refused");
             ctx.metrics.handshake_failed_on("quic", "server", "-", "overload");
+            if let Some(n) = ctx.log.paused.hit() {
+                warn!(%addr, refused = n, "too many QUIC handshakes in progress; connections refused");
+            }
+            incoming.refuse();
+            continue;
+        };
+        let Some(address_permit) = per_address.try_acquire(source_key(addr.ip())) else {
+            ctx.metrics.port_refused("quic", "address-limit");
+            if let Some(n) = ctx.log.address_limit.hit() {
+                warn!(%addr, limit = MAX_PENDING_PER_ADDRESS, refused = n,
+                    "too many QUIC handshakes in progress from this address; connections refused");
+            }
             incoming.refuse();
             continue;
         };
         let ctx = ctx.clone();
         let streams = tracker.clone();
+        let gauge = gauge.clone();
+        let per_peer = per_peer.clone();
+        gauge.inc();
         // Connections live as long as the peer keeps them: not tracked, so that the drain
         // waits for streams, not for idle connections. Their streams are tracked.
         tokio::spawn(async move {
             let conn = handshake(incoming, addr, &ctx).await;
-            drop(permit);
+            gauge.dec();
+            drop((permit, address_permit));
             let Some((conn, peer)) = conn else { return };
+            let Some(_slot) = per_peer.try_acquire(peer.name().to_string()) else {
+                ctx.metrics.port_refused("quic", "peer-connection-limit");
+                if let Some(n) = ctx.log.control_limit.hit() {
+                    warn!(%addr, peer = peer.name(), limit = MAX_CONNECTIONS_PER_PEER, refused = n,
+                        "too many QUIC connections from this peer; connection closed");
+                }
+                conn.close(codes::REFUSED, b"too many connections from this peer");
+                return;
+            };
             serve_connection(conn, peer, ctx, streams).await;
         });
     }
@@ -451,7 +496,9 @@ async fn handshake(
         Ok(c) => c,
         Err(e) => {
             let reason = failure_reason(&e);
-            warn!(%addr, reason, error = %e, "QUIC handshake refused");
+            if let Some(n) = ctx.log.handshake.hit() {
+                warn!(%addr, reason, error = %e, refused = n, "QUIC handshake refused (one line per interval)");
+            }
             ctx.metrics.handshake_failed_on("quic", "server", "-", reason);
             return None;
         }
@@ -464,18 +511,35 @@ async fn handshake(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             let reason = failure_reason(&e);
-            warn!(%addr, reason, error = %e, "QUIC handshake refused");
+            if let Some(n) = ctx.log.handshake.hit() {
+                warn!(%addr, reason, error = %e, refused = n, "QUIC handshake refused (one line per interval)");
+            }
             ctx.metrics.handshake_failed_on("quic", "server", "-", reason);
             return None;
         }
         Err(_) => {
-            warn!(%addr, reason = "timeout", "QUIC handshake timed out");
+            if let Some(n) = ctx.log.handshake.hit() {
+                warn!(%addr, reason = "timeout", refused = n, "QUIC handshake timed out (one line per interval)");
+            }
             ctx.metrics.handshake_failed_on("quic", "server", "-", "timeout");
             return None;
         }
     };
     let peer = peer_identity(&conn);
+    // quinn does not say whether the session was resumed, whose certificates rustls did not
+    // verify: check every connection's (a full handshake's pass again, cheaply).
+    if let Err(e) = ctx.tls.recheck_client(peer_certificates(&conn).as_deref()) {
+        let reason = crate::tls::tls_failure_reason(&e);
+        warn!(%addr, peer = peer.name(), reason, error = %e, "QUIC session refused: the peer's certificate no longer verifies");
+        ctx.metrics.handshake_failed_on("quic", "server", peer.name(), reason);
+        conn.close(codes::CERTIFICATE_REFUSED, reason.as_bytes());
+        return None;
+    }
     ctx.metrics.handshake_done_on("quic", "server", false);
+    if !crate::port::is_configured_peer(ctx, "quic", addr, &peer) {
+        conn.close(codes::REFUSED, b"not a configured peer");
+        return None;
+    }
     if alpn(&conn).as_deref() != Some(ALPN_DATA) {
         let alpn = alpn(&conn).map(|p| String::from_utf8_lossy(&p).into_owned());
         warn!(%addr, peer = peer.name(), ?alpn, "unsupported application protocol over QUIC; closing");
@@ -489,9 +553,14 @@ async fn handshake(
 
 /// Who the peer of an established connection is, from its certificate chain.
 pub fn peer_identity(conn: &quinn::Connection) -> PeerIdentity {
-    let certs =
-        conn.peer_identity().and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok());
-    PeerIdentity::from_certs(certs.as_deref().map(Vec::as_slice))
+    PeerIdentity::from_certs(peer_certificates(conn).as_deref())
+}
+
+/// The certificate chain the peer of an established connection presented (or resumed with).
+pub fn peer_certificates(conn: &quinn::Connection) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    conn.peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok())
+        .map(|certs| *certs)
 }
 
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
@@ -516,7 +585,7 @@ async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<
         };
         let ctx = ctx.clone();
         let peer = peer.clone();
-        tracker.spawn(async move { expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, &ctx).await });
+        tracker.spawn(async move { expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, "quic", &ctx).await });
     }
 }
 
@@ -536,6 +605,57 @@ mod tests {
         assert_eq!(crypto_reason(0x100 + 48, "", true), "rejected-by-peer");
         assert_eq!(crypto_reason(0x0a, "", false), "protocol");
         assert_eq!(failure_reason(&ConnectionError::TimedOut), "timeout");
+    }
+
+    /// A QUIC server and client endpoint on loopback with certificates from one test CA.
+    async fn endpoints() -> (quinn::Endpoint, quinn::Endpoint, SocketAddr) {
+        let ca = migtun_certs::Ca::generate("test CA").unwrap();
+        let server_tls = crate::session::tests::tls_config(&ca, "host-b");
+        let client_tls = crate::session::tests::tls_config(&ca, "host-a");
+        let server_ctx = TlsContext::new(&server_tls).unwrap();
+        let server = quinn::Endpoint::server(server_config(&server_ctx, &[ALPN_DATA]).unwrap(), "127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client_side = TlsContext::new(&client_tls).unwrap().client_config(&[ALPN_DATA]).unwrap();
+        client.set_default_client_config(client_config(&client_side).unwrap());
+        (server, client, addr)
+    }
+
+    /// A stream dropped in the middle of a transfer, before any shutdown (a task cancelled, an
+    /// error path that did not ask for a reset), is reset: the far end's read fails, it never
+    /// sees a FIN, so a truncated stream cannot look complete. One that was shut down ends with
+    /// an EOF after all its bytes.
+    #[tokio::test]
+    async fn a_stream_dropped_before_shutdown_is_reset_not_finished() {
+        use tokio::io::AsyncWriteExt;
+        let (server, client, addr) = endpoints().await;
+        let far = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let mut ends = Vec::new();
+            for _ in 0..2 {
+                let (_send, mut recv) = conn.accept_bi().await.unwrap();
+                let mut got = Vec::new();
+                ends.push(tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut got).await.map(|_| got.len()).map_err(|e| e.to_string()));
+            }
+            ends
+        });
+        let conn = client.connect(addr, "host-b").unwrap().await.unwrap();
+        let data = vec![0x5a; 200_000];
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut cut = QuicStream::new(send, recv);
+        cut.write_all(&data).await.unwrap();
+        cut.flush().await.unwrap();
+        drop(cut);
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut whole = QuicStream::new(send, recv);
+        whole.write_all(&data).await.unwrap();
+        whole.shutdown().await.unwrap();
+        drop(whole);
+        let ends = far.await.unwrap();
+        let reset = ends[0].as_ref().expect_err("the stream cut short is an error at the far end, not an EOF");
+        assert!(reset.contains("reset"), "{reset}");
+        assert_eq!(ends[1], Ok(data.len()), "the stream shut down ends with every byte and an EOF");
     }
 
     #[test]

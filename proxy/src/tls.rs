@@ -1,17 +1,28 @@
 //! rustls configurations for both ends of the port, and what a handshake tells us.
 //!
-//! TLS 1.3 only, mutual authentication against the configured CA, aws-lc-rs crypto with
-//! AES-128-GCM preferred (the cheapest AEAD on hosts with AES-NI, which every hypervisor has).
-//! Session resumption is on in both directions so that opening a stream to a peer seen before
-//! costs an abbreviated handshake.
+//! TLS 1.3 only, mutual authentication against the configured CA (and `tls.crl`, when set),
+//! aws-lc-rs crypto with AES-128-GCM preferred (the cheapest AEAD on hosts with AES-NI, which
+//! every hypervisor has). Session resumption is on in both directions so that opening a stream
+//! to a peer seen before costs an abbreviated handshake.
+//!
+//! rustls does not call the certificate verifiers on a resumed handshake: the peer's
+//! certificates come from the session, as they were when it was made. [`TlsContext`] keeps the
+//! verifiers, so that the port and the connector check a resumed session's certificates again
+//! with [`TlsContext::recheck_client`] / [`TlsContext::recheck_server`] (validity now, the CRL),
+//! and a session that fails is refused and never resumed again.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, WebPkiServerVerifier};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::config::TlsConfig;
+use crate::config::{RecordLayer, TlsConfig};
 use crate::identity::dns_sans;
 
 /// ALPN of one tunnelled data stream per TLS connection.
@@ -21,9 +32,17 @@ pub const ALPN_CONTROL: &[u8] = b"h2";
 
 /// How many TLS 1.3 sessions a client remembers (one or two per peer is what is used).
 const CLIENT_SESSION_CACHE: usize = 1024;
+/// Sessions a server remembers for resumption (rustls' default size, made explicit because we
+/// wrap the cache).
+const SERVER_SESSION_CACHE: usize = 256;
 /// How many resumption tickets a server sends after each full handshake: one per warm
 /// connection a client is likely to open next, so resumptions do not run dry.
 const TLS13_TICKETS: usize = 4;
+/// Certificates whose sessions a server refuses to resume, remembered (oldest forgotten first):
+/// far more than the peers of one host, so a refused certificate stays refused.
+const MAX_REFUSED_CERTIFICATES: usize = 1024;
+/// Tickets a client may hold for one server (rustls keeps 8); forgetting takes at most this many.
+const MAX_TICKETS_PER_SERVER: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -31,7 +50,7 @@ pub enum TlsSetupError {
     Roots(String),
     #[error("tls.cert/tls.key: {0}")]
     Identity(rustls::Error),
-    #[error("client certificate verifier: {0}")]
+    #[error("certificate verifier (tls.ca, tls.crl): {0}")]
     Verifier(String),
     #[error("TLS 1.3 is not available from the crypto provider: {0}")]
     Protocol(rustls::Error),
@@ -56,38 +75,255 @@ fn roots(tls: &TlsConfig) -> Result<Arc<RootCertStore>, TlsSetupError> {
     Ok(Arc::new(roots))
 }
 
-/// The port's server side: requires a client certificate from the CA.
-pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(tls)?, provider.clone())
-        .build()
-        .map_err(|e| TlsSetupError::Verifier(e.to_string()))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(TlsSetupError::Protocol)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())
-        .map_err(TlsSetupError::Identity)?;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.ignore_client_order = true;
-    config.send_tls13_tickets = TLS13_TICKETS;
-    // The record layer after the handshake is ours (crate::session): rustls hands over the keys.
-    config.enable_secret_extraction = true;
-    Ok(Arc::new(config))
+/// The peer certificate verifiers for one `[tls]` config: both directions use the same trust
+/// anchors and CRLs. A CRL lists what is revoked: a certificate whose issuer has no CRL in
+/// `tls.crl` is not revoked (unknown status is allowed), and a CRL past its next update still
+/// counts (it only ever grows; an operator replaces it).
+pub fn verifiers(
+    tls: &TlsConfig,
+    provider: Arc<CryptoProvider>,
+) -> Result<(Arc<dyn ClientCertVerifier>, Arc<WebPkiServerVerifier>), TlsSetupError> {
+    let roots = roots(tls)?;
+    let mut client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+    let mut server = WebPkiServerVerifier::builder_with_provider(roots, provider);
+    if !tls.crls.is_empty() {
+        client = client.with_crls(tls.crls.iter().cloned()).allow_unknown_revocation_status();
+        server = server.with_crls(tls.crls.iter().cloned()).allow_unknown_revocation_status();
+    }
+    let client = client.build().map_err(|e| TlsSetupError::Verifier(e.to_string()))?;
+    let server = server.build().map_err(|e| TlsSetupError::Verifier(e.to_string()))?;
+    Ok((client, server))
 }
 
-/// The client side, for connections to peers; the server name checked is the peer's name.
+/// Everything TLS the agent derives from its `[tls]` config: identity, verifiers, and the
+/// certificates it will no longer resume sessions of. Every rustls configuration (TLS and QUIC,
+/// server and client) is made from one `TlsContext`, so that a reload of certificates or CRL
+/// builds a new context and swaps it whole.
+pub struct TlsContext {
+    provider: Arc<CryptoProvider>,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    server_verifier: Arc<WebPkiServerVerifier>,
+    refused: Arc<RefusedCertificates>,
+    /// `tls.record_layer`: whether rustls hands the keys over to our record layer.
+    record_layer: RecordLayer,
+}
+
+impl std::fmt::Debug for TlsContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsContext").field("cert_chain", &self.cert_chain.len()).finish_non_exhaustive()
+    }
+}
+
+impl TlsContext {
+    pub fn new(tls: &TlsConfig) -> Result<Arc<TlsContext>, TlsSetupError> {
+        let provider = provider();
+        let (client_verifier, server_verifier) = verifiers(tls, provider.clone())?;
+        Ok(Arc::new(TlsContext {
+            provider,
+            cert_chain: tls.cert_chain.clone(),
+            key: tls.key.clone_key(),
+            client_verifier,
+            server_verifier,
+            refused: Arc::new(RefusedCertificates::default()),
+            record_layer: tls.record_layer,
+        }))
+    }
+
+    /// The port's server side: requires a client certificate from the CA.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsSetupError> {
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TlsSetupError::Protocol)?
+            .with_client_cert_verifier(self.client_verifier.clone())
+            .with_single_cert(self.cert_chain.clone(), self.key.clone_key())
+            .map_err(TlsSetupError::Identity)?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.ignore_client_order = true;
+        config.send_tls13_tickets = TLS13_TICKETS;
+        config.session_storage = Arc::new(ServerSessions {
+            inner: ServerSessionMemoryCache::new(SERVER_SESSION_CACHE),
+            refused: self.refused.clone(),
+        });
+        // `tls.record_layer = "own"`: the record layer after the handshake is ours
+        // (crate::session), rustls hands over the keys; crate::session picks the layer by this flag.
+        config.enable_secret_extraction = self.record_layer == RecordLayer::Own;
+        Ok(Arc::new(config))
+    }
+
+    /// The client side, for connections to peers; the server name checked is the peer's name.
+    pub fn client_config(self: &Arc<Self>, alpn: &[&[u8]]) -> Result<Arc<ClientSide>, TlsSetupError> {
+        let sessions = Arc::new(ClientSessions { inner: ClientSessionMemoryCache::new(CLIENT_SESSION_CACHE) });
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(TlsSetupError::Protocol)?
+            .dangerous()
+            .with_custom_certificate_verifier(self.server_verifier.clone())
+            .with_client_auth_cert(self.cert_chain.clone(), self.key.clone_key())
+            .map_err(TlsSetupError::Identity)?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.resumption = rustls::client::Resumption::store(sessions.clone());
+        // As for the server: the record layer follows this flag (crate::session).
+        config.enable_secret_extraction = self.record_layer == RecordLayer::Own;
+        Ok(Arc::new(ClientSide { config: Arc::new(config), sessions, context: self.clone() }))
+    }
+
+    /// Checks a client's certificates again, now: for a resumed session, whose certificates
+    /// rustls took from the session rather than verifying them. On failure the leaf's sessions
+    /// are not resumed again (the next handshake is a full one, refused by the verifier).
+    pub fn recheck_client(&self, certs: Option<&[CertificateDer<'static>]>) -> Result<(), rustls::Error> {
+        let Some((leaf, intermediates)) = certs.and_then(<[_]>::split_first) else {
+            return Err(rustls::Error::NoCertificatesPresented);
+        };
+        let result = self.client_verifier.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ());
+        if result.is_err() {
+            self.refused.add(leaf);
+        }
+        result
+    }
+
+    /// Checks a server's certificates again, now, for `name`: the client's side of
+    /// [`TlsContext::recheck_client`].
+    pub fn recheck_server(&self, certs: Option<&[CertificateDer<'static>]>, name: &ServerName<'_>) -> Result<(), rustls::Error> {
+        let Some((leaf, intermediates)) = certs.and_then(<[_]>::split_first) else {
+            return Err(rustls::Error::NoCertificatesPresented);
+        };
+        self.server_verifier.verify_server_cert(leaf, intermediates, name, &[], UnixTime::now()).map(|_| ())
+    }
+}
+
+/// A client configuration and its session store, so that the tickets of a server whose
+/// certificate failed its re-check can be forgotten.
+pub struct ClientSide {
+    pub config: Arc<ClientConfig>,
+    sessions: Arc<ClientSessions>,
+    context: Arc<TlsContext>,
+}
+
+impl std::fmt::Debug for ClientSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSide").field("alpn", &self.config.alpn_protocols).finish_non_exhaustive()
+    }
+}
+
+impl ClientSide {
+    /// [`TlsContext::recheck_server`]; on failure the server's tickets are forgotten, so the
+    /// next connection makes a full handshake (which the verifier judges).
+    pub fn recheck(&self, certs: Option<&[CertificateDer<'static>]>, name: &ServerName<'static>) -> Result<(), rustls::Error> {
+        let result = self.context.recheck_server(certs, name);
+        if result.is_err() {
+            self.forget(name);
+        }
+        result
+    }
+
+    /// Drops every session ticket held for `name`.
+    pub fn forget(&self, name: &ServerName<'static>) {
+        for _ in 0..MAX_TICKETS_PER_SERVER {
+            if self.sessions.inner.take_tls13_ticket(name).is_none() {
+                break;
+            }
+        }
+    }
+}
+
+/// Leaf certificates (DER) whose sessions the server no longer resumes.
+#[derive(Debug, Default)]
+struct RefusedCertificates {
+    leaves: Mutex<VecDeque<Vec<u8>>>,
+}
+
+impl RefusedCertificates {
+    fn add(&self, leaf: &CertificateDer<'_>) {
+        let mut leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
+        if leaves.iter().any(|l| l.as_slice() == leaf.as_ref()) {
+            return;
+        }
+        if leaves.len() >= MAX_REFUSED_CERTIFICATES {
+            leaves.pop_front();
+        }
+        leaves.push_back(leaf.as_ref().to_vec());
+    }
+
+    /// Whether an encoded server session holds one of the refused certificates. rustls' session
+    /// encoding is private, but it carries the client's certificates as DER bytes verbatim.
+    fn in_session(&self, session: &[u8]) -> bool {
+        let leaves = self.leaves.lock().unwrap_or_else(|p| p.into_inner());
+        leaves.iter().any(|l| !l.is_empty() && session.windows(l.len()).any(|w| w == l.as_slice()))
+    }
+}
+
+/// The server's session cache, which neither stores nor hands back a session of a refused
+/// certificate.
+#[derive(Debug)]
+struct ServerSessions {
+    inner: Arc<ServerSessionMemoryCache>,
+    refused: Arc<RefusedCertificates>,
+}
+
+impl StoresServerSessions for ServerSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        !self.refused.in_session(&value) && self.inner.put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.get(key).filter(|v| !self.refused.in_session(v))
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.take(key).filter(|v| !self.refused.in_session(v))
+    }
+
+    fn can_cache(&self) -> bool {
+        self.inner.can_cache()
+    }
+}
+
+/// The client's session cache, with a handle kept by [`ClientSide`].
+#[derive(Debug)]
+struct ClientSessions {
+    inner: ClientSessionMemoryCache,
+}
+
+impl ClientSessionStore for ClientSessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(server_name, group)
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: rustls::client::Tls12ClientSessionValue) {
+        self.inner.set_tls12_session(server_name, value)
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(server_name)
+    }
+
+    fn insert_tls13_ticket(&self, server_name: ServerName<'static>, value: rustls::client::Tls13ClientSessionValue) {
+        self.inner.insert_tls13_ticket(server_name, value)
+    }
+
+    fn take_tls13_ticket(&self, server_name: &ServerName<'static>) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(server_name)
+    }
+}
+
+/// The port's server side, from `tls` alone (tests, tools); the agent uses [`TlsContext`].
+pub fn server_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    TlsContext::new(tls)?.server_config(alpn)
+}
+
+/// The client side, from `tls` alone (tests, tools); the agent uses [`TlsContext`].
 pub fn client_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsSetupError> {
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(TlsSetupError::Protocol)?
-        .with_root_certificates(roots(tls)?)
-        .with_client_auth_cert(tls.cert_chain.clone(), tls.key.clone_key())
-        .map_err(TlsSetupError::Identity)?;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.resumption = rustls::client::Resumption::in_memory_sessions(CLIENT_SESSION_CACHE);
-    config.enable_secret_extraction = true;
-    Ok(Arc::new(config))
+    Ok(TlsContext::new(tls)?.client_config(alpn)?.config.clone())
 }
 
 /// Who is on the other end, from the certificate the peer presented.
@@ -116,15 +352,20 @@ impl PeerIdentity {
 
 /// A short, stable reason for a failed handshake, for logs and the `reason` metric label.
 pub fn failure_reason(err: &std::io::Error) -> &'static str {
-    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
         return match err.kind() {
             std::io::ErrorKind::TimedOut => "timeout",
             std::io::ErrorKind::UnexpectedEof => "eof",
             _ => "io",
         };
     };
-    match tls {
+    tls_failure_reason(tls)
+}
+
+/// [`failure_reason`] of a rustls error (a handshake's, or a re-check's).
+pub fn tls_failure_reason(err: &rustls::Error) -> &'static str {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match err {
         E::NoCertificatesPresented => "no-client-certificate",
         E::InvalidCertificate(c) => match c {
             C::UnknownIssuer | C::BadSignature => "unknown-ca",
@@ -132,16 +373,59 @@ pub fn failure_reason(err: &std::io::Error) -> &'static str {
             C::NotValidYet | C::NotValidYetContext { .. } => "not-yet-valid",
             C::NotValidForName | C::NotValidForNameContext { .. } => "wrong-name",
             C::InvalidPurpose | C::InvalidPurposeContext { .. } => "wrong-key-usage",
+            C::Revoked => "revoked",
+            C::UnknownRevocationStatus => "revocation-unknown",
+            C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => "crl-expired",
             _ => "bad-certificate",
         },
+        E::InvalidCertRevocationList(_) => "bad-crl",
         E::NoApplicationProtocol => "alpn",
         E::PeerIncompatible(_) => "incompatible",
         E::AlertReceived(a) => match a {
             A::UnknownCA | A::BadCertificate | A::CertificateRequired | A::CertificateExpired
-            | A::CertificateUnknown | A::AccessDenied => "rejected-by-peer",
+            | A::CertificateRevoked | A::CertificateUnknown | A::AccessDenied => "rejected-by-peer",
             A::ProtocolVersion | A::HandshakeFailure | A::NoApplicationProtocol => "incompatible",
             _ => "alert",
         },
         _ => "protocol",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once a certificate is refused, the server's cache neither hands back nor stores a
+    /// session holding it (so the client's next handshake is a full one), and other sessions
+    /// stay; the refused list is bounded.
+    #[test]
+    fn sessions_of_a_refused_certificate_are_neither_resumed_nor_stored() {
+        let refused = Arc::new(RefusedCertificates::default());
+        let store = ServerSessions { inner: ServerSessionMemoryCache::new(8), refused: refused.clone() };
+        let leaf = CertificateDer::from(vec![0x30, 0x82, 0x01, 0x02, 0xaa, 0xbb, 0xcc]);
+        let session = |tag: &[u8]| [b"session:".as_slice(), leaf.as_ref(), tag].concat();
+        assert!(store.put(b"k1".to_vec(), session(b"1")));
+        assert!(store.put(b"k2".to_vec(), b"another peer's session".to_vec()));
+        assert_eq!(store.get(b"k1"), Some(session(b"1")));
+
+        refused.add(&leaf);
+        refused.add(&leaf);
+        assert_eq!(store.take(b"k1"), None, "not resumed");
+        assert_eq!(store.take(b"k2"), Some(b"another peer's session".to_vec()));
+        assert!(!store.put(b"k3".to_vec(), session(b"3")), "no new ticket for it");
+
+        for i in 0..MAX_REFUSED_CERTIFICATES + 10 {
+            refused.add(&CertificateDer::from((i as u64).to_be_bytes().to_vec()));
+        }
+        assert_eq!(refused.leaves.lock().unwrap().len(), MAX_REFUSED_CERTIFICATES);
+    }
+
+    #[test]
+    fn revocation_reasons() {
+        use rustls::CertificateError as C;
+        assert_eq!(tls_failure_reason(&rustls::Error::InvalidCertificate(C::Revoked)), "revoked");
+        assert_eq!(tls_failure_reason(&rustls::Error::InvalidCertificate(C::Expired)), "expired");
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked);
+        assert_eq!(tls_failure_reason(&alert), "rejected-by-peer");
     }
 }

@@ -1,4 +1,4 @@
-//! `migtun certs init|issue`.
+//! `migtun certs init|issue|revoke`.
 
 use std::path::Path;
 
@@ -11,5 +11,14 @@ pub fn init(dir: &Path) -> anyhow::Result<()> {
 pub fn issue(dir: &Path, name: &str) -> anyhow::Result<()> {
     let (cert, key) = migtun_certs::issue(dir, name)?;
     println!("{name}: {} (certificate), {} (key, mode 0600)", cert.display(), key.display());
+    Ok(())
+}
+
+pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let crl = migtun_certs::revoke(dir, name)?;
+    println!(
+        "{name}: revoked in {} (copy it to every agent's tls.crl and restart them)",
+        crl.display()
+    );
     Ok(())
 }

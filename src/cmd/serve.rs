@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 use migtun_control::admin::{self, Registry, Starter};
 use migtun_control::driver::{self, Outgoing};
-use migtun_control::incoming::Incoming;
 use migtun_control::messages::{MigrateArgs, OutcomeKind, Report};
-use migtun_control::rpc::Router;
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
@@ -25,6 +23,7 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
 
 pub fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
         let mut agent = Agent::bind(config).await?;
@@ -32,12 +31,10 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let qemu = agent.config().qemu.clone();
         let admin_path = agent.config().admin.clone();
 
-        // The destination side answers prepare/finish/files when [qemu] is configured; every
-        // agent answers the hello, so peers can tell what it supports.
-        let mut router = Router::new(handle.name());
-        if let Some(q) = &qemu {
-            router = Incoming::new(handle.clone(), q.run_dir.clone(), q.prepare_hook.clone()).register(router);
-        }
+        // The destination side answers prepare/finish/files when [qemu] is configured, to the
+        // peers in [qemu] allow_sources; every agent answers the hello, so peers can tell what
+        // it supports.
+        let router = migtun_control::service::router(&handle, agent.config());
         agent.set_control_handler(router.into_handler());
 
         let shutdown = CancellationToken::new();
@@ -55,6 +52,33 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         agent.run(shutdown).await?;
         Ok(())
     })
+}
+
+/// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit and logs what the
+/// agent got. Every stream costs descriptors (the port's connection, the local one, during the
+/// handshake a few more), and the usual soft default (1024, systemd's too) is exhausted by a
+/// few hundred streams or a flood of idle connections; the hard limit (systemd's default is
+/// 524288, `LimitNOFILE=` raises it) is what the operator allows.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `rlimit` through a pointer to a live, writable local of that
+    // exact type; it has no other effect.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-files limit (RLIMIT_NOFILE)");
+        return;
+    }
+    let before = limit.rlim_cur;
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads one `rlimit` through a pointer to a live local of that type.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            tracing::warn!(soft = before, hard = limit.rlim_max, error = %std::io::Error::last_os_error(),
+                "cannot raise the open-files limit to the hard limit; keeping the soft limit");
+            return;
+        }
+        limit = raised;
+    }
+    tracing::info!(soft = limit.rlim_cur, hard = limit.rlim_max, was = before, "open-files limit (RLIMIT_NOFILE)");
 }
 
 /// Runs migrations submitted on the admin socket (the source side).

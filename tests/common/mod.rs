@@ -42,6 +42,11 @@ impl Pki {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// Issues one more host certificate from the same CA.
+    pub fn issue(&self, host: &str) {
+        migtun_certs::issue(&self.pki(), host).expect("host cert");
+    }
 }
 
 /// One agent running in this process.
@@ -89,11 +94,23 @@ pub async fn start_agent_with(
     port: TcpListener,
     control: Option<migtun_proxy::agent::ControlHandler>,
 ) -> RunningAgent {
+    start_agent_serving(dir, name, toml, port, move |_, _| control).await
+}
+
+/// [`start_agent`] with the control handler `make` builds from the agent's handle and config
+/// (as `migtun serve` builds its router).
+pub async fn start_agent_serving(
+    dir: &Path,
+    name: &str,
+    toml: &str,
+    port: TcpListener,
+    make: impl FnOnce(&migtun_proxy::agent::AgentHandle, &Config) -> Option<migtun_proxy::agent::ControlHandler>,
+) -> RunningAgent {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml).expect("write config");
     let config = Config::load(&path).unwrap_or_else(|e| panic!("config {name}: {e}\n{toml}"));
     let mut agent = Agent::with_port(config, port).await.unwrap_or_else(|e| panic!("agent {name}: {e}"));
-    if let Some(h) = control {
+    if let Some(h) = make(&agent.handle(), agent.config()) {
         agent.set_control_handler(h);
     }
     let handle = agent.handle();
@@ -109,16 +126,25 @@ pub async fn start_agent_with(
 /// host-b serving control connections with `handler`, and host-a, each the other's peer (no
 /// routes): for tests of the control connection.
 pub async fn control_pair(handler: migtun_proxy::agent::ControlHandler) -> (Pki, RunningAgent, RunningAgent) {
+    control_pair_on(handler, "own", "own").await
+}
+
+/// [`control_pair`] with `tls.record_layer` set on host-a and host-b.
+pub async fn control_pair_on(
+    handler: migtun_proxy::agent::ControlHandler,
+    layer_a: &str,
+    layer_b: &str,
+) -> (Pki, RunningAgent, RunningAgent) {
     let pki = Pki::new();
     let (port_a, port_b) = (bind_port().await, bind_port().await);
     let (addr_a, addr_b) = (port_a.local_addr().unwrap(), port_b.local_addr().unwrap());
     let b = format!(
         "name = \"host-b\"\nlisten = \"{addr_b}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n",
-        tls_table(&pki.pki(), "host-b")
+        tls_table_on(&pki.pki(), "host-b", layer_b)
     );
     let a = format!(
         "name = \"host-a\"\nlisten = \"{addr_a}\"\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\n",
-        tls_table(&pki.pki(), "host-a")
+        tls_table_on(&pki.pki(), "host-a", layer_a)
     );
     let b = start_agent_with(pki.dir.path(), "host-b", &b, port_b, Some(handler)).await;
     let a = start_agent(pki.dir.path(), "host-a", &a, port_a).await;
@@ -132,6 +158,11 @@ pub fn tls_table(pki: &Path, host: &str) -> String {
         pki.display(),
         host
     )
+}
+
+/// [`tls_table`] with `record_layer` (`own` or `rustls`).
+pub fn tls_table_on(pki: &Path, host: &str, record_layer: &str) -> String {
+    format!("{}record_layer = \"{record_layer}\"\n", tls_table(pki, host))
 }
 
 /// Binds a port for an agent before its config is written, so that peers can name it. The agent
@@ -160,13 +191,15 @@ pub struct PairSpec<'a> {
     pub forwards: &'a [(&'a str, &'a str)],
     pub exposes: &'a [(&'a str, &'a str, &'a [&'a str])],
     pub transport: &'static str,
+    /// `tls.record_layer` of both agents.
+    pub record_layer: &'static str,
     pub metrics: bool,
     pub drain_timeout_secs: u64,
 }
 
 impl Default for PairSpec<'_> {
     fn default() -> Self {
-        PairSpec { forwards: &[], exposes: &[], transport: "tls", metrics: false, drain_timeout_secs: 30 }
+        PairSpec { forwards: &[], exposes: &[], transport: "tls", record_layer: "own", metrics: false, drain_timeout_secs: 30 }
     }
 }
 
@@ -187,7 +220,7 @@ impl Pair {
         let mut a = format!(
             "name = \"host-a\"\nlisten = \"{addr_a}\"\n{metrics}drain_timeout_secs = {}\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\ntransport = \"{}\"\n",
             spec.drain_timeout_secs,
-            tls_table(&pki.pki(), "host-a"),
+            tls_table_on(&pki.pki(), "host-a", spec.record_layer),
             spec.transport
         );
         for (route, sock) in spec.forwards {
@@ -198,7 +231,7 @@ impl Pair {
         }
         let mut b = format!(
             "name = \"host-b\"\nlisten = \"{addr_b}\"\n{metrics}{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\ntransport = \"{}\"\n",
-            tls_table(&pki.pki(), "host-b"),
+            tls_table_on(&pki.pki(), "host-b", spec.record_layer),
             spec.transport
         );
         for (route, target, allow) in spec.exposes {

@@ -10,41 +10,45 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 
 use super::*;
 
-/// Expands to one `#[tokio::test]` per suite function, for the given transport.
+/// Expands to one `#[tokio::test]` per suite function, for the given transport and TLS record
+/// layer (`tls.record_layer` of both agents, `own` unless given).
 #[allow(unused_macros)] // test binaries that include `common` without running the suite
 macro_rules! transport_suite {
     ($transport:literal) => {
+        crate::common::suite::transport_suite!($transport, "own");
+    };
+    ($transport:literal, $layer:literal) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn one_gib_one_way_byte_exact() {
-            common::suite::one_gib_one_way_byte_exact($transport).await
+            crate::common::suite::one_gib_one_way_byte_exact($transport, $layer).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn echo_of_random_sizes() {
-            common::suite::echo_of_random_sizes($transport).await
+            crate::common::suite::echo_of_random_sizes($transport, $layer).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn half_close_source_first() {
-            common::suite::half_close_source_first($transport).await
+            crate::common::suite::half_close_source_first($transport, $layer).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn half_close_target_first() {
-            common::suite::half_close_target_first($transport).await
+            crate::common::suite::half_close_target_first($transport, $layer).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn two_hundred_concurrent_streams() {
-            common::suite::two_hundred_concurrent_streams($transport).await
+            crate::common::suite::two_hundred_concurrent_streams($transport, $layer).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn connections_reach_target_in_accept_order() {
-            common::suite::connections_reach_target_in_accept_order($transport).await
+            crate::common::suite::connections_reach_target_in_accept_order($transport, $layer).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn reset_propagates_both_ways() {
-            common::suite::reset_propagates_both_ways($transport).await
+            crate::common::suite::reset_propagates_both_ways($transport, $layer).await
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn refusals_name_their_reason_and_leave_other_streams_alone() {
-            common::suite::refusals_name_their_reason_and_leave_other_streams_alone($transport).await
+            crate::common::suite::refusals_name_their_reason_and_leave_other_streams_alone($transport, $layer).await
         }
     };
 }
@@ -53,11 +57,12 @@ pub(crate) use transport_suite;
 
 const GIB: u64 = 1 << 30;
 
-pub async fn one_gib_one_way_byte_exact(transport: &'static str) {
+pub async fn one_gib_one_way_byte_exact(transport: &'static str, record_layer: &'static str) {
     let pair = Pair::start(PairSpec {
         forwards: &[("bulk", "bulk.sock")],
         exposes: &[("bulk", "hash.sock", &["host-a"])],
         transport,
+        record_layer,
         ..Default::default()
     })
     .await;
@@ -73,11 +78,12 @@ pub async fn one_gib_one_way_byte_exact(transport: &'static str) {
     eventually("no stream left open", || pair.a.sample("migtun_streams_open", &[]) == 0.0).await;
 }
 
-pub async fn echo_of_random_sizes(transport: &'static str) {
+pub async fn echo_of_random_sizes(transport: &'static str, record_layer: &'static str) {
     let pair = Pair::start(PairSpec {
         forwards: &[("echo", "echo-in.sock")],
         exposes: &[("echo", "echo.sock", &["host-a"])],
         transport,
+        record_layer,
         ..Default::default()
     })
     .await;
@@ -102,11 +108,12 @@ pub async fn echo_of_random_sizes(transport: &'static str) {
 }
 
 /// The source finishes writing, keeps reading, and gets the reply (QEMU's and NBD's pattern).
-pub async fn half_close_source_first(transport: &'static str) {
+pub async fn half_close_source_first(transport: &'static str, record_layer: &'static str) {
     let pair = Pair::start(PairSpec {
         forwards: &[("h", "h-in.sock")],
         exposes: &[("h", "hash.sock", &["host-a"])],
         transport,
+        record_layer,
         ..Default::default()
     })
     .await;
@@ -119,11 +126,12 @@ pub async fn half_close_source_first(transport: &'static str) {
 
 /// The target finishes writing first; the source sees EOF, and can still send, and the target
 /// receives it.
-pub async fn half_close_target_first(transport: &'static str) {
+pub async fn half_close_target_first(transport: &'static str, record_layer: &'static str) {
     let pair = Pair::start(PairSpec {
         forwards: &[("g", "g-in.sock")],
         exposes: &[("g", "greeter.sock", &["host-a"])],
         transport,
+        record_layer,
         ..Default::default()
     })
     .await;
@@ -149,11 +157,12 @@ pub async fn half_close_target_first(transport: &'static str) {
     assert!(received == late, "data written after the target's EOF arrives");
 }
 
-pub async fn two_hundred_concurrent_streams(transport: &'static str) {
+pub async fn two_hundred_concurrent_streams(transport: &'static str, record_layer: &'static str) {
     let pair = Pair::start(PairSpec {
         forwards: &[("many", "many.sock")],
         exposes: &[("many", "hash.sock", &["host-a"])],
         transport,
+        record_layer,
         ..Default::default()
     })
     .await;
@@ -187,12 +196,13 @@ pub async fn two_hundred_concurrent_streams(transport: &'static str) {
 
 /// QEMU before 8.0 takes the first connection on its migration socket as the main channel:
 /// connections must reach the target in the order the source accepted them.
-pub async fn connections_reach_target_in_accept_order(transport: &'static str) {
+pub async fn connections_reach_target_in_accept_order(transport: &'static str, record_layer: &'static str) {
     const N: u64 = 64;
     let pair = Pair::start(PairSpec {
         forwards: &[("ordered", "ordered.sock")],
         exposes: &[("ordered", "order-target.sock", &["host-a"])],
         transport,
+        record_layer,
         ..Default::default()
     })
     .await;
@@ -221,7 +231,7 @@ pub async fn connections_reach_target_in_accept_order(transport: &'static str) {
 }
 
 /// A reset on one end becomes a reset on the other (TCP endpoints, which have resets).
-pub async fn reset_propagates_both_ways(transport: &'static str) {
+pub async fn reset_propagates_both_ways(transport: &'static str, record_layer: &'static str) {
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let forward = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (target_addr, forward_addr) = (target.local_addr().unwrap(), forward.local_addr().unwrap());
@@ -232,6 +242,7 @@ pub async fn reset_propagates_both_ways(transport: &'static str) {
         forwards: &[("r", fwd.as_str())],
         exposes: &[("r", tgt.as_str(), &["host-a"])],
         transport,
+        record_layer,
         ..Default::default()
     })
     .await;
@@ -266,7 +277,7 @@ pub async fn reset_propagates_both_ways(transport: &'static str) {
 
 /// Unknown route, forbidden peer, target down: the source's local connection is closed with no
 /// data, the reason is counted on both sides, and a stream running meanwhile is untouched.
-pub async fn refusals_name_their_reason_and_leave_other_streams_alone(transport: &'static str) {
+pub async fn refusals_name_their_reason_and_leave_other_streams_alone(transport: &'static str, record_layer: &'static str) {
     let pair = Pair::start(PairSpec {
         forwards: &[
             ("good", "good.sock"),
@@ -280,6 +291,7 @@ pub async fn refusals_name_their_reason_and_leave_other_streams_alone(transport:
             ("down", "nobody-listens.sock", &["host-a"]),
         ],
         transport,
+        record_layer,
         ..Default::default()
     })
     .await;

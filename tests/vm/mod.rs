@@ -130,7 +130,7 @@ impl Hosts {
         for (i, (name, me, other, peer)) in [("host-a", pa, pb, "host-b"), ("host-b", pb, pa, "host-a")].into_iter().enumerate() {
             let run_dir = dir.path().join(format!("run-{name}"));
             let config = format!(
-                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"{transport}\"\n\n[qemu]\nrun_dir = \"{r}\"\nprepare_hook = \"{h}\"\n",
+                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"{transport}\"\n\n[qemu]\nrun_dir = \"{r}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n",
                 m = metrics[i],
                 d = dir.path().display(),
                 p = pki.display(),
@@ -264,6 +264,28 @@ impl Monitor {
         self.rt.block_on(self.qmp.execute(command, args)).map_err(|e| e.to_string())
     }
 
+    /// Subscribes to QEMU's events (before the command or fault that causes the one awaited).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<migtun_control::qmp::Event> {
+        self.qmp.events()
+    }
+
+    /// Waits for event `name` whose data satisfies `pred` on a subscription from [`Monitor::subscribe`].
+    pub fn wait_event(
+        &self,
+        rx: &mut tokio::sync::broadcast::Receiver<migtun_control::qmp::Event>,
+        name: &str,
+        pred: impl FnMut(&serde_json::Value) -> bool + Send,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, String> {
+        use migtun_control::qmp::EventsExt;
+        self.rt.block_on(rx.wait_for(name, pred, timeout)).map(|e| e.data).map_err(|e| e.to_string())
+    }
+
+    /// A command with its own reply timeout (QEMU's main loop may be blocked).
+    pub fn cmd_timeout(&self, command: &str, args: serde_json::Value, timeout: Duration) -> Result<serde_json::Value, String> {
+        self.rt.block_on(self.qmp.execute_with_timeout(command, args, timeout)).map_err(|e| e.to_string())
+    }
+
     /// `query-status`'s `running`.
     pub fn running(&self) -> bool {
         self.cmd("query-status", serde_json::Value::Null).expect("query-status")["running"] == true
@@ -354,6 +376,14 @@ impl Running {
         }
         panic!("the migration ended before {what}: {:#?}
 {}", self.events, std::fs::read_to_string(&self.stderr).unwrap_or_default());
+    }
+
+    /// Reads events up to `accepted` and returns the migration's id.
+    pub fn id_when_accepted(&mut self) -> String {
+        if !self.events.iter().any(|e| e["event"] == "accepted") {
+            self.wait_for("accepted", |e| e["event"] == "accepted");
+        }
+        self.id()
     }
 
     pub fn id(&self) -> String {
