@@ -10,3 +10,6 @@ pub mod driver;
 pub mod authz;
 pub mod service;
 pub mod destination;
+/// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
+#[doc(hidden)]
+pub mod fuzzing;

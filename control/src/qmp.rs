@@ -283,7 +283,7 @@ fn excerpt_value(v: &Value) -> String {
 }
 
 #[derive(Debug)]
-enum LineError {
+pub(crate) enum LineError {
     Io(std::io::Error),
     TooLong,
     /// EOF after part of a line.
@@ -292,7 +292,7 @@ enum LineError {
 
 /// Reads one `\n`-terminated line into `buf` (terminator included), at most `max` bytes before
 /// the terminator. `Ok(false)` is a clean EOF before any byte of a new line.
-async fn read_line<R: AsyncBufRead + Unpin>(
+pub(crate) async fn read_line<R: AsyncBufRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
     max: usize,

@@ -566,13 +566,11 @@ fn parse(text: &str) -> Result<RawConfig, Problem> {
     serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
         let mut key = render_path(e.path());
         let inner = e.inner();
-        let msg = inner
-            .message()
-            .lines()
-            .next()
-            .unwrap_or("invalid value")
-            .to_string();
-        let problem = if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let full = inner.message();
+        let msg = full.lines().next().unwrap_or("invalid value").to_string();
+        // A quoted TOML key may hold a newline: the field's name is taken from the whole
+        // message, not its first line.
+        let problem = if let Some(rest) = full.strip_prefix("unknown field `") {
             // "unknown field `adress`, expected one of `name`, `address`, `transport`"
             let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
             if !key.ends_with(field) {
@@ -584,7 +582,7 @@ fn parse(text: &str) -> Result<RawConfig, Problem> {
             } else {
                 format!("unknown key ({expected})")
             }
-        } else if let Some(rest) = msg.strip_prefix("missing field `") {
+        } else if let Some(rest) = full.strip_prefix("missing field `") {
             let field = rest.split('`').next().unwrap_or(rest);
             key = join_key(&key, field);
             "missing key".to_string()
@@ -593,8 +591,16 @@ fn parse(text: &str) -> Result<RawConfig, Problem> {
         } else {
             msg
         };
-        (key, with_line(problem, text, inner.span()))
+        (printable_key(&key), with_line(problem, text, inner.span()))
     })
+}
+
+/// A key as shown in an error: control characters (possible in quoted TOML keys) escaped, so
+/// that the error stays one line.
+fn printable_key(key: &str) -> String {
+    key.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
 }
 
 fn join_key(prefix: &str, field: &str) -> String {
@@ -1287,6 +1293,9 @@ fn check_route(route: &str) -> Result<(), String> {
             "route name {route:?}: character {c:?} not allowed (letters, digits, '.', '_', '-')"
         ));
     }
+    if route == "." || route == ".." {
+        return Err(format!("route name {route:?} is not allowed (the wire refuses '.' and '..')"));
+    }
     Ok(())
 }
 
@@ -1416,6 +1425,27 @@ address = "192.0.2.2:7443"
             let e = self.load(text).expect_err("config must be refused");
             assert!(!e.to_string().contains('\n'), "one line: {e}");
             e
+        }
+    }
+
+    /// Found by the `config` fuzz target: a quoted key with a newline made a two-line error
+    /// naming a key that does not exist (`a\nb.a`).
+    #[test]
+    fn a_key_with_control_characters_is_named_on_one_line() {
+        let pki = Pki::new();
+        let e = pki.err(&format!("\"a\\nb\\tc\" = 1\n{}", pki.valid("")));
+        assert_key(&e, "a\\nb\\tc", "unknown key");
+        let e = pki.err(&pki.valid("[[expose]]\nroute = \"r\"\ntarget = \"tcp:127.0.0.1:22\"\nallow = [\"host-b\"]\n\"x\\ny\" = 2\n"));
+        assert_key(&e, "expose[0].x\\ny", "unknown key");
+    }
+
+    /// The wire refuses `.` and `..` as route names: a config naming one would never work.
+    #[test]
+    fn dot_routes_are_refused() {
+        let pki = Pki::new();
+        for route in [".", ".."] {
+            let e = pki.err(&pki.valid(&format!("[[expose]]\nroute = \"{route}\"\ntarget = \"tcp:127.0.0.1:22\"\nallow = [\"host-b\"]\n")));
+            assert_key(&e, "expose[0].route", "not allowed");
         }
     }
 

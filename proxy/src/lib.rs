@@ -18,6 +18,9 @@ pub mod connect;
 pub mod endpoint;
 pub mod expose;
 pub mod forward;
+/// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod limit;
 pub mod metrics;

@@ -10,8 +10,8 @@
 //! reply:    version u8 | code u8 | detail_len u8 | detail (UTF-8)
 //! ```
 //!
-//! Route names and migration ids are 1..=64 (ids 0..=64) bytes of `[A-Za-z0-9._-]`, which keeps
-//! them safe in logs, metric labels and file names.
+//! Route names and migration ids are 1..=64 (ids 0..=64) bytes of `[A-Za-z0-9._-]`, other than
+//! `.` and `..`, which keeps them safe in logs, metric labels and file names.
 
 use std::fmt;
 
@@ -146,6 +146,11 @@ pub fn validate_name(name: &str) -> Result<(), &'static str> {
     }
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
         return Err("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    // Names become path components (a migration's directory, an uploaded file): `.` and `..`
+    // would name the directory itself or its parent.
+    if name == "." || name == ".." {
+        return Err("'.' and '..' are not names");
     }
     Ok(())
 }
@@ -298,6 +303,24 @@ mod tests {
         assert!(matches!(Request::decode(b"MGTN\x01\x01a\x02\xff\xfe"), Err(WireError::BadName { .. })));
         assert!(Request::new(&"r".repeat(65), None).is_err());
         assert!(Request::new("r", Some("")).is_err());
+    }
+
+    /// Found by the `rpc_message` and `cookie` fuzz targets: `.` and `..` passed, and a name
+    /// is used as a path component (the migration's directory, an uploaded file's name).
+    #[test]
+    fn dot_and_dot_dot_are_not_names() {
+        for name in [".", ".."] {
+            assert_eq!(validate_name(name), Err("'.' and '..' are not names"));
+            assert!(Request::new(name, None).is_err());
+            assert!(Request::new("r", Some(name)).is_err());
+            let mut wire = b"MGTN\x01\x01r".to_vec();
+            wire.push(name.len() as u8);
+            wire.extend_from_slice(name.as_bytes());
+            assert!(matches!(Request::decode(&wire), Err(WireError::BadName { what: "migration id", .. })));
+        }
+        for name in ["...", ".a", "a..b", "m-0123456789abcdef"] {
+            assert_eq!(validate_name(name), Ok(()), "{name}");
+        }
     }
 
     #[test]
