@@ -663,6 +663,11 @@ impl Qmp {
         timeout: Duration,
     ) -> Result<Value, QmpError> {
         let (id, line) = self.encode(command, arguments);
+        self.exchange(command, id, line, timeout).await
+    }
+
+    /// Sends one encoded command and waits, at most `timeout`, for its reply.
+    async fn exchange(&self, command: &str, id: u64, line: Vec<u8>, timeout: Duration) -> Result<Value, QmpError> {
         let reply = self.shared.register(id, command)?;
         let _deregister = Deregister {
             shared: &self.shared,
@@ -744,27 +749,7 @@ impl Qmp {
             return self.execute_with_timeout(command, arguments, timeout).await;
         }
         let (id, line) = self.encode_as("exec-oob", command, arguments);
-        let reply = self.shared.register(id, command)?;
-        let _deregister = Deregister {
-            shared: &self.shared,
-            id,
-        };
-        let exchange = async {
-            if self.writer.send(line).await.is_err() {
-                return Err(self.shared.error_for(command));
-            }
-            match reply.await {
-                Ok(result) => result,
-                Err(_) => Err(self.shared.error_for(command)),
-            }
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(QmpError::Timeout {
-                command: command.to_owned(),
-                secs: timeout.as_secs_f64(),
-            }),
-        }
+        self.exchange(command, id, line, timeout).await
     }
 
     /// A command line with a fresh id.
