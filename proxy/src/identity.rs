@@ -29,15 +29,26 @@ pub enum IdentityError {
 
 /// The certificates in a PEM file, in order (leaf first for a chain).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    load_all(
+        path,
+        |path, detail| IdentityError::BadCertificate { path, detail },
+        |path| IdentityError::NoCertificate { path },
+    )
+}
+
+/// Every PEM item of type `T` in a file, at least one; `bad` and `none` name the problem.
+fn load_all<T: PemObject>(
+    path: &Path,
+    bad: impl FnOnce(String, String) -> IdentityError,
+    none: impl FnOnce(String) -> IdentityError,
+) -> Result<Vec<T>, IdentityError> {
     let p = path.display().to_string();
     let data = std::fs::read(path).map_err(|source| IdentityError::Read { path: p.clone(), source })?;
-    let certs = CertificateDer::pem_slice_iter(&data)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IdentityError::BadCertificate { path: p.clone(), detail: e.to_string() })?;
-    if certs.is_empty() {
-        return Err(IdentityError::NoCertificate { path: p });
+    let items = T::pem_slice_iter(&data).collect::<Result<Vec<_>, _>>().map_err(|e| bad(p.clone(), e.to_string()))?;
+    if items.is_empty() {
+        return Err(none(p));
     }
-    Ok(certs)
+    Ok(items)
 }
 
 /// The first private key in a PEM file.
@@ -52,15 +63,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
 
 /// The certificate revocation lists in a PEM file (`-----BEGIN X509 CRL-----`), at least one.
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
-    let p = path.display().to_string();
-    let data = std::fs::read(path).map_err(|source| IdentityError::Read { path: p.clone(), source })?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(&data)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IdentityError::BadCrl { path: p.clone(), detail: e.to_string() })?;
-    if crls.is_empty() {
-        return Err(IdentityError::NoCrl { path: p });
-    }
-    Ok(crls)
+    load_all(path, |path, detail| IdentityError::BadCrl { path, detail }, |path| IdentityError::NoCrl { path })
 }
 
 /// A DER certificate's notAfter, in unix seconds (`None` if it does not parse).
