@@ -79,7 +79,8 @@ impl Fleet {
         let qemu_table = match qemu {
             None => String::new(),
             Some(lines) => format!(
-                "\n[qemu]\nrun_dir = \"{}\"\nprepare_hook = \"{}\"\n{lines}\n",
+                "\n[qemu]\nrun_dir = \"{}\"\nstate_dir = \"{}.state\"\nprepare_hook = \"{}\"\n{lines}\n",
+                run_dir.display(),
                 run_dir.display(),
                 hook_path.display()
             ),

@@ -119,10 +119,11 @@ async fn site(run_as: Option<&str>) -> Site {
     drop(port_b);
     let admin = root.join("host-b.admin");
     let b = format!(
-        "name = \"host-b\"\nlisten = \"{addr_b}\"\nadmin = \"{}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n\n[qemu]\nrun_dir = \"{}\"\nprepare_hook = \"{}\"\nemulator = \"{}\"\nshared_storage = [\"{}\"]\nallow_sources = [\"host-a\"]\n{}",
+        "name = \"host-b\"\nlisten = \"{addr_b}\"\nadmin = \"{}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n\n[qemu]\nrun_dir = \"{}\"\nstate_dir = \"{}/state\"\nprepare_hook = \"{}\"\nemulator = \"{}\"\nshared_storage = [\"{}\"]\nallow_sources = [\"host-a\"]\n{}",
         admin.display(),
         tls_table(&pki.pki(), "host-b"),
         run_dir.display(),
+        root.display(),
         hook.display(),
         emulator_key.display(),
         shared.display(),

@@ -120,6 +120,10 @@ pub struct Expose {
     pub allow: Vec<String>,
 }
 
+/// Default for `qemu.state_dir`: persistent (FHS `/var/lib`), unlike `run_dir`, which may be on
+/// a tmpfs. After a reboot the journal still tells whether a guest that was migrating ran here.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/migtun";
+
 /// Default for `qemu.emulator`: Debian's (and most distributions') system emulator.
 pub const DEFAULT_EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
 
@@ -135,6 +139,9 @@ const MAX_USER_NAME: usize = 32;
 #[derive(Clone, Debug)]
 pub struct QemuConfig {
     pub run_dir: PathBuf,
+    /// The migration journal (`state_dir/migrations/<id>.json`), durable across agent restarts
+    /// and reboots: what each unfinished migration created and decided (`state_dir`).
+    pub state_dir: PathBuf,
     pub prepare_hook: Option<PathBuf>,
     /// The only binary a destination QEMU is started from (never the source's).
     pub emulator: PathBuf,
@@ -457,6 +464,7 @@ struct RawExpose {
 #[serde(deny_unknown_fields)]
 struct RawQemu {
     run_dir: String,
+    state_dir: Option<String>,
     prepare_hook: Option<String>,
     emulator: Option<String>,
     shared_storage: Option<Vec<String>>,
@@ -788,6 +796,13 @@ impl Validator<'_> {
 
     fn qemu(&self, q: RawQemu, peers: &[Peer]) -> Result<QemuConfig, Problem> {
         let run_dir = self.path("qemu.run_dir", &q.run_dir)?;
+        let state_dir = match &q.state_dir {
+            None => PathBuf::from(DEFAULT_STATE_DIR),
+            Some(s) => self.path("qemu.state_dir", s)?,
+        };
+        if state_dir == run_dir {
+            return err("qemu.state_dir", "must differ from qemu.run_dir: run_dir holds each migration's sockets and images, state_dir the journal that outlives them");
+        }
         let prepare_hook = match q.prepare_hook {
             None => None,
             Some(h) => Some(self.path("qemu.prepare_hook", &h)?),
@@ -866,6 +881,7 @@ impl Validator<'_> {
         };
         Ok(QemuConfig {
             run_dir,
+            state_dir,
             prepare_hook,
             emulator,
             shared_storage,

@@ -168,7 +168,7 @@ fn write_config(root: &Path, name: &str, listen: SocketAddr, metrics: SocketAddr
     // Each demo host accepts migrations from the other one.
     let other = if name == "host-a" { "host-b" } else { "host-a" };
     let text = format!(
-        "name = \"{name}\"\nlisten = \"{listen}\"\nmetrics = \"{metrics}\"\nadmin = \"{r}/{name}.admin\"\n\n[tls]\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\nca = \"{0}/ca.pem\"\n\n[qemu]\nrun_dir = \"{r}/run-{name}\"\nprepare_hook = \"{r}/prepare-hook\"\nallow_sources = [\"{other}\"]\n\n{rest}",
+        "name = \"{name}\"\nlisten = \"{listen}\"\nmetrics = \"{metrics}\"\nadmin = \"{r}/{name}.admin\"\n\n[tls]\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\nca = \"{0}/ca.pem\"\n\n[qemu]\nrun_dir = \"{r}/run-{name}\"\nstate_dir = \"{r}/state-{name}\"\nprepare_hook = \"{r}/prepare-hook\"\nallow_sources = [\"{other}\"]\n\n{rest}",
         pki.display(),
         r = root.display(),
     );
