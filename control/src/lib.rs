@@ -1,4 +1,6 @@
-//! migtun control plane (QMP client and migration orchestration) — grows with the control-plane issue.
+//! migtun control plane: the QMP client, the migration state machine and its driver on the
+//! source, the destination's side, the journal that lets both survive a crash, and the control
+//! RPC between agents.
 
 pub mod qmp;
 pub mod rpc;
@@ -7,6 +9,8 @@ pub mod messages;
 pub mod admin;
 pub mod machine;
 pub mod driver;
+pub mod journal;
+pub mod process;
 pub mod authz;
 pub mod service;
 pub mod destination;
