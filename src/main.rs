@@ -84,12 +84,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Decide where a guest is when its destination cannot say (the outcome of a migration is
+    /// unknown: the destination host is gone after the point of no return).
+    ///
+    /// Only for a migration that `migtun status` shows as `unknown`. Check the destination host
+    /// first: `--guest-on destination` if the guest runs there (the source QEMU quits),
+    /// `--guest-on source` if it does not and never will (the source resumes the guest).
+    /// Deciding wrongly runs the guest twice or nowhere.
+    Resolve {
+        /// The local agent's admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+        /// The migration id (m-...).
+        id: String,
+        #[arg(long, value_enum)]
+        guest_on: GuestOnArg,
+    },
     /// Two agents and a tunnelled transfer on this machine, with no set-up.
     Demo {
         /// How much data to carry through the tunnel.
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GuestOnArg {
+    /// The guest is not on the destination: resume it on the source.
+    Source,
+    /// The guest runs on the destination: quit the source QEMU.
+    Destination,
 }
 
 #[derive(Subcommand)]
@@ -141,6 +165,13 @@ fn main() -> ExitCode {
             cmd::migrate::migrate(&admin, args, json)
         }),
         Command::Status { admin, json } => cmd::migrate::status(&admin, json),
+        Command::Resolve { admin, id, guest_on } => {
+            let guest_on = match guest_on {
+                GuestOnArg::Source => migtun_control::admin::GuestOn::Source,
+                GuestOnArg::Destination => migtun_control::admin::GuestOn::Destination,
+            };
+            cmd::migrate::resolve(&admin, &id, guest_on)
+        }
         Command::Demo { size_mib } => cmd::logging::init_quiet(cli.log_format).and_then(|()| cmd::demo::run(size_mib)),
     };
     match result {

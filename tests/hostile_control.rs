@@ -107,7 +107,11 @@ impl Fleet {
         );
         let (c, d) = (caller("host-c", addr[2], ""), caller("host-d", addr[3], ""));
         let dir = pki.dir.path();
-        let b = start_agent_serving(dir, "host-b", &b, pb, |h, c| Some(migtun_control::service::router(h, c).into_handler())).await;
+        let b = start_agent_serving(dir, "host-b", &b, pb, |h, c| {
+            let journal = migtun_control::service::open_journal(c).expect("host-b's journal");
+            let incoming = journal.and_then(|j| migtun_control::service::incoming(h, c, j));
+            Some(migtun_control::service::router(h, c, incoming.as_ref()).into_handler())
+        }).await;
         let a = start_agent(dir, "host-a", &a, pa).await;
         let c = start_agent(dir, "host-c", &c, pc).await;
         let d = start_agent(dir, "host-d", &d, pd).await;

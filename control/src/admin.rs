@@ -8,6 +8,8 @@
 //! {"op":"watch","id":"m-..."}     -> the same stream for a running migration (history first)
 //! {"op":"cancel","id":"m-..."}    -> {"ok":true} | {"error":"..."}
 //! {"op":"status"}                 -> one Status line
+//! {"op":"resolve","id":"m-...","guest_on":"source"|"destination"}
+//!                                 -> {"ok":true} | {"error":"..."}  (only while the outcome is unknown)
 //! ```
 //!
 //! The migration belongs to the agent: a client that disconnects (or dies) does not stop it.
@@ -44,6 +46,18 @@ pub enum Request {
     Watch { id: String },
     Cancel { id: String },
     Status,
+    /// The operator's answer when the destination cannot say where the guest is.
+    Resolve { id: String, guest_on: GuestOn },
+}
+
+/// Where the operator says the guest is (`migtun resolve`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestOn {
+    /// The destination does not run the guest: resume it on the source.
+    Source,
+    /// The destination runs the guest: quit the source QEMU.
+    Destination,
 }
 
 /// `migtun status`.
@@ -81,6 +95,18 @@ pub struct Tracked {
     pub cancel: CancellationToken,
     events: broadcast::Sender<Report>,
     state: Mutex<TrackedState>,
+    /// The operator's decision, sent while the migration awaits one.
+    resolution: tokio::sync::watch::Sender<Option<GuestOn>>,
+    awaiting: std::sync::atomic::AtomicBool,
+}
+
+/// Marks a migration as awaiting the operator's decision while it lives.
+pub struct Awaiting<'a>(&'a Tracked);
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        self.0.awaiting.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[derive(Default)]
@@ -117,6 +143,37 @@ impl Tracked {
         }
         // No watcher is fine.
         let _ = self.events.send(r);
+    }
+
+    /// From now until the guard is dropped, `migtun resolve` may decide for this migration.
+    pub fn await_resolution(&self) -> Awaiting<'_> {
+        self.awaiting.store(true, std::sync::atomic::Ordering::SeqCst);
+        Awaiting(self)
+    }
+
+    /// The operator's decision, when it comes.
+    pub async fn resolution(&self) -> GuestOn {
+        let mut rx = self.resolution.subscribe();
+        loop {
+            if let Some(g) = *rx.borrow_and_update() {
+                return g;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Records the operator's decision; refused unless the migration awaits one.
+    pub fn resolve(&self, guest_on: GuestOn) -> Result<(), String> {
+        if !self.awaiting.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(format!(
+                "migration {} does not wait for a decision (only a migration whose outcome is unknown does; see migtun status)",
+                self.id
+            ));
+        }
+        self.resolution.send_replace(Some(guest_on));
+        Ok(())
     }
 
     /// Names the VM by what Begin found (its `-name`) rather than its QMP socket's file name.
@@ -156,6 +213,8 @@ impl Registry {
             cancel: CancellationToken::new(),
             events,
             state: Mutex::new(TrackedState { phase: "begin".into(), ..Default::default() }),
+            resolution: tokio::sync::watch::channel(None).0,
+            awaiting: std::sync::atomic::AtomicBool::new(false),
         });
         self.migrations.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), t.clone());
         t
@@ -225,6 +284,13 @@ async fn handle(conn: LocalStream, agent: AgentHandle, registry: Arc<Registry>, 
                 send(&mut write, &serde_json::json!({ "ok": true })).await
             }
             None => send(&mut write, &serde_json::json!({ "error": format!("no migration {id}") })).await,
+        },
+        Request::Resolve { id, guest_on } => match registry.get(&id).ok_or_else(|| format!("no migration {id}")).and_then(|t| t.resolve(guest_on)) {
+            Ok(()) => {
+                warn!(migration = %id, ?guest_on, "the operator resolves the migration's unknown outcome");
+                send(&mut write, &serde_json::json!({ "ok": true })).await
+            }
+            Err(e) => send(&mut write, &serde_json::json!({ "error": e })).await,
         },
         Request::Watch { id } => match registry.get(&id) {
             Some(t) => stream_reports(&t, &mut write).await,

@@ -20,6 +20,9 @@ use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use crate::admin::Tracked;
+use crate::journal::{Journal, OutgoingRecord, OutgoingStage, SavedSettings};
+use crate::process::ProcessId;
+use crate::teardown;
 use crate::machine::{
     Action, Disk, DiskSelection, Event, Machine, MigrationId, MigrationSettings, MigrationStatus, Options, Outcome, PrepareRequest,
     Progress, Report as MachineReport, Routes, SideFile, Step, VmInfo,
@@ -37,27 +40,18 @@ const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
 /// With nothing happening at all (no event, no progress) for this long, the machine is told
 /// that time is up, so that it rolls back rather than hang on a stuck QEMU or peer.
 const STALL_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long a cancelled mirror job or migration may take to end before the rollback goes on
-/// without it.
-const TEARDOWN_WAIT: Duration = Duration::from_secs(30);
-/// Waiting for a job or the migration to end is driven by QEMU's events; without one for this
-/// long, the state is queried anyway (a safety net, not the mechanism).
-const STATUS_RECHECK: Duration = Duration::from_millis(250);
 /// `Finish(failure)` is best effort: the destination also cleans up by itself when the control
 /// connection ends, so a rollback never waits longer than this for a stalled peer's answer.
 const FINISH_FAILURE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The source's `query-status` for the final report; QEMU answers in milliseconds.
-const REPORT_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// `query-yank` and `yank` run out of band in QEMU's monitor thread: they answer at once.
 const YANK_TIMEOUT: Duration = Duration::from_secs(5);
-/// The events that announce a block job's state changes.
-const JOB_EVENTS: &[&str] = &["JOB_STATUS_CHANGE", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"];
 
 /// What the source side needs to run migrations.
 pub struct Outgoing {
     pub agent: AgentHandle,
     /// Private sockets of migrations live in `run_dir/<id>/`.
     pub run_dir: PathBuf,
+    pub journal: Arc<Journal>,
 }
 
 /// Runs one migration to its end, reporting to `tracked`.
@@ -108,6 +102,7 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
         agent: out.agent.clone(),
         dir: out.run_dir.join(&id),
         source_qmp: args.qmp.clone(),
+        to: args.to.clone(),
         vm: tracked.vm.clone(),
         cmdline: Vec::new(),
         disks: HashMap::new(),
@@ -117,6 +112,8 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
         migration_started: false,
         last_status: String::new(),
         saved_settings: None,
+        journal: out.journal.clone(),
+        record: None,
     };
     let started = std::time::Instant::now();
     let mut events = exec.qmp.events();
@@ -130,6 +127,7 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
     // The QMP event stream is open until the source QEMU goes away; then it is polled no more
     // (a closed channel is ready at once: polling it is a busy loop).
     let mut qemu_lost_sent = false;
+    let mut settled = false;
     loop {
         while let Some(action) = queue.pop_front() {
             if let Some(event) = exec.perform(action, tracked).await {
@@ -147,8 +145,25 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
                 last_phase = phase;
             }
         }
+        if let Some(Outcome::Unknown { reason }) = machine.outcome() {
+            if !args.postcopy && !settled {
+                // Past the point of no return without an answer: only the destination knows
+                // whether the guest runs there. Ask it until it says (or the operator decides).
+                settled = true;
+                let resume = machine.was_running();
+                tracked.report(Report::Log { message: format!("the outcome is not known yet ({reason}); asking {} until it answers", args.to) });
+                let answer = crate::recovery::settle(&out.agent, &args.to, &id, resume, tracked).await;
+                queue.extend(machine.handle(Event::Finished(answer)));
+                continue;
+            }
+        }
         if let Some(outcome) = machine.outcome() {
             exec.cleanup_dir();
+            if !matches!(outcome, Outcome::Unknown { .. }) || args.postcopy {
+                if let Err(e) = out.journal.remove_outgoing(&id) {
+                    warn!(migration = %id, error = %e, "cannot remove the journal record of an ended migration");
+                }
+            }
             let rolled_back = matches!(outcome, Outcome::Failed { .. } | Outcome::Cancelled);
             if rolled_back && !exec.qmp.is_closed() {
                 // Rolled back: the source runs on as before, with its own migration settings.
@@ -255,6 +270,8 @@ struct Executor {
     /// `run_dir/<id>`: the forward sockets.
     dir: PathBuf,
     source_qmp: PathBuf,
+    /// The destination agent.
+    to: String,
     vm: String,
     cmdline: Vec<String>,
     /// Disk key (the machine's `Disk::device`) -> (index, disk).
@@ -264,7 +281,10 @@ struct Executor {
     /// The last migration status seen (event or poll), so each change reaches the machine once.
     last_status: String,
     /// The source's capabilities and parameters before this migration changed them.
-    saved_settings: Option<(Vec<Value>, serde_json::Map<String, Value>)>,
+    saved_settings: Option<SavedSettings>,
+    journal: Arc<Journal>,
+    /// This migration's journal record, from Prepare on (before that nothing exists to undo).
+    record: Option<OutgoingRecord>,
 }
 
 impl Executor {
@@ -283,6 +303,15 @@ impl Executor {
     /// Performs one action; the immediate result, if the machine wants one.
     async fn perform(&mut self, action: Action, tracked: &Tracked) -> Option<Event> {
         let step = action.step();
+        if let Err(e) = self.journal_before(&action) {
+            warn!(migration = %self.id, error = %e, "not going on with a step that cannot be journalled");
+            return Some(match action {
+                // Not sent: the destination was never told to take the guest, so the source
+                // keeps it (the machine rolls back as for a refusal).
+                Action::FinishPeer { success: true, .. } => Event::Finished(Err(e)),
+                _ => Event::Failed(step.unwrap_or(Step::Inspect), e),
+            });
+        }
         let started = std::time::Instant::now();
         let result: Result<Option<Event>, String> = match action {
             Action::Report(r) => {
@@ -356,8 +385,8 @@ impl Executor {
                 Ok(None)
             }
             Action::ResumeSource => self.qmp_do("cont", json!({})).await,
-            Action::CancelMirror(disk) => self.cancel_mirror(&disk).await,
-            Action::CancelMigration => self.cancel_migration().await,
+            Action::CancelMirror(disk) => teardown::cancel_job(&self.qmp, &self.job_id(&disk)).await.map(|()| None),
+            Action::CancelMigration => teardown::cancel_migration(&self.qmp).await.map(|()| None),
             Action::RemoveNbdTarget(disk) => self.qmp_do("blockdev-del", json!({"node-name": self.target_node(&disk)})).await,
             Action::CloseForwards => {
                 for f in self.forwards.drain(..) {
@@ -403,61 +432,6 @@ impl Executor {
         match self.qmp.execute_oob("yank", json!({ "instances": instances }), YANK_TIMEOUT).await {
             Ok(_) => info!(migration = %self.id, ?instances, "cut the source QEMU's connections to the lost destination"),
             Err(e) => warn!(migration = %self.id, error = %e, "yank failed; the rollback may wait for the lost destination"),
-        }
-    }
-
-    /// Forced `block-job-cancel`, then waits until the job is gone: the machine deletes the NBD
-    /// target next, which QEMU refuses while a job still uses it. A job that has already ended
-    /// (failed, or completed) counts as cancelled. The wait follows the job's events.
-    async fn cancel_mirror(&self, disk: &str) -> Result<Option<Event>, String> {
-        let job = self.job_id(disk);
-        let exists = |jobs: &[crate::qmp::BlockJobInfo]| jobs.iter().any(|j| j.device == job);
-        let jobs = self.qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
-        if !exists(&jobs) {
-            return Ok(None);
-        }
-        if let Err(e) = self.qmp.execute("block-job-cancel", json!({"device": job, "force": true})).await {
-            // It may have ended between the query and the cancel.
-            let jobs = self.qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
-            if exists(&jobs) {
-                return Err(e.to_string());
-            }
-            return Ok(None);
-        }
-        let gone = self
-            .qmp
-            .wait_until("the cancelled mirror job to end", JOB_EVENTS, STATUS_RECHECK, TEARDOWN_WAIT, || async {
-                let jobs = self.qmp.query_block_jobs().await?;
-                Ok((!exists(&jobs)).then_some(()))
-            })
-            .await;
-        match gone {
-            Ok(()) => Ok(None),
-            Err(crate::qmp::QmpError::Timeout { .. }) => {
-                Err(format!("the mirror job {job} still exists {}s after it was cancelled", TEARDOWN_WAIT.as_secs()))
-            }
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    /// `migrate_cancel`, then waits for a terminal status (the guest may only be resumed, and the
-    /// forwards closed, once QEMU has stopped migrating), following the MIGRATION events.
-    async fn cancel_migration(&self) -> Result<Option<Event>, String> {
-        self.qmp.execute("migrate_cancel", json!({})).await.map_err(|e| e.to_string())?;
-        let ended = self
-            .qmp
-            .wait_until("the cancelled migration to end", &["MIGRATION"], STATUS_RECHECK, TEARDOWN_WAIT, || async {
-                let info = self.qmp.query_migrate().await?;
-                Ok(matches!(info.status.as_str(), "cancelled" | "failed" | "completed" | "none").then_some(()))
-            })
-            .await;
-        match ended {
-            Ok(()) => Ok(None),
-            Err(crate::qmp::QmpError::Timeout { .. }) => {
-                let status = self.qmp.query_migrate().await.map(|i| i.status).unwrap_or_default();
-                Err(format!("the migration is still {status:?} {}s after migrate_cancel", TEARDOWN_WAIT.as_secs()))
-            }
-            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -621,7 +595,9 @@ impl Executor {
             .unwrap_or_default();
         let old_params: serde_json::Map<String, Value> =
             params.keys().filter_map(|k| before[1].get(k).map(|v| (k.clone(), v.clone()))).collect();
-        self.saved_settings = Some((old_caps, old_params));
+        let saved = SavedSettings { capabilities: old_caps, parameters: old_params };
+        self.saved_settings = Some(saved.clone());
+        self.journal(|r| r.saved_settings = Some(saved))?;
         self.qmp.migrate_set_capabilities(&caps).await.map_err(|e| e.to_string())?;
         if !params.is_empty() {
             self.qmp.migrate_set_parameters(Value::Object(params)).await.map_err(|e| e.to_string())?;
@@ -629,17 +605,10 @@ impl Executor {
         Ok(())
     }
 
-    /// After a rollback: puts back the capabilities and parameters this migration changed, so
-    /// that the source QEMU is left as it was (a `pause-before-switchover` left on would stall
-    /// the next migration of a tool that does not expect it). Best effort: a failure is logged.
+    /// After a rollback: puts back the capabilities and parameters this migration changed.
     async fn restore_settings(&mut self) {
-        let Some((caps, params)) = self.saved_settings.take() else { return };
-        let mut commands = vec![("migrate-set-capabilities", json!({ "capabilities": caps }))];
-        if !params.is_empty() {
-            commands.push(("migrate-set-parameters", Value::Object(params)));
-        }
-        if let Err(e) = self.qmp.execute_pipelined(commands).await {
-            warn!(migration = %self.id, error = %e, "could not restore the source's migration capabilities and parameters");
+        if let Some(saved) = self.saved_settings.take() {
+            teardown::restore_settings(&self.qmp, &saved, &self.id).await;
         }
     }
 
@@ -745,19 +714,54 @@ impl Executor {
         if self.qmp.is_closed() {
             return None;
         }
-        let status = match self.qmp.execute_with_timeout("query-status", Value::Null, REPORT_STATUS_TIMEOUT).await {
-            Ok(v) => serde_json::from_value::<crate::qmp::Status>(v).ok()?,
-            Err(e) => return Some(format!("the source guest's state is unknown ({e})")),
-        };
-        Some(match (status.running, status.status.as_str()) {
-            (true, _) if was_running => "the guest runs on the source as before".to_string(),
-            (true, _) => "the guest runs on the source (it was resumed there during the migration)".to_string(),
-            (false, "postmigrate") => "the guest is paused on the source, in QEMU state postmigrate: QEMU 7.2 migrates it \
-                                     again only after it has run (cont)"
-                .to_string(),
-            (false, s) if !was_running => format!("the guest is paused on the source as before ({s})"),
-            (false, s) => format!("the guest is NOT running on the source (QEMU state {s}); resume it with cont"),
-        })
+        Some(teardown::source_state(&self.qmp, was_running).await)
+    }
+
+    /// Updates this migration's journal record and writes it (fsync'd) before the step that
+    /// needs it; a migration that cannot be journalled does not go on.
+    fn journal(&mut self, update: impl FnOnce(&mut OutgoingRecord)) -> Result<(), String> {
+        let Some(record) = &mut self.record else { return Ok(()) };
+        update(record);
+        self.journal.put_outgoing(record).map_err(|e| format!("cannot journal the migration: {e}"))
+    }
+
+    /// What an action may create in the source QEMU, journalled before it is performed.
+    fn journal_before(&mut self, action: &Action) -> Result<(), String> {
+        match action {
+            Action::Prepare(req) => {
+                self.record = Some(OutgoingRecord {
+                    id: self.id.clone(),
+                    to: self.to.clone(),
+                    vm: self.vm.clone(),
+                    qmp: self.source_qmp.clone(),
+                    qemu: self.qmp.peer_pid().and_then(ProcessId::of),
+                    was_running: req.running,
+                    stage: OutgoingStage::Migrating,
+                    nodes: Vec::new(),
+                    jobs: Vec::new(),
+                    migration_started: false,
+                    saved_settings: None,
+                    updated: 0,
+                });
+                self.journal(|_| ())
+            }
+            Action::AddNbdTarget(d) => {
+                let node = self.target_node(d);
+                self.journal(|r| r.nodes.push(node))
+            }
+            Action::StartMirror(d) => {
+                let job = self.job_id(d);
+                self.journal(|r| r.jobs.push(job))
+            }
+            Action::StartMigration => self.journal(|r| r.migration_started = true),
+            // The point of no return, recorded before it is passed: a source that restarts
+            // after this asks the destination instead of resuming the guest.
+            Action::FinishPeer { success: true, resume } => {
+                let resume = *resume;
+                self.journal(|r| r.stage = OutgoingStage::Finishing { resume })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn cleanup_dir(&self) {

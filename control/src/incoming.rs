@@ -6,9 +6,17 @@
 //! socket, and exposes both sockets as routes for this migration, to the source only.
 //!
 //! The destination's rule for the invariant: the guest runs here only after an explicit
-//! `finish` with success. If the control connection of the migration ends before that (the
-//! source agent died, or stopped answering pings), or `finish` reports failure, the destination
-//! QEMU is quit and everything the migration made here is removed.
+//! `finish` with success, and only once that decision is in the journal. If the control
+//! connection of the migration ends before that (the source agent died, or stopped answering
+//! pings), or `finish` reports failure, the destination QEMU is quit and everything the
+//! migration made here is removed.
+//!
+//! `finish` is idempotent: a source that lost its answer (the connection broke, this agent
+//! restarted) sends it again and gets the same answer, read from the journal, for a week
+//! ([`RETAIN_ENDED`](crate::journal::RETAIN_ENDED)). An agent that starts finishes what its
+//! journal says was unfinished ([`Incoming::recover`]): an orphaned QEMU is quit (a verified
+//! process, never a reused pid), its directory removed, and a handover that was decided is
+//! completed.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +33,9 @@ use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use crate::destination::{cmdline, cookie, paths, Policy, Refusal};
+use crate::journal::{IncomingRecord, IncomingState, Journal};
 use crate::messages::{Cookie, FinishReply, FinishRequest, PrepareReply};
+use crate::process::{Process, ProcessId};
 use crate::qmp::Qmp;
 use crate::rpc::{FileHeader, MethodError, Router, Session, Upload};
 
@@ -38,12 +48,14 @@ const INCOMING_COMPLETE_TIMEOUT: Duration = Duration::from_secs(30);
 const STATUS_RECHECK: Duration = Duration::from_millis(250);
 /// After `quit`, how long QEMU may take to exit before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// Recovery connects to an orphaned QEMU's monitor: a live QEMU accepts at once.
+const RECOVERY_CONNECT: Duration = Duration::from_secs(5);
 
 /// One prepared migration on this host.
 struct Prepared {
     source: String,
     qmp: Qmp,
-    pid: Option<u32>,
+    qemu: Option<ProcessId>,
     dir: PathBuf,
     /// Dropping these removes the routes.
     _routes: Vec<ExposeGuard>,
@@ -101,6 +113,7 @@ impl Drop for Slot {
 pub struct Incoming {
     agent: AgentHandle,
     run_dir: PathBuf,
+    journal: Arc<Journal>,
     hook: Option<PathBuf>,
     /// What an incoming migration may run here (`[qemu]`).
     policy: Policy,
@@ -110,16 +123,20 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// A destination with the default [`Policy`] (no shared storage, sandbox on).
-    pub fn new(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>) -> Arc<Incoming> {
-        Incoming::with_config(agent, run_dir, hook, Policy::default(), IncomingLimits::default())
-    }
-
-    /// A destination with `[qemu]`'s policy (what may run here) and limits (how much at once).
-    pub fn with_config(agent: AgentHandle, run_dir: PathBuf, hook: Option<PathBuf>, policy: Policy, limits: IncomingLimits) -> Arc<Incoming> {
+    /// A destination with `[qemu]`'s policy (what may run here) and limits (how much at once),
+    /// journalling in `journal`.
+    pub fn with_config(
+        agent: AgentHandle,
+        run_dir: PathBuf,
+        journal: Arc<Journal>,
+        hook: Option<PathBuf>,
+        policy: Policy,
+        limits: IncomingLimits,
+    ) -> Arc<Incoming> {
         Arc::new(Incoming {
             agent,
             run_dir,
+            journal,
             hook,
             policy,
             active: Mutex::new(HashMap::new()),
@@ -197,12 +214,24 @@ impl Incoming {
         let hook = self.hook.clone().ok_or_else(|| MethodError::failed("this agent has no qemu.prepare_hook configured"))?;
         // The cookie is data from a peer: validated before anything is created or run.
         cookie::validate(&cookie, &self.policy).map_err(|e| refused(&id, &source, e))?;
+        if self.journal.incoming_record(&id).is_some() {
+            return Err(MethodError::bad_request(format!("migration {id} was prepared here before (it is in the journal)")));
+        }
         let dir = paths::create_migration_dir(&self.run_dir, &id).map_err(|e| refused(&id, &source, e))?;
+        // Journalled before the hook runs: a crash from here on leaves a record that makes the
+        // next start quit the QEMU the hook may have started and remove the directory.
+        let mut record =
+            IncomingRecord { id: id.clone(), source: source.clone(), dir: dir.clone(), qemu: None, state: IncomingState::Preparing, detail: String::new(), updated: 0 };
+        if let Err(e) = self.journal.put_incoming(&record) {
+            self.remove_dir(&dir);
+            return Err(MethodError::failed(format!("cannot journal the migration: {e}")));
+        }
         let t0 = std::time::Instant::now();
         let qmp_path = match self.plan_and_run_hook(&hook, &mut cookie, &dir).await {
             Ok(p) => p,
             Err(e) => {
-                self.remove_dir(&dir);
+                self.kill_hook_qemu(&dir).await;
+                self.forget(&dir, &id);
                 return Err(e);
             }
         };
@@ -210,17 +239,26 @@ impl Incoming {
         let qmp = match Qmp::connect(&qmp_path).await {
             Ok(q) => q,
             Err(e) => {
-                self.remove_dir(&dir);
+                self.kill_hook_qemu(&dir).await;
+                self.forget(&dir, &id);
                 return Err(MethodError::failed(format!("prepare hook printed {}, but: {e}", qmp_path.display())));
             }
         };
-        let pid = qmp.peer_pid();
+        let qemu = qmp.peer_pid().and_then(ProcessId::of);
+        record.qemu = qemu;
+        record.state = IncomingState::Prepared;
+        if let Err(e) = self.journal.put_incoming(&record) {
+            quit_qemu(&qmp, qemu).await;
+            self.forget(&dir, &id);
+            return Err(MethodError::failed(format!("cannot journal the migration: {e}")));
+        }
+        let pid = qemu.map(|q| q.pid);
         let qmp_ms = t0.elapsed().as_secs_f64() * 1e3 - hook_ms;
         match self.start_incoming(&session, &cookie, &qmp, &dir).await {
             Ok((reply, routes)) => {
                 let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-                info!(migration = %id, %source, qemu_pid = ?pid, hook_ms, qmp_ms, total_ms, "prepared: destination QEMU waits for the migration");
-                let prepared = Arc::new(Prepared { source, qmp, pid, dir, _routes: routes, _slot: slot });
+                info!(migration = %id, %source, qemu_pid = pid.unwrap_or(0), hook_ms, qmp_ms, total_ms, "prepared: destination QEMU waits for the migration");
+                let prepared = Arc::new(Prepared { source, qmp, qemu, dir, _routes: routes, _slot: slot });
                 self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), prepared);
                 // The destination's rule: no finish on this connection, no guest here.
                 let this = self.clone();
@@ -231,11 +269,29 @@ impl Incoming {
                 Ok(reply)
             }
             Err(e) => {
-                quit_qemu(&qmp, pid).await;
-                self.remove_dir(&dir);
+                quit_qemu(&qmp, qemu).await;
+                self.forget(&dir, &id);
                 Err(e)
             }
         }
+    }
+
+    /// A prepare that failed: its directory and its record go (the source knows it failed and
+    /// never sends `finish`).
+    fn forget(&self, dir: &Path, id: &str) {
+        self.remove_dir(dir);
+        if let Err(e) = self.journal.remove_incoming(id) {
+            warn!(migration = %id, error = %e, "cannot remove the journal record of a failed prepare");
+        }
+    }
+
+    /// Kills the QEMU a failed or interrupted hook may have left, found by its pidfile and
+    /// verified by its command line (it names this migration's QMP socket), never by pid alone.
+    async fn kill_hook_qemu(&self, dir: &Path) {
+        let Some(p) = hook_qemu(dir) else { return };
+        warn!(dir = %dir.display(), pid = p.id().pid, "killing the QEMU the prepare hook left");
+        let _ = p.signal(libc::SIGKILL);
+        wait_gone(&p, QUIT_GRACE).await;
     }
 
     /// Builds what runs from the validated cookie (images in `dir/images`, the allow-listed
@@ -346,13 +402,18 @@ impl Incoming {
     }
 
     async fn finish(&self, session: &Session, req: FinishRequest) -> Result<FinishReply, MethodError> {
-        let prepared = self.take(&req.migration, session.peer.name())?;
+        let prepared = match self.take(&req.migration, session.peer.name())? {
+            Some(p) => p,
+            // Not waiting for a finish (any more): the answer is the journal's.
+            None => return self.answer_again(&req, session.peer.name()),
+        };
         if !req.success {
             self.cleanup(&req.migration, &prepared, "the source reported failure").await;
             return Ok(FinishReply { guest_kept: false, detail: "destination QEMU quit".into() });
         }
         let qmp = &prepared.qmp;
         let t0 = std::time::Instant::now();
+        let mut record = self.record_of(&req.migration, &prepared);
         let result = async {
             // The source reports `completed` as soon as it has sent everything; this side may
             // still be loading device state. Take over only a fully loaded guest.
@@ -361,6 +422,10 @@ impl Incoming {
             if qmp.execute("nbd-server-stop", json!({})).await.is_err() {
                 // No NBD server when no disk was copied: nothing to stop.
             }
+            // The decision, durably, before the guest runs a single instruction here: from
+            // this record on, a restarted agent completes the handover instead of quitting.
+            record.state = IncomingState::Handover { resume: req.resume };
+            self.journal.put_incoming(&record).map_err(|e| crate::qmp::QmpError::Protocol(format!("cannot journal the handover: {e}")))?;
             if req.resume {
                 qmp.execute("cont", json!({})).await?;
             }
@@ -370,16 +435,75 @@ impl Incoming {
         match result {
             Ok(()) => {
                 info!(migration = %req.migration, resumed = req.resume, ms = t0.elapsed().as_secs_f64() * 1e3, "finished: the guest lives here now");
-                // Keep the image directory (the disks are the guest's now); only the sockets go.
-                let _ = std::fs::remove_file(prepared.dir.join("migration.sock"));
-                let _ = std::fs::remove_file(prepared.dir.join("nbd.sock"));
+                self.kept(&mut record);
                 Ok(FinishReply { guest_kept: true, detail: String::new() })
             }
             Err(e) => {
                 warn!(migration = %req.migration, error = %e, "finish failed; quitting the destination QEMU so the source can resume");
-                self.cleanup(&req.migration, &prepared, "finish failed").await;
+                self.cleanup(&req.migration, &prepared, &format!("finish failed: {e}")).await;
                 Ok(FinishReply { guest_kept: false, detail: format!("destination could not resume the guest: {e}") })
             }
+        }
+    }
+
+    /// The handover is done: the guest is this host's. Its images stay; the sockets go.
+    fn kept(&self, record: &mut IncomingRecord) {
+        let _ = std::fs::remove_file(record.dir.join("migration.sock"));
+        let _ = std::fs::remove_file(record.dir.join("nbd.sock"));
+        record.state = IncomingState::Kept;
+        record.detail = "the guest runs here".into();
+        if let Err(e) = self.journal.put_incoming(record) {
+            // The Handover record already says the guest is ours: recovery reaches the same end.
+            warn!(migration = %record.id, error = %e, "cannot journal the end of the handover");
+        }
+    }
+
+    fn record_of(&self, id: &str, p: &Prepared) -> IncomingRecord {
+        IncomingRecord {
+            id: id.to_string(),
+            source: p.source.clone(),
+            dir: p.dir.clone(),
+            qemu: p.qemu,
+            state: IncomingState::Prepared,
+            detail: String::new(),
+            updated: 0,
+        }
+    }
+
+    /// `finish` for a migration that no longer waits for one: the same answer as the first
+    /// time, from the journal; "ask again" (409) while another `finish` or the cleanup is
+    /// still deciding.
+    fn answer_again(&self, req: &FinishRequest, peer: &str) -> Result<FinishReply, MethodError> {
+        let id = &req.migration;
+        let Some(r) = self.journal.incoming_record(id) else {
+            return Err(MethodError::refused(
+                404,
+                "no-record",
+                format!("{} has no record of migration {id} (never prepared here, or its journal was lost)", self.agent.name()),
+            ));
+        };
+        if r.source != peer {
+            return Err(MethodError::refused(403, "not-its-source", "another host's migration"));
+        }
+        match r.state {
+            IncomingState::Kept if req.success => {
+                info!(migration = %id, "finish again: the guest runs here (answered from the journal)");
+                Ok(FinishReply { guest_kept: true, detail: String::new() })
+            }
+            IncomingState::Kept => Err(MethodError::refused(
+                409,
+                "guest-kept",
+                format!("the guest of migration {id} runs on {} since its handover; it is not quit on a later failure report", self.agent.name()),
+            )),
+            IncomingState::Abandoned => {
+                info!(migration = %id, detail = %r.detail, "finish again: the migration was abandoned here (answered from the journal)");
+                Ok(FinishReply { guest_kept: false, detail: format!("the destination abandoned the migration: {}", r.detail) })
+            }
+            IncomingState::Preparing | IncomingState::Prepared | IncomingState::Handover { .. } => Err(MethodError::refused(
+                409,
+                "deciding",
+                format!("migration {id} is still being finished or cleaned up on {}; ask again", self.agent.name()),
+            )),
         }
     }
 
@@ -443,12 +567,14 @@ impl Incoming {
         Ok(json!({ "path": dest, "bytes": n, "sha256": sha }))
     }
 
-    fn take(&self, id: &str, peer: &str) -> Result<Arc<Prepared>, MethodError> {
+    /// The prepared migration `id` of `peer`, taken out of the active ones (so that exactly
+    /// one of `finish` and the abandonment deals with it); `None` if it is not active.
+    fn take(&self, id: &str, peer: &str) -> Result<Option<Arc<Prepared>>, MethodError> {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
         match active.get(id) {
-            None => Err(MethodError::bad_request(format!("no migration {id} here (finished, abandoned, or never prepared)"))),
+            None => Ok(None),
             Some(p) if p.source != peer => Err(MethodError::refused(403, "not-its-source", "another host's migration")),
-            Some(_) => Ok(active.remove(id).expect("present: checked under the same lock")),
+            Some(_) => Ok(active.remove(id)),
         }
     }
 
@@ -462,9 +588,131 @@ impl Incoming {
 
     async fn cleanup(&self, id: &str, p: &Prepared, reason: &str) {
         warn!(migration = %id, source = %p.source, reason, "abandoning the migration: quitting the destination QEMU");
-        quit_qemu(&p.qmp, p.pid).await;
+        quit_qemu(&p.qmp, p.qemu).await;
         self.remove_dir(&p.dir);
+        let mut record = self.record_of(id, p);
+        record.state = IncomingState::Abandoned;
+        record.detail = reason.to_string();
+        if let Err(e) = self.journal.put_incoming(&record) {
+            warn!(migration = %id, error = %e, "cannot journal the abandonment");
+        }
     }
+
+    /// Finishes what the journal says was unfinished when this agent last stopped. Runs before
+    /// the agent answers any peer, so that every answer `finish` gives comes from a settled
+    /// record.
+    pub async fn recover(&self) {
+        self.journal.prune_incoming();
+        for r in self.journal.incoming() {
+            let mut r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "skipping an unreadable journal record");
+                    continue;
+                }
+            };
+            match r.state {
+                IncomingState::Kept | IncomingState::Abandoned => continue,
+                IncomingState::Preparing => {
+                    // Prepare never answered: the source rolled back. A QEMU the hook started
+                    // is found by its pidfile and verified by its command line.
+                    warn!(migration = %r.id, source = %r.source, "recovery: the agent stopped during prepare; removing what it started");
+                    self.kill_hook_qemu(&r.dir).await;
+                    self.forget(&r.dir, &r.id);
+                }
+                IncomingState::Prepared => {
+                    warn!(migration = %r.id, source = %r.source, "recovery: the agent stopped before finish; quitting the orphaned destination QEMU");
+                    self.stop_orphan(&r).await;
+                    self.remove_dir(&r.dir);
+                    r.state = IncomingState::Abandoned;
+                    r.detail = "the destination agent restarted before finish; its QEMU was quit".into();
+                    if let Err(e) = self.journal.put_incoming(&r) {
+                        warn!(migration = %r.id, error = %e, "cannot journal the abandonment");
+                    }
+                }
+                IncomingState::Handover { resume } => match self.complete_handover(&r, resume).await {
+                    Ok(()) => {
+                        info!(migration = %r.id, source = %r.source, resumed = resume, "recovery: completed the handover; the guest lives here now");
+                        self.kept(&mut r);
+                    }
+                    Err(why) => {
+                        // The guest ran here for at most a moment (between `cont` and the next
+                        // journal write), or not at all: the source's copy is whole and is the
+                        // one to run.
+                        warn!(migration = %r.id, source = %r.source, %why, "recovery: the handover cannot be completed; the source keeps the guest");
+                        self.stop_orphan(&r).await;
+                        self.remove_dir(&r.dir);
+                        r.state = IncomingState::Abandoned;
+                        r.detail = format!("the destination agent restarted during the handover and {why}");
+                        if let Err(e) = self.journal.put_incoming(&r) {
+                            warn!(migration = %r.id, error = %e, "cannot journal the abandonment");
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Quits (or kills) the QEMU of a journalled migration, if that very process still runs.
+    async fn stop_orphan(&self, r: &IncomingRecord) {
+        let Some(p) = r.qemu.and_then(Process::open) else { return };
+        if let Ok(Ok(qmp)) = tokio::time::timeout(RECOVERY_CONNECT, Qmp::connect(&r.dir.join("qmp.sock"))).await {
+            if qmp.peer_pid() == Some(p.id().pid) {
+                let _ = qmp.execute_with_timeout("quit", json!({}), QUIT_GRACE).await;
+            }
+        }
+        if !wait_gone(&p, QUIT_GRACE).await {
+            warn!(migration = %r.id, pid = p.id().pid, "the orphaned QEMU did not quit; killing it");
+            let _ = p.signal(libc::SIGKILL);
+            wait_gone(&p, QUIT_GRACE).await;
+        }
+    }
+
+    /// A decided handover whose agent died: the QEMU must still be the journalled one, its
+    /// incoming migration completed; then it is resumed (if the guest ran on the source).
+    async fn complete_handover(&self, r: &IncomingRecord, resume: bool) -> Result<(), String> {
+        let p = r.qemu.and_then(Process::open).ok_or("its QEMU has exited")?;
+        let qmp = tokio::time::timeout(RECOVERY_CONNECT, Qmp::connect(&r.dir.join("qmp.sock")))
+            .await
+            .map_err(|_| "its QEMU's monitor does not answer".to_string())?
+            .map_err(|e| format!("its QEMU's monitor: {e}"))?;
+        if qmp.peer_pid() != Some(p.id().pid) {
+            return Err("another process answers on its QEMU's monitor".into());
+        }
+        let info = qmp.query_migrate().await.map_err(|e| e.to_string())?;
+        if info.status != "completed" {
+            return Err(format!("its incoming migration is {:?}, not completed", info.status));
+        }
+        if resume {
+            qmp.execute("cont", json!({})).await.map_err(|e| format!("cont failed: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The QEMU a prepare hook started for the migration in `dir`: its pidfile's pid, if that
+/// process's command line names `dir`'s QMP socket.
+fn hook_qemu(dir: &Path) -> Option<Process> {
+    let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
+    let p = Process::open(ProcessId::of(pid)?)?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let qmp = dir.join("qmp.sock");
+    let ours = cmdline
+        .split(|b| *b == 0)
+        .any(|arg| String::from_utf8_lossy(arg).contains(&*qmp.to_string_lossy()));
+    ours.then_some(p)
+}
+
+/// Waits until `p` has exited; false if it still runs after `grace`.
+async fn wait_gone(p: &Process, grace: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
+    while p.alive() {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
 }
 
 /// Waits until the incoming migration has completed here (or fails if it did not): on the
@@ -567,19 +815,14 @@ async fn run_hook(hook: &Path, input: &HookInput<'_>) -> Result<PathBuf, String>
     Ok(PathBuf::from(line))
 }
 
-/// Quits QEMU over QMP; kills it if it does not go.
-async fn quit_qemu(qmp: &Qmp, pid: Option<u32>) {
+/// Quits QEMU over QMP; kills it if it does not go (that very process: a pidfd).
+async fn quit_qemu(qmp: &Qmp, qemu: Option<ProcessId>) {
+    let process = qemu.and_then(Process::open);
     let _ = qmp.execute_with_timeout("quit", json!({}), QUIT_GRACE).await;
-    let Some(pid) = pid else { return };
-    let deadline = tokio::time::Instant::now() + QUIT_GRACE;
-    while Path::new(&format!("/proc/{pid}")).exists() {
-        if tokio::time::Instant::now() > deadline {
-            warn!(pid, "QEMU did not quit; killing it");
-            // SAFETY: kill(2) has no memory effects; the pid came from SO_PEERCRED of the QMP
-            // connection, i.e. the QEMU process we were talking to.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let Some(p) = process else { return };
+    if !wait_gone(&p, QUIT_GRACE).await {
+        warn!(pid = p.id().pid, "QEMU did not quit; killing it");
+        let _ = p.signal(libc::SIGKILL);
+        wait_gone(&p, QUIT_GRACE).await;
     }
 }

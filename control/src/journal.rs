@@ -110,14 +110,14 @@ pub enum IncomingState {
     Handover { resume: bool },
     /// The guest runs here (or is held here paused, as on the source).
     Kept,
-    /// The migration ended without the guest: QEMU is quit and the directory removed once
-    /// `cleaned`.
-    Abandoned { cleaned: bool },
+    /// The migration ended without the guest here: QEMU quit, the directory removed. (Written
+    /// after the cleanup: a crash during it leaves `Prepared`, which recovery abandons again.)
+    Abandoned,
 }
 
 impl IncomingState {
     pub fn ended(&self) -> bool {
-        matches!(self, IncomingState::Kept | IncomingState::Abandoned { cleaned: true })
+        matches!(self, IncomingState::Kept | IncomingState::Abandoned)
     }
 }
 

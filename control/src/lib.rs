@@ -10,6 +10,8 @@ pub mod admin;
 pub mod machine;
 pub mod driver;
 pub mod journal;
+pub mod recovery;
+pub mod teardown;
 pub mod process;
 pub mod authz;
 pub mod service;

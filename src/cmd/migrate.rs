@@ -63,6 +63,28 @@ struct State {
     outcome: Option<(OutcomeKind, String)>,
 }
 
+/// `migtun resolve`: the operator's decision for a migration whose outcome is unknown.
+pub fn resolve(admin_socket: &Path, id: &str, guest_on: admin::GuestOn) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
+    rt.block_on(async move {
+        let mut answer = None;
+        admin::request(admin_socket, &Request::Resolve { id: id.to_string(), guest_on }, |line| {
+            answer = Some(line);
+            false
+        })
+        .await?;
+        let line = answer.context("no answer from the agent")?;
+        if let Some(e) = line.get("error").and_then(|e| e.as_str()) {
+            anyhow::bail!("{e}");
+        }
+        println!("{id}: resolved (guest on the {}); `migtun status` shows the migration's end", match guest_on {
+            admin::GuestOn::Source => "source",
+            admin::GuestOn::Destination => "destination",
+        });
+        Ok(())
+    })
+}
+
 pub fn status(admin_socket: &Path, json: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {

@@ -3,13 +3,11 @@
 use std::path::Path;
 
 use anyhow::Context;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use migtun_control::admin::{self, Registry, Starter};
 use migtun_control::driver::{self, Outgoing};
 use migtun_control::messages::{MigrateArgs, OutcomeKind, Report};
-use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -31,17 +29,31 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let qemu = agent.config().qemu.clone();
         let admin_path = agent.config().admin.clone();
 
+        // With [qemu], the journal: what this agent was doing when it last stopped.
+        let journal = migtun_control::service::open_journal(agent.config())?;
         // The destination side answers prepare/finish/files when [qemu] is configured, to the
         // peers in [qemu] allow_sources; every agent answers the hello, so peers can tell what
-        // it supports.
-        let router = migtun_control::service::router(&handle, agent.config());
+        // it supports. Unfinished incoming migrations are settled before any peer is answered.
+        let incoming = journal.clone().and_then(|j| migtun_control::service::incoming(&handle, agent.config(), j));
+        if let Some(incoming) = &incoming {
+            incoming.recover().await;
+        }
+        let router = migtun_control::service::router(&handle, agent.config(), incoming.as_ref());
         agent.set_control_handler(router.into_handler());
 
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
+        let registry = Arc::new(Registry::default());
+        let outgoing = match (qemu, journal) {
+            (Some(q), Some(journal)) => Some(Arc::new(Outgoing { agent: handle.clone(), run_dir: q.run_dir, journal })),
+            _ => None,
+        };
+        if let Some(out) = &outgoing {
+            // Unfinished outgoing migrations: rolled back, or settled with the destination.
+            migtun_control::recovery::recover(out.clone(), registry.clone());
+        }
         if let Some(path) = admin_path {
-            let registry = Arc::new(Registry::default());
-            let starter = starter(handle.clone(), qemu.map(|q| q.run_dir));
+            let starter = starter(outgoing);
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 if let Err(e) = admin::serve(&path, handle, registry, starter, stop).await {
@@ -82,19 +94,18 @@ fn raise_fd_limit() {
 }
 
 /// Runs migrations submitted on the admin socket (the source side).
-fn starter(agent: AgentHandle, run_dir: Option<PathBuf>) -> Starter {
+fn starter(outgoing: Option<Arc<Outgoing>>) -> Starter {
     Arc::new(move |args: MigrateArgs, tracked| {
-        let agent = agent.clone();
-        let run_dir = run_dir.clone();
+        let outgoing = outgoing.clone();
         Box::pin(async move {
-            let Some(run_dir) = run_dir else {
+            let Some(out) = outgoing else {
                 tracked.report(Report::Done {
                     outcome: OutcomeKind::Refused,
                     message: "this agent has no [qemu] run_dir configured; it cannot run migrations".into(),
                 });
                 return;
             };
-            driver::run(Arc::new(Outgoing { agent, run_dir }), args, tracked).await
+            driver::run(out, args, tracked).await
         })
     })
 }

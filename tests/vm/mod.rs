@@ -472,3 +472,70 @@ pub fn destination_is_clean(hosts: &Hosts) {
     assert!(routes.is_empty(), "dynamic routes left on the destination: {routes:?}");
 }
 
+
+/// The agents as processes the fault tests kill, stop and restart (0: host-a, 1: host-b).
+impl Hosts {
+    pub fn agent_pid(&self, i: usize) -> i32 {
+        self.agents.0[i].id() as i32
+    }
+
+    /// kill -9 of agent `i`, reaped.
+    pub fn kill_agent(&mut self, i: usize) {
+        let child = &mut self.agents.0[i];
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGSTOP / SIGCONT of agent `i`.
+    pub fn signal_agent(&self, i: usize, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.agent_pid(i), signal) };
+    }
+
+    /// Starts agent `i` again from its config (after [`Hosts::kill_agent`]), its log appended,
+    /// and waits until its admin socket answers.
+    pub fn restart_agent(&mut self, i: usize) {
+        let name = ["host-a", "host-b"][i];
+        let log = std::fs::OpenOptions::new().append(true).open(self.path(&format!("{name}.log"))).unwrap();
+        let child = Command::new(MIGTUN)
+            .args(["serve", "--config"])
+            .arg(self.path(&format!("{name}.toml")))
+            .stderr(log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.agents.0[i] = child;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(self.path(&format!("{name}.admin"))).is_err() {
+            assert!(Instant::now() < deadline, "{name} did not come back:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Agent `i`'s `migtun status` (JSON).
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        let name = ["host-a", "host-b"][i];
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut status = serde_json::Value::Null;
+        rt.block_on(migtun_control::admin::request(&self.path(&format!("{name}.admin")), &migtun_control::admin::Request::Status, |v| {
+            status = v;
+            false
+        }))
+        .unwrap();
+        status
+    }
+
+    /// Waits until agent `i` reports migration `id` ended and returns its summary.
+    pub fn wait_settled(&self, i: usize, id: &str, secs: u64) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let status = self.status(i);
+            let m = status["migrations"].as_array().and_then(|a| a.iter().find(|m| m["id"] == id).cloned());
+            if let Some(m) = m.filter(|m| !m["outcome"].is_null()) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "migration {id} not settled on agent {i} within {secs} s: {status}\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Undoing a migration in the source QEMU, one QMP step at a time: shared by the driver (the
+//! machine's rollback actions) and by recovery (a migration the journal found unfinished).
+//!
+//! Each step tolerates what is already gone: a job that ended, a node never added, a migration
+//! that is not running. Each wait is bounded ([`TEARDOWN_WAIT`]) and follows QEMU's events, with
+//! a query as the source of truth.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tracing::warn;
+
+use crate::journal::SavedSettings;
+use crate::qmp::{BlockJobInfo, Qmp, QmpError};
+
+/// How long a cancelled mirror job or migration may take to end before the rollback goes on
+/// without it.
+pub const TEARDOWN_WAIT: Duration = Duration::from_secs(30);
+/// Waiting for a job or the migration to end is driven by QEMU's events; without one for this
+/// long, the state is queried anyway (a safety net, not the mechanism).
+const STATUS_RECHECK: Duration = Duration::from_millis(250);
+/// The source's `query-status` for a report; QEMU answers in milliseconds.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The events that announce a block job's state changes.
+const JOB_EVENTS: &[&str] = &["JOB_STATUS_CHANGE", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"];
+/// `query-migrate` statuses in which a migration is under way (and `migrate_cancel` applies).
+const LIVE_STATUSES: &[&str] =
+    &["setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", "postcopy-active", "postcopy-paused", "postcopy-recover"];
+
+/// Forced `block-job-cancel` of `job`, then waits until it is gone (an NBD target can only be
+/// deleted once no job uses it). A job that already ended counts as cancelled.
+pub async fn cancel_job(qmp: &Qmp, job: &str) -> Result<(), String> {
+    let exists = |jobs: &[BlockJobInfo]| jobs.iter().any(|j| j.device == job);
+    let jobs = qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
+    if !exists(&jobs) {
+        return Ok(());
+    }
+    if let Err(e) = qmp.execute("block-job-cancel", json!({"device": job, "force": true})).await {
+        // It may have ended between the query and the cancel.
+        let jobs = qmp.query_block_jobs().await.map_err(|e| e.to_string())?;
+        return if exists(&jobs) { Err(e.to_string()) } else { Ok(()) };
+    }
+    let gone = qmp
+        .wait_until("the cancelled mirror job to end", JOB_EVENTS, STATUS_RECHECK, TEARDOWN_WAIT, || async {
+            let jobs = qmp.query_block_jobs().await?;
+            Ok((!exists(&jobs)).then_some(()))
+        })
+        .await;
+    match gone {
+        Ok(()) => Ok(()),
+        Err(QmpError::Timeout { .. }) => {
+            Err(format!("the mirror job {job} still exists {}s after it was cancelled", TEARDOWN_WAIT.as_secs()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `migrate_cancel`, then waits for a terminal status (the guest may only be resumed, and the
+/// forwards closed, once QEMU has stopped migrating).
+pub async fn cancel_migration(qmp: &Qmp) -> Result<(), String> {
+    qmp.execute("migrate_cancel", json!({})).await.map_err(|e| e.to_string())?;
+    let ended = qmp
+        .wait_until("the cancelled migration to end", &["MIGRATION"], STATUS_RECHECK, TEARDOWN_WAIT, || async {
+            let info = qmp.query_migrate().await?;
+            Ok((!LIVE_STATUSES.contains(&info.status.as_str())).then_some(()))
+        })
+        .await;
+    match ended {
+        Ok(()) => Ok(()),
+        Err(QmpError::Timeout { .. }) => {
+            let status = qmp.query_migrate().await.map(|i| i.status).unwrap_or_default();
+            Err(format!("the migration is still {status:?} {}s after migrate_cancel", TEARDOWN_WAIT.as_secs()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Whether a migration is under way in this QEMU.
+pub async fn migration_live(qmp: &Qmp) -> Result<bool, String> {
+    let info = qmp.query_migrate().await.map_err(|e| e.to_string())?;
+    Ok(LIVE_STATUSES.contains(&info.status.as_str()))
+}
+
+/// `blockdev-del` of those of `nodes` that exist.
+pub async fn remove_nodes(qmp: &Qmp, nodes: &[String]) -> Result<(), String> {
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    let present = qmp.execute("query-named-block-nodes", json!({"flat": true})).await.map_err(|e| e.to_string())?;
+    let present: Vec<&str> = present.as_array().map(|a| a.iter().filter_map(|n| n["node-name"].as_str()).collect()).unwrap_or_default();
+    for n in nodes.iter().filter(|n| present.contains(&n.as_str())) {
+        qmp.execute("blockdev-del", json!({"node-name": n})).await.map_err(|e| format!("blockdev-del {n}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Puts back the capabilities and parameters a migration changed, so that the source QEMU is
+/// left as it was (a `pause-before-switchover` left on would stall the next migration of a tool
+/// that does not expect it). Best effort: a failure is logged.
+pub async fn restore_settings(qmp: &Qmp, saved: &SavedSettings, migration: &str) {
+    let mut commands = vec![("migrate-set-capabilities", json!({ "capabilities": saved.capabilities }))];
+    if !saved.parameters.is_empty() {
+        commands.push(("migrate-set-parameters", Value::Object(saved.parameters.clone())));
+    }
+    if let Err(e) = qmp.execute_pipelined(commands).await {
+        warn!(%migration, error = %e, "could not restore the source's migration capabilities and parameters");
+    }
+}
+
+/// Where the guest is after a rollback, from the source QEMU itself (`query-status`), in words
+/// for the final report.
+pub async fn source_state(qmp: &Qmp, was_running: bool) -> String {
+    let status = match qmp.execute_with_timeout("query-status", Value::Null, STATUS_TIMEOUT).await {
+        Ok(v) => match serde_json::from_value::<crate::qmp::Status>(v) {
+            Ok(s) => s,
+            Err(e) => return format!("the source guest's state is unknown (query-status: {e})"),
+        },
+        Err(e) => return format!("the source guest's state is unknown ({e})"),
+    };
+    match (status.running, status.status.as_str()) {
+        (true, _) if was_running => "the guest runs on the source as before".to_string(),
+        (true, _) => "the guest runs on the source (it was resumed there during the migration)".to_string(),
+        (false, "postmigrate") => "the guest is paused on the source, in QEMU state postmigrate: QEMU 7.2 migrates it \
+                                   again only after it has run (cont)"
+            .to_string(),
+        (false, s) if !was_running => format!("the guest is paused on the source as before ({s})"),
+        (false, s) => format!("the guest is NOT running on the source (QEMU state {s}); resume it with cont"),
+    }
+}
