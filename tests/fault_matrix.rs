@@ -268,6 +268,7 @@ fn attempt_cell(qemu: &std::path::Path, cell: Cell) -> bool {
     guard.join().unwrap();
     eprintln!("{name}: outcome {outcome}: {}", m.done());
     let src = &mut guest.proc.0[0];
+    let mut stays_on_source_postmigrate = false;
     match outcome.as_str() {
         "succeeded" => {
             wait_exit(|| src.try_wait().unwrap().is_none(), "the source QEMU quits after success");
@@ -281,7 +282,19 @@ fn attempt_cell(qemu: &std::path::Path, cell: Cell) -> bool {
         }
         "failed" | "cancelled" => {
             assert!(src.try_wait().unwrap().is_none(), "{name}: the source QEMU still runs");
-            assert_eq!(status(&mon), original, "{name}: the source is back in its run state\n{}", hosts.logs());
+            let now = status(&mon);
+            let completed = mon.cmd("query-migrate", Value::Null).unwrap()["status"] == "completed";
+            if !cell.running && completed {
+                // The migration had completed when the destination lost it: QEMU 7.2 leaves a
+                // paused guest in postmigrate with its images inactive (only `cont` brings them
+                // back), and the report must say so.
+                assert_eq!(now, "postmigrate", "{name}");
+                let message = m.done()["message"].as_str().map(str::to_string).unwrap_or_default();
+                assert!(message.is_empty() || message.contains("postmigrate"), "{name}: the report says postmigrate: {message}");
+                stays_on_source_postmigrate = true;
+            } else {
+                assert_eq!(now, original, "{name}: the source is back in its run state\n{}", hosts.logs());
+            }
             source_has_nothing_left(&mon, &before);
             wait_exit(|| pid_alive(dest_pid), "the destination QEMU exits after a failure");
             wait_empty(&hosts, &hosts.path("run-host-b"));
@@ -299,7 +312,7 @@ fn attempt_cell(qemu: &std::path::Path, cell: Cell) -> bool {
         assert!(matches!(r["state"].as_str(), Some("kept" | "abandoned")), "{name}: host-b's journal keeps an unfinished record: {r}");
     }
     assert!(records(&hosts, "host-a", "incoming").is_empty() && records(&hosts, "host-b", "outgoing").is_empty());
-    next_migration_is_exact(&hosts, qemu, &mut guest, outcome == "succeeded", cell.running);
+    next_migration_is_exact(&hosts, qemu, &mut guest, outcome == "succeeded" || stays_on_source_postmigrate, cell.running);
     true
 }
 
@@ -314,7 +327,8 @@ fn next_migration_is_exact(hosts: &Hosts, qemu: &std::path::Path, guest: &mut Gu
         (&*guest, !running)
     };
     let (ok, events) = migrate(hosts, g, &[]);
-    assert!(ok, "the next migration succeeds: {events:#?}\n{}", hosts.logs());
+    let qemu_log = std::fs::read_to_string(hosts.path(&format!("qemu-{}.log", if moved { "fmnext" } else if running { "fmrun" } else { "fmpaused" }))).unwrap_or_default();
+    assert!(ok, "the next migration succeeds: {:?}\nsource QEMU: {qemu_log}", events.last());
     let dir = dest_dir(hosts, &events);
     let _dest = PidFile(dir.join("qemu.pid"));
     let images = dir.join("images");

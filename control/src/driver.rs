@@ -103,6 +103,7 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
         dir: out.run_dir.join(&id),
         source_qmp: args.qmp.clone(),
         to: args.to.clone(),
+        prelaunch: false,
         vm: tracked.vm.clone(),
         cmdline: Vec::new(),
         disks: HashMap::new(),
@@ -168,6 +169,11 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
             if rolled_back && !exec.qmp.is_closed() {
                 // Rolled back: the source runs on as before, with its own migration settings.
                 exec.restore_settings().await;
+                if exec.prelaunch {
+                    if let Err(e) = teardown::restore_prelaunch(&exec.qmp).await {
+                        warn!(migration = %id, error = %e, "could not bring the never-run guest back to prelaunch");
+                    }
+                }
             }
             let (kind, mut message) = summarize(outcome);
             if kind == OutcomeKind::Succeeded {
@@ -272,6 +278,8 @@ struct Executor {
     source_qmp: PathBuf,
     /// The destination agent.
     to: String,
+    /// The guest had never run when the migration began (`prelaunch`).
+    prelaunch: bool,
     vm: String,
     cmdline: Vec<String>,
     /// Disk key (the machine's `Disk::device`) -> (index, disk).
@@ -456,6 +464,7 @@ impl Executor {
         let status: crate::qmp::Status = serde_json::from_value(status).map_err(|e| decode("query-status", e))?;
         let blocks: Vec<crate::qmp::BlockInfo> = serde_json::from_value(blocks).map_err(|e| decode("query-block", e))?;
         let jobs: Vec<crate::qmp::BlockJobInfo> = serde_json::from_value(jobs).map_err(|e| decode("query-block-jobs", e))?;
+        self.prelaunch = status.status == "prelaunch";
         if let Some(pid) = self.qmp.peer_pid() {
             self.cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|b| b.split(|c| *c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
@@ -736,6 +745,7 @@ impl Executor {
                     qmp: self.source_qmp.clone(),
                     qemu: self.qmp.peer_pid().and_then(ProcessId::of),
                     was_running: req.running,
+                    prelaunch: self.prelaunch,
                     stage: OutgoingStage::Migrating,
                     nodes: Vec::new(),
                     jobs: Vec::new(),

@@ -53,6 +53,9 @@ pub struct OutgoingRecord {
     pub qmp: PathBuf,
     pub qemu: Option<ProcessId>,
     pub was_running: bool,
+    /// The guest had never run (`prelaunch`): a rollback brings it back there.
+    #[serde(default)]
+    pub prelaunch: bool,
     pub stage: OutgoingStage,
     /// NBD client nodes (`mt*`) that may exist in the source QEMU.
     pub nodes: Vec<String>,
@@ -280,6 +283,7 @@ mod tests {
             qmp: "/run/vm/web1.qmp".into(),
             qemu: Some(ProcessId { pid: 42, start: 7 }),
             was_running: true,
+            prelaunch: false,
             stage: OutgoingStage::Migrating,
             nodes: vec!["mt0".into()],
             jobs: vec![],

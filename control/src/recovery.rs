@@ -187,6 +187,11 @@ async fn roll_back(r: &OutgoingRecord) -> String {
     if let Some(saved) = &r.saved_settings {
         teardown::restore_settings(&qmp, saved, &r.id).await;
     }
+    if r.prelaunch {
+        if let Err(e) = teardown::restore_prelaunch(&qmp).await {
+            problems.push(e);
+        }
+    }
     if r.was_running {
         let running = qmp.query_status().await.map(|s| s.running).unwrap_or(false);
         if !running {

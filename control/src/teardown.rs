@@ -107,6 +107,38 @@ pub async fn restore_settings(qmp: &Qmp, saved: &SavedSettings, migration: &str)
     }
 }
 
+/// A guest that had never run (`prelaunch`, started with `-S`) whose migration was stopped in
+/// its last stage is left by QEMU in `postmigrate`, from which QEMU 7.2 migrates it again only
+/// after it has run. A `system_reset` brings it back to `prelaunch` without running it, and
+/// loses nothing: the CPUs and devices are still in their reset state and the ROMs rewritten
+/// are the ones the first reset wrote. Never used for a guest that ran, and never after a
+/// *completed* migration: QEMU has then inactivated the guest's images, which only `cont`
+/// reactivates in 7.2 (`blockdev-set-active` came with QEMU 10.0), and migrating a reset guest
+/// with inactive images trips an assertion in QEMU (`bdrv_inactivate_recurse`) that kills it.
+/// Such a guest stays in `postmigrate`, and the report says so.
+pub async fn restore_prelaunch(qmp: &Qmp) -> Result<(), String> {
+    let status = qmp.query_status().await.map_err(|e| e.to_string())?;
+    if status.status != "postmigrate" {
+        return Ok(());
+    }
+    let migration = qmp.query_migrate().await.map_err(|e| e.to_string())?;
+    if migration.status == "completed" {
+        return Ok(());
+    }
+    qmp.execute("system_reset", json!({})).await.map_err(|e| format!("system_reset: {e}"))?;
+    let deadline = tokio::time::Instant::now() + STATUS_TIMEOUT;
+    loop {
+        let status = qmp.query_status().await.map_err(|e| e.to_string())?;
+        if status.status == "prelaunch" {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("still {} after system_reset", status.status));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Where the guest is after a rollback, from the source QEMU itself (`query-status`), in words
 /// for the final report.
 pub async fn source_state(qmp: &Qmp, was_running: bool) -> String {
