@@ -482,8 +482,8 @@ async fn h2_stream_flood_is_refused() {
     // And a legitimate caller is served.
     let rpc = rpc(&fleet.a).await.expect("hello after the flood");
     let (status, message) = answer(rpc.call::<_, FinishReply>("finish", &FinishRequest { migration: "m-0000000000000000".into(), success: false, resume: false }).await).unwrap();
-    assert_eq!(status, 400, "{message}");
-    assert!(message.contains("no migration m-0000000000000000 here"), "{message}");
+    assert_eq!(status, 404, "{message}");
+    assert!(message.contains("no record of migration m-0000000000000000"), "{message}");
     assert_eq!(fleet.marks("hook-ran"), 0);
 }
 
