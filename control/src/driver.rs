@@ -395,7 +395,15 @@ impl Executor {
             Action::ResumeSource => self.qmp_do("cont", json!({})).await,
             Action::CancelMirror(disk) => teardown::cancel_job(&self.qmp, &self.job_id(&disk)).await.map(|()| None),
             Action::CancelMigration => teardown::cancel_migration(&self.qmp).await.map(|()| None),
-            Action::RemoveNbdTarget(disk) => self.qmp_do("blockdev-del", json!({"node-name": self.target_node(&disk)})).await,
+            Action::RemoveNbdTarget(disk) => {
+                // A mirror that failed on an I/O error (the destination went away) is announced
+                // by BLOCK_JOB_ERROR before the job has ended, and while it exists it holds the
+                // node: QEMU refuses the blockdev-del. So the job is made to end first.
+                match teardown::cancel_job(&self.qmp, &self.job_id(&disk)).await {
+                    Ok(()) => self.qmp_do("blockdev-del", json!({"node-name": self.target_node(&disk)})).await,
+                    Err(e) => Err(e),
+                }
+            }
             Action::CloseForwards => {
                 for f in self.forwards.drain(..) {
                     f.close().await;
