@@ -141,7 +141,9 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
                 queue.extend(machine.handle(Event::QemuLost(QEMU_GONE.to_string())));
             }
             let phase = machine.phase().to_string();
-            if phase != last_phase {
+            // An unknown outcome is not the end: `recovery::settle` reports the phase.
+            let unsettled = matches!(machine.outcome(), Some(Outcome::Unknown { .. })) && !args.postcopy && !settled;
+            if phase != last_phase && !unsettled {
                 tracked.report(Report::Phase { phase: phase.clone(), message: phase_message(&phase) });
                 last_phase = phase;
             }
@@ -368,6 +370,9 @@ impl Executor {
             Action::CompleteMirror(disk) => self.qmp_do("block-job-cancel", json!({"device": self.job_id(&disk)})).await,
             Action::ContinueMigration => self.qmp_do("migrate-continue", json!({"state": "pre-switchover"})).await,
             Action::FinishPeer { success, resume } => {
+                if success {
+                    crate::failpoint::hit("source-before-finish");
+                }
                 let req = FinishRequest { migration: self.id.clone(), success, resume };
                 let reply = if success {
                     self.rpc.call::<_, FinishReply>("finish", &req).await

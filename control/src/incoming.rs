@@ -402,6 +402,9 @@ impl Incoming {
     }
 
     async fn finish(&self, session: &Session, req: FinishRequest) -> Result<FinishReply, MethodError> {
+        if req.success {
+            crate::failpoint::hit("destination-at-finish");
+        }
         let prepared = match self.take(&req.migration, session.peer.name())? {
             Some(p) => p,
             // Not waiting for a finish (any more): the answer is the journal's.
@@ -426,9 +429,11 @@ impl Incoming {
             // this record on, a restarted agent completes the handover instead of quitting.
             record.state = IncomingState::Handover { resume: req.resume };
             self.journal.put_incoming(&record).map_err(|e| crate::qmp::QmpError::Protocol(format!("cannot journal the handover: {e}")))?;
+            crate::failpoint::hit("destination-after-handover-record");
             if req.resume {
                 qmp.execute("cont", json!({})).await?;
             }
+            crate::failpoint::hit("destination-after-cont");
             Ok::<_, crate::qmp::QmpError>(())
         }
         .await;

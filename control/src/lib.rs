@@ -9,6 +9,7 @@ pub mod messages;
 pub mod admin;
 pub mod machine;
 pub mod driver;
+pub mod failpoint;
 pub mod journal;
 pub mod recovery;
 pub mod teardown;

@@ -495,11 +495,17 @@ impl Hosts {
     /// Starts agent `i` again from its config (after [`Hosts::kill_agent`]), its log appended,
     /// and waits until its admin socket answers.
     pub fn restart_agent(&mut self, i: usize) {
+        self.restart_agent_with(i, &[]);
+    }
+
+    /// [`Hosts::restart_agent`] with extra environment variables (a failpoint).
+    pub fn restart_agent_with(&mut self, i: usize, env: &[(&str, &str)]) {
         let name = ["host-a", "host-b"][i];
         let log = std::fs::OpenOptions::new().append(true).open(self.path(&format!("{name}.log"))).unwrap();
         let child = Command::new(MIGTUN)
             .args(["serve", "--config"])
             .arg(self.path(&format!("{name}.toml")))
+            .envs(env.iter().copied())
             .stderr(log)
             .stdout(Stdio::null())
             .spawn()
