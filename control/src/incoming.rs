@@ -214,6 +214,7 @@ impl Incoming {
         let hook = self.hook.clone().ok_or_else(|| MethodError::failed("this agent has no qemu.prepare_hook configured"))?;
         // The cookie is data from a peer: validated before anything is created or run.
         cookie::validate(&cookie, &self.policy).map_err(|e| refused(&id, &source, e))?;
+        self.journal.prune_incoming();
         if self.journal.incoming_record(&id).is_some() {
             return Err(MethodError::bad_request(format!("migration {id} was prepared here before (it is in the journal)")));
         }

@@ -50,7 +50,9 @@ pub async fn settle(agent: &AgentHandle, to: &str, id: &str, resume: bool, track
     });
     let _awaiting = tracked.await_resolution();
     let mut delay = FIRST_RETRY;
-    for attempt in 1u64.. {
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
         match tokio::time::timeout(ATTEMPT_TIMEOUT, ask(agent, to, id, resume)).await {
             Ok(Ok(reply)) if reply.guest_kept => {
                 info!(migration = %id, %to, attempt, "the destination answers: the guest runs there");
@@ -77,7 +79,6 @@ pub async fn settle(agent: &AgentHandle, to: &str, id: &str, resume: bool, track
         }
         delay = (delay * 2).min(MAX_RETRY);
     }
-    unreachable!("the attempts never run out")
 }
 
 fn note_attempt(tracked: &Tracked, id: &str, to: &str, attempt: u64, delay: Duration, why: &str) {
