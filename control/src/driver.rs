@@ -343,11 +343,11 @@ impl Executor {
             Action::Prepare(req) => self.prepare(req).await.map(|r| Some(Event::Prepared(r))),
             Action::OpenForwards(routes) => self.open_forwards(routes).await.map(|()| None),
             Action::AddNbdTarget(disk) => {
-                let node = self.disks.get(&disk).map(|d| d.1.node_name.clone()).unwrap_or_default();
+                // The destination exports the disk under its device (the machine's key).
                 let args = json!({
                     "driver": "nbd",
                     "server": {"type": "unix", "path": self.dir.join("nbd.sock")},
-                    "export": node,
+                    "export": disk,
                     "node-name": self.target_node(&disk),
                 });
                 self.qmp_do("blockdev-add", args).await
@@ -518,7 +518,9 @@ impl Executor {
                 .iter()
                 .map(|p| DiskSpec {
                     device: p.disk.device.clone(),
-                    node_name: p.disk.node_name.clone(),
+                    // QEMU's automatic names (`#block123`, `-drive` without node-name=) differ
+                    // on each host: the destination finds such a disk by its device.
+                    node_name: if p.disk.node_name.starts_with('#') { String::new() } else { p.disk.node_name.clone() },
                     size: p.disk.size,
                     format: p.disk.format.clone(),
                     source_file: p.disk.file.clone(),

@@ -351,16 +351,16 @@ impl Incoming {
         let ram_sock = dir.join("migration.sock");
         let nbd_sock = dir.join("nbd.sock");
         let copied: Vec<_> = cookie.disks.iter().filter(|d| d.copy).collect();
+        // A disk whose node QEMU named itself (`-drive`) is found here by its device.
+        let nodes = self.export_nodes(qmp, &copied).await?;
         // One pipelined batch (QEMU runs it in order): on any failure the caller quits this
         // QEMU, so commands after a failed one need no undoing.
         let mut commands = Vec::new();
         if !copied.is_empty() {
             commands.push(("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": nbd_sock}}})));
-            for d in &copied {
-                commands.push((
-                    "block-export-add",
-                    json!({"type": "nbd", "id": format!("mig-{}", d.node_name), "node-name": d.node_name, "writable": true, "name": d.node_name}),
-                ));
+            // The export's name is the disk's device, which the source names too.
+            for (i, (d, node)) in copied.iter().zip(&nodes).enumerate() {
+                commands.push(("block-export-add", json!({"type": "nbd", "id": format!("mig{i}"), "node-name": node, "writable": true, "name": d.device})));
             }
         }
         // `events`: Finish waits for this side's `completed` on the MIGRATION event.
@@ -389,6 +389,31 @@ impl Incoming {
             qemu_version: format!("{major}.{minor}.{micro}"),
         };
         Ok((reply, routes))
+    }
+
+    /// The node to export for each copied disk: its node name, or, when the source's QEMU had
+    /// named it automatically, the node this QEMU's device of the same name uses.
+    async fn export_nodes(&self, qmp: &Qmp, disks: &[&crate::messages::DiskSpec]) -> Result<Vec<String>, MethodError> {
+        let blocks = if disks.iter().any(|d| d.node_name.is_empty()) {
+            let v = qmp.execute("query-block", json!({})).await.map_err(|e| MethodError::failed(e.to_string()))?;
+            serde_json::from_value::<Vec<crate::qmp::BlockInfo>>(v).map_err(|e| MethodError::failed(format!("query-block: {e}")))?
+        } else {
+            Vec::new()
+        };
+        disks
+            .iter()
+            .map(|d| {
+                if !d.node_name.is_empty() {
+                    return Ok(d.node_name.clone());
+                }
+                blocks
+                    .iter()
+                    .find(|b| b.device == d.device || b.qdev.as_deref() == Some(d.device.as_str()))
+                    .and_then(|b| b.inserted.as_ref())
+                    .map(|i| i.node_name.clone())
+                    .ok_or_else(|| MethodError::failed(format!("disk {}: the destination QEMU has no drive {:?} with a medium", d.device, d.device)))
+            })
+            .collect()
     }
 
     fn expose(&self, name: String, sock: &Path, allow: &[String], id: &str) -> Result<ExposeGuard, MethodError> {

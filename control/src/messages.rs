@@ -10,7 +10,9 @@ pub struct DiskSpec {
     /// The guest device (`query-block`'s `device`, or the qdev id when the device is anonymous).
     pub device: String,
     /// The source's block node the guest device uses; the destination must create its disk with
-    /// the same node name, since that is what the migration stream refers to.
+    /// the same node name, since that is what the migration stream refers to. Empty when QEMU
+    /// named the node itself (`-drive` without `node-name=`, `#block123`): such names are not
+    /// stable across hosts, and the destination finds the node by `device` instead.
     pub node_name: String,
     /// Virtual size in bytes.
     pub size: u64,
@@ -20,6 +22,17 @@ pub struct DiskSpec {
     pub source_file: String,
     /// Whether this disk's contents are copied (false: shared storage, or not in `--disks`).
     pub copy: bool,
+}
+
+impl DiskSpec {
+    /// How the disk is named in messages and files: its node name, else its device.
+    pub fn name(&self) -> &str {
+        if self.node_name.is_empty() {
+            &self.device
+        } else {
+            &self.node_name
+        }
+    }
 }
 
 /// Migration settings both sides must agree on.

@@ -115,7 +115,7 @@ pub fn build(cookie: &Cookie, policy: &Policy, layout: &Layout) -> Result<Plan, 
     for d in cookie.disks.iter().filter(|d| d.copy) {
         if !ctx.used.contains(d.source_file.as_str()) {
             return Err(Refusal::Disk {
-                disk: d.node_name.clone(),
+                disk: d.name().to_string(),
                 why: format!("its image {} does not appear as a file of -blockdev or -drive on the command line", d.source_file),
             });
         }
@@ -176,15 +176,15 @@ impl<'a> Ctx<'a> {
         let mut ctx = Ctx { policy, image_dir: &layout.image_dir, copied: HashMap::new(), used: HashSet::new(), names: HashSet::new(), images: Vec::new() };
         for d in &cookie.disks {
             if !d.copy {
-                on_shared_storage(policy, &d.source_file).map_err(|why| Refusal::Disk { disk: d.node_name.clone(), why: format!("not copied, and {why}") })?;
+                on_shared_storage(policy, &d.source_file).map_err(|why| Refusal::Disk { disk: d.name().to_string(), why: format!("not copied, and {why}") })?;
                 continue;
             }
             if ctx.copied.contains_key(d.source_file.as_str()) {
-                return Err(Refusal::Disk { disk: d.node_name.clone(), why: format!("{} is the image of another disk too", d.source_file) });
+                return Err(Refusal::Disk { disk: d.name().to_string(), why: format!("{} is the image of another disk too", d.source_file) });
             }
             let base = cookie::base_name(&d.source_file);
             // Two disks with one file name (from different directories): never one image.
-            let name = if ctx.names.contains(base) { format!("{}-{base}", d.node_name) } else { base.to_string() };
+            let name = if ctx.names.contains(base) { format!("{}-{base}", d.name().replace('/', "_")) } else { base.to_string() };
             let path = ctx.claim(&name, "disk image")?;
             ctx.copied.insert(d.source_file.as_str(), path.clone());
             ctx.images.push(Image { node_name: d.node_name.clone(), device: d.device.clone(), path, format: d.format.clone(), size: d.size });

@@ -48,17 +48,25 @@ pub fn validate(cookie: &Cookie, policy: &Policy) -> Result<(), Refusal> {
     }
     let mut total: u64 = 0;
     let mut nodes = std::collections::HashSet::new();
+    let mut devices = std::collections::HashSet::new();
     for (i, d) in cookie.disks.iter().enumerate() {
-        validate_identifier(&format!("disks[{i}].node_name"), &d.node_name)?;
+        // Empty: QEMU named the node itself on the source; the destination finds it by device.
+        if !d.node_name.is_empty() {
+            validate_identifier(&format!("disks[{i}].node_name"), &d.node_name)?;
+            if !nodes.insert(d.node_name.as_str()) {
+                return Err(Refusal::field(format!("disks[{i}].node_name"), &d.node_name, "two disks with one node name"));
+            }
+        }
         validate_device(&format!("disks[{i}].device"), &d.device)?;
-        if !nodes.insert(d.node_name.as_str()) {
-            return Err(Refusal::field(format!("disks[{i}].node_name"), &d.node_name, "two disks with one node name"));
+        // The device names the disk's NBD export.
+        if !devices.insert(d.device.as_str()) {
+            return Err(Refusal::field(format!("disks[{i}].device"), &d.device, "two disks with one device"));
         }
         validate_path_text(&format!("disks[{i}].source_file"), &d.source_file)?;
         if !d.copy {
             continue;
         }
-        let disk = &d.node_name;
+        let disk = &d.name().to_string();
         if d.size == 0 {
             return Err(Refusal::Disk { disk: disk.clone(), why: "size 0".into() });
         }
@@ -250,8 +258,19 @@ mod tests {
     }
 
     #[test]
+    fn an_automatic_node_name_is_sent_empty_and_devices_are_unique() {
+        let policy = Policy::default();
+        let mut c = cookie();
+        c.disks[0].node_name = String::new();
+        assert!(validate(&c, &policy).is_ok(), "an empty node name: found by device on the destination");
+        c.disks.push(DiskSpec { node_name: String::new(), ..c.disks[0].clone() });
+        let e = validate(&c, &policy).unwrap_err().to_string();
+        assert!(e.contains("disks[1].device") && e.contains("two disks with one device"), "{e}");
+    }
+
+    #[test]
     fn node_names_and_devices_must_be_identifiers() {
-        for bad in ["../..", "", "0abc", "a/b", "a b", "#block123", &"a".repeat(32)] {
+        for bad in ["../..", "0abc", "a/b", "a b", "#block123", &"a".repeat(32)] {
             let mut c = cookie();
             c.disks[0].node_name = bad.into();
             assert!(refused(&c).contains("disks[0].node_name"), "{bad:?}");
