@@ -56,15 +56,48 @@ pub struct Outgoing {
 
 /// Runs one migration to its end, reporting to `tracked`.
 pub async fn run(out: Arc<Outgoing>, args: MigrateArgs, tracked: Arc<Tracked>) {
-    let (outcome, message) = match drive(&out, &args, &tracked).await {
+    let metrics = out.agent.metrics();
+    let started = std::time::Instant::now();
+    let mut gauge = metrics.migrations.begin(&args.to, "outgoing", "begin");
+    let (outcome, message) = match drive(&out, &args, &tracked, &mut gauge).await {
         Ok(o) => o,
         Err(reason) => (OutcomeKind::Refused, reason),
     };
+    drop(gauge);
+    metrics.migrations.end(&args.to, "outgoing", outcome_label(outcome), started.elapsed().as_secs_f64());
     info!(migration = %tracked.id, ?outcome, %message, "migration ended");
     tracked.report(Report::Done { outcome, message });
 }
 
-async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<(OutcomeKind, String), String> {
+/// The fixed word of an outcome in metrics.
+pub fn outcome_label(o: OutcomeKind) -> &'static str {
+    match o {
+        OutcomeKind::Succeeded => "succeeded",
+        OutcomeKind::Failed => "failed",
+        OutcomeKind::Cancelled => "cancelled",
+        OutcomeKind::Refused => "refused",
+        OutcomeKind::Unknown => "unknown",
+    }
+}
+
+/// The fixed word of a phase in metrics.
+fn phase_label(p: crate::machine::Phase) -> &'static str {
+    use crate::machine::Phase;
+    match p {
+        Phase::Begin => "begin",
+        Phase::Prepare => "prepare",
+        Phase::Perform(_) => "perform",
+        Phase::Finish => "finish",
+        Phase::Confirm | Phase::Done => "confirm",
+    }
+}
+
+async fn drive(
+    out: &Outgoing,
+    args: &MigrateArgs,
+    tracked: &Tracked,
+    gauge: &mut migtun_proxy::metrics::MigrationGauge,
+) -> Result<(OutcomeKind, String), String> {
     let id = tracked.id.clone();
     // The VM's monitor and the destination agent, at the same time.
     let (qmp, rpc) = tokio::try_join!(async { Qmp::connect(&args.qmp).await.map_err(|e| e.to_string()) }, async {
@@ -145,6 +178,7 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
             let unsettled = matches!(machine.outcome(), Some(Outcome::Unknown { .. })) && !args.postcopy && !settled;
             if phase != last_phase && !unsettled {
                 tracked.report(Report::Phase { phase: phase.clone(), message: phase_message(&phase) });
+                gauge.set_phase(phase_label(machine.phase()));
                 last_phase = phase;
             }
         }
@@ -153,6 +187,7 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
                 // Past the point of no return without an answer: only the destination knows
                 // whether the guest runs there. Ask it until it says (or the operator decides).
                 settled = true;
+                gauge.set_phase("unknown");
                 let resume = machine.was_running();
                 tracked.report(Report::Log { message: format!("the outcome is not known yet ({reason}); asking {} until it answers", args.to) });
                 let answer = crate::recovery::settle(&out.agent, &args.to, &id, resume, tracked).await;
@@ -180,6 +215,7 @@ async fn drive(out: &Outgoing, args: &MigrateArgs, tracked: &Tracked) -> Result<
             let (kind, mut message) = summarize(outcome);
             if kind == OutcomeKind::Succeeded {
                 message = format!("{message} ({})", exec.summary(started.elapsed()));
+                exec.count_success(&out.agent.metrics().migrations);
             }
             if rolled_back {
                 if let Some(state) = exec.source_state(machine.was_running()).await {
@@ -707,6 +743,19 @@ impl Executor {
             });
         }
         None
+    }
+
+    /// A succeeded migration's bytes and downtime, into the migration metrics.
+    fn count_success(&self, m: &migtun_proxy::metrics::MigrationMetrics) {
+        use migtun_proxy::metrics::MigrationBytesLabels;
+        m.bytes.get_or_create(&MigrationBytesLabels { phase: "disk" }).inc_by(self.mirrored);
+        if let Some(t) = &self.totals {
+            let ram = t.pointer("/ram/transferred").and_then(|v| v.as_u64()).unwrap_or(0);
+            m.bytes.get_or_create(&MigrationBytesLabels { phase: "ram" }).inc_by(ram);
+            if let Some(d) = t.get("downtime").and_then(|v| v.as_u64()) {
+                m.downtime.observe(d as f64 / 1000.0);
+            }
+        }
     }
 
     /// "in 5.7 s: disks 384 MiB, RAM 512 MiB in 2.1 s, downtime 35 ms".

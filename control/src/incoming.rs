@@ -61,6 +61,9 @@ struct Prepared {
     _routes: Vec<ExposeGuard>,
     /// Its place among the incoming migrations, given back when it ends.
     _slot: Slot,
+    /// Counted in `migtun_migrations_current` while it lives.
+    _gauge: migtun_proxy::metrics::MigrationGauge,
+    started: std::time::Instant,
 }
 
 /// What peers may make this host hold at once (`[qemu] max_incoming`, `max_incoming_per_peer`,
@@ -259,7 +262,8 @@ impl Incoming {
             Ok((reply, routes)) => {
                 let total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 info!(migration = %id, %source, qemu_pid = pid.unwrap_or(0), hook_ms, qmp_ms, total_ms, "prepared: destination QEMU waits for the migration");
-                let prepared = Arc::new(Prepared { source, qmp, qemu, dir, _routes: routes, _slot: slot });
+                let gauge = self.agent.metrics().migrations.begin(&source, "incoming", "prepared");
+                let prepared = Arc::new(Prepared { source, qmp, qemu, dir, _routes: routes, _slot: slot, _gauge: gauge, started: t0 });
                 self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), prepared);
                 // The destination's rule: no finish on this connection, no guest here.
                 let this = self.clone();
@@ -466,6 +470,7 @@ impl Incoming {
         match result {
             Ok(()) => {
                 info!(migration = %req.migration, resumed = req.resume, ms = t0.elapsed().as_secs_f64() * 1e3, "finished: the guest lives here now");
+                self.agent.metrics().migrations.end(&prepared.source, "incoming", "succeeded", prepared.started.elapsed().as_secs_f64());
                 self.kept(&mut record);
                 Ok(FinishReply { guest_kept: true, detail: String::new() })
             }
@@ -621,6 +626,7 @@ impl Incoming {
         warn!(migration = %id, source = %p.source, reason, "abandoning the migration: quitting the destination QEMU");
         quit_qemu(&p.qmp, p.qemu).await;
         self.remove_dir(&p.dir);
+        self.agent.metrics().migrations.end(&p.source, "incoming", "failed", p.started.elapsed().as_secs_f64());
         let mut record = self.record_of(id, p);
         record.state = IncomingState::Abandoned;
         record.detail = reason.to_string();

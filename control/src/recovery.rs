@@ -115,7 +115,12 @@ pub fn recover(out: Arc<Outgoing>, registry: Arc<Registry>) {
         let out = out.clone();
         tokio::spawn(async move {
             warn!(migration = %r.id, vm = %r.vm, to = %r.to, stage = ?r.stage, "recovery: this agent stopped during the migration; settling it");
+            let metrics = out.agent.metrics();
+            let started = std::time::Instant::now();
+            let gauge = metrics.migrations.begin(&r.to, "outgoing", "recovering");
             let (outcome, message) = recover_one(&out, &r, &tracked).await;
+            drop(gauge);
+            metrics.migrations.end(&r.to, "outgoing", crate::driver::outcome_label(outcome), started.elapsed().as_secs_f64());
             let _ = std::fs::remove_dir_all(out.run_dir.join(&r.id));
             if let Err(e) = out.journal.remove_outgoing(&r.id) {
                 warn!(migration = %r.id, error = %e, "cannot remove the journal record");

@@ -1,8 +1,11 @@
 //! Prometheus metrics (prometheus-client) and the `/metrics` HTTP endpoint.
 //!
 //! Label values are bounded: peers are authenticated certificate names, routes are configured
-//! names (a route a peer asks for that does not exist is counted as `<unknown>`), reasons are
-//! the fixed strings of [`crate::wire::ReplyCode::reason`] and [`crate::tls::failure_reason`].
+//! names (a route a peer asks for that does not exist is counted as `<unknown>`; the routes a
+//! migration opens for itself, `m-<id>.ram` and `m-<id>.nbd`, are counted as `migration.ram` and
+//! `migration.nbd`, so that migrations do not add series), reasons are the fixed strings of
+//! [`crate::wire::ReplyCode::reason`] and [`crate::tls::failure_reason`]. Migrations have their
+//! own families ([`MigrationMetrics`]) whose labels are peers and fixed words.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,6 +20,7 @@ use prometheus_client::encoding::{text::encode, EncodeLabelSet, EncodeLabelValue
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -149,6 +153,126 @@ pub struct ControlRefusalLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    pub peer: String,
+    /// `outgoing` (this host is the source) or `incoming`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationEndLabels {
+    pub peer: String,
+    pub direction: &'static str,
+    /// `succeeded`, `failed`, `cancelled`, `refused` or `unknown`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationPhaseLabels {
+    pub direction: &'static str,
+    /// A fixed word: `begin`, `prepare`, `perform`, `finish`, `confirm`, `unknown`, `recovering`
+    /// (outgoing); `prepared` (incoming).
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationBytesLabels {
+    /// `ram` or `disk`.
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+/// Migrations, for the control plane: every label is a configured peer or a fixed word.
+#[derive(Clone)]
+pub struct MigrationMetrics {
+    pub started: Family<MigrationLabels, Counter>,
+    pub finished: Family<MigrationEndLabels, Counter>,
+    pub current: Family<MigrationPhaseLabels, Gauge>,
+    pub duration: Family<DirectionLabels, Histogram>,
+    pub downtime: Histogram,
+    pub bytes: Family<MigrationBytesLabels, Counter>,
+}
+
+/// Migration durations: seconds to an hour and more (a TiB of disks takes that long).
+const DURATION_BUCKETS: [f64; 12] = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0];
+/// Downtime: QEMU's default limit is 300 ms; tens of ms are good, seconds are trouble.
+const DOWNTIME_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 5.0];
+
+/// A migration counted in `migtun_migrations_current` while the guard lives, in its phase.
+pub struct MigrationGauge {
+    current: Family<MigrationPhaseLabels, Gauge>,
+    labels: MigrationPhaseLabels,
+}
+
+impl MigrationGauge {
+    /// Moves this migration to `phase`.
+    pub fn set_phase(&mut self, phase: &'static str) {
+        if self.labels.phase == phase {
+            return;
+        }
+        self.current.get_or_create(&self.labels).dec();
+        self.labels.phase = phase;
+        self.current.get_or_create(&self.labels).inc();
+    }
+}
+
+impl Drop for MigrationGauge {
+    fn drop(&mut self) {
+        self.current.get_or_create(&self.labels).dec();
+    }
+}
+
+impl MigrationMetrics {
+    fn new(registry: &mut Registry) -> MigrationMetrics {
+        let m = MigrationMetrics {
+            started: Family::default(),
+            finished: Family::default(),
+            current: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS.into_iter())),
+            downtime: Histogram::new(DOWNTIME_BUCKETS.into_iter()),
+            bytes: Family::default(),
+        };
+        registry.register("migrations_started", "Migrations begun, by peer and direction", m.started.clone());
+        registry.register("migrations_finished", "Migrations ended, by peer, direction and outcome", m.finished.clone());
+        registry.register("migrations_current", "Migrations in progress, by direction and phase", m.current.clone());
+        registry.register("migration_duration_seconds", "Duration of ended migrations, by direction", m.duration.clone());
+        registry.register("migration_downtime_seconds", "Guest downtime of succeeded outgoing migrations (QEMU's figure)", m.downtime.clone());
+        registry.register("migration_bytes", "Bytes outgoing migrations moved, by phase (ram, disk)", m.bytes.clone());
+        m
+    }
+
+    /// A migration begins: counted, and in `current` until the guard is dropped.
+    pub fn begin(&self, peer: &str, direction: &'static str, phase: &'static str) -> MigrationGauge {
+        self.started.get_or_create(&MigrationLabels { peer: peer.to_string(), direction }).inc();
+        let labels = MigrationPhaseLabels { direction, phase };
+        self.current.get_or_create(&labels).inc();
+        MigrationGauge { current: self.current.clone(), labels }
+    }
+
+    /// A migration ended after `seconds`.
+    pub fn end(&self, peer: &str, direction: &'static str, outcome: &'static str, seconds: f64) {
+        self.finished.get_or_create(&MigrationEndLabels { peer: peer.to_string(), direction, outcome }).inc();
+        self.duration.get_or_create(&DirectionLabels { direction }).observe(seconds);
+    }
+}
+
+/// The route label of a stream: the route's name, except for the routes a migration opens for
+/// itself (`m-<16 hex digits>.<kind>`), counted together as `migration.<kind>`.
+pub fn route_label(route: &str) -> String {
+    if let Some((id, kind)) = route.split_once('.') {
+        let hex = id.strip_prefix("m-").unwrap_or_default();
+        if hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return format!("migration.{kind}");
+        }
+    }
+    route.to_string()
+}
+
 /// Every metric the agent keeps. Cheap to share: each field is an `Arc` inside.
 pub struct Metrics {
     registry: Registry,
@@ -167,6 +291,7 @@ pub struct Metrics {
     pub awaiting_preamble: Gauge,
     pub control_refusals: Family<ControlRefusalLabels, Counter>,
     pub certificate_not_after: Family<CertificateLabels, Gauge>,
+    pub migrations: MigrationMetrics,
 }
 
 impl Default for Metrics {
@@ -247,8 +372,10 @@ impl Metrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        let migrations = MigrationMetrics::new(&mut registry);
         Metrics {
             registry,
+            migrations,
             bytes,
             streams_open,
             stream_opens,
@@ -288,7 +415,7 @@ impl Metrics {
         self.stream_failures
             .get_or_create(&FailureLabels {
                 peer: peer.to_string(),
-                route: route.to_string(),
+                route: route_label(route),
                 side,
                 reason: reason.to_string(),
             })
@@ -347,13 +474,14 @@ impl Metrics {
 
     /// Counters and the open-streams gauge for one stream; the gauge goes down on drop.
     pub fn stream(&self, peer: &str, route: &str, side: Side) -> StreamMetrics {
-        let labels = StreamLabels { peer: peer.to_string(), route: route.to_string(), side };
+        let route = route_label(route);
+        let labels = StreamLabels { peer: peer.to_string(), route: route.clone(), side };
         self.stream_opens.get_or_create(&labels).inc();
         let open = self.streams_open.get_or_create(&labels).clone();
         open.inc();
         let counter = |direction| {
             self.bytes
-                .get_or_create(&BytesLabels { peer: peer.to_string(), route: route.to_string(), direction })
+                .get_or_create(&BytesLabels { peer: peer.to_string(), route: route.clone(), direction })
                 .clone()
         };
         StreamMetrics { tx: counter(Direction::Tx), rx: counter(Direction::Rx), open }
@@ -384,6 +512,30 @@ pub fn sum_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
         .fold(0.0, |a, b| a + b)
+}
+
+#[cfg(test)]
+mod route_label_tests {
+    use super::*;
+
+    #[test]
+    fn migration_routes_share_one_label_and_configured_routes_keep_theirs() {
+        assert_eq!(route_label("m-0123456789abcdef.ram"), "migration.ram");
+        assert_eq!(route_label("m-0123456789abcdef.nbd"), "migration.nbd");
+        assert_eq!(route_label("libvirt"), "libvirt");
+        assert_eq!(route_label("m-short.ram"), "m-short.ram");
+        let m = Metrics::new();
+        for id in ["m-0000000000000001", "m-0000000000000002"] {
+            drop(m.stream("host-b", &format!("{id}.ram"), Side::Source));
+        }
+        let text = m.encode();
+        assert_eq!(text.matches("migtun_bytes_total{").count(), 2, "tx and rx of one route label:\n{text}");
+        let mut g = m.migrations.begin("host-b", "outgoing", "begin");
+        g.set_phase("perform");
+        assert_eq!(m.sample("migtun_migrations_current", &[("phase", "perform")]), 1.0);
+        drop(g);
+        assert_eq!(m.sample("migtun_migrations_current", &[]), 0.0);
+    }
 }
 
 /// Per-stream metric handles, held by the relay so that counting a chunk is one atomic add.
