@@ -71,6 +71,13 @@ fn failing_prepare_hook_leaves_the_source_as_it_was() {
     assert!(done["message"].as_str().unwrap_or_default().contains("no capacity on this host"), "the hook's reason reaches the user: {done}");
     assert_eq!(source_status(&guest)["running"], true, "the source still runs");
     destination_is_clean(&hosts);
+    // The destination's operator learns it too: one line with the migration, the peer and the
+    // reason, in plain text (the log is a file, not a terminal: no ANSI colours).
+    let id = events.iter().find_map(|e| e["id"].as_str()).expect("accepted");
+    let log = std::fs::read_to_string(hosts.path("host-b.log")).unwrap();
+    let line = log.lines().find(|l| l.contains("prepare failed")).unwrap_or_else(|| panic!("no log line for the failed prepare:\n{log}"));
+    assert!(line.contains(id) && line.contains("source=host-a") && line.contains("no capacity on this host"), "{line}");
+    assert!(!log.contains('\x1b'), "no ANSI escape codes in a log file");
 }
 
 #[test]

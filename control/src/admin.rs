@@ -60,6 +60,15 @@ pub enum GuestOn {
     Destination,
 }
 
+impl GuestOn {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GuestOn::Source => "source",
+            GuestOn::Destination => "destination",
+        }
+    }
+}
+
 /// `migtun status`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
@@ -287,7 +296,7 @@ async fn handle(conn: LocalStream, agent: AgentHandle, registry: Arc<Registry>, 
         },
         Request::Resolve { id, guest_on } => match registry.get(&id).ok_or_else(|| format!("no migration {id}")).and_then(|t| t.resolve(guest_on)) {
             Ok(()) => {
-                warn!(migration = %id, ?guest_on, "the operator resolves the migration's unknown outcome");
+                warn!(migration = %id, guest_on = guest_on.as_str(), "the operator resolves the migration's unknown outcome");
                 send(&mut write, &serde_json::json!({ "ok": true })).await
             }
             Err(e) => send(&mut write, &serde_json::json!({ "error": e })).await,

@@ -65,7 +65,7 @@ pub async fn run(out: Arc<Outgoing>, args: MigrateArgs, tracked: Arc<Tracked>) {
     };
     drop(gauge);
     metrics.migrations.end(&args.to, "outgoing", outcome_label(outcome), started.elapsed().as_secs_f64());
-    info!(migration = %tracked.id, ?outcome, %message, "migration ended");
+    info!(migration = %tracked.id, outcome = outcome_label(outcome), %message, "migration ended");
     tracked.report(Report::Done { outcome, message });
 }
 

@@ -179,8 +179,20 @@ impl Incoming {
             .method("prepare", move |session, args| {
                 let this = p.clone();
                 async move {
-                    let cookie: Cookie = serde_json::from_value(args).map_err(|e| MethodError::bad_request(format!("cookie: {e}")))?;
-                    let reply = this.prepare(session, cookie).await?;
+                    let source = session.peer.name().to_string();
+                    let cookie: Cookie = serde_json::from_value(args).map_err(|e| {
+                        warn!(%source, error = %e, "refused a prepare: the cookie does not parse");
+                        MethodError::bad_request(format!("cookie: {e}"))
+                    })?;
+                    let id = crate::destination::shorten(&cookie.migration);
+                    let reply = this.prepare(session, cookie).await.map_err(|e| {
+                        // Refusals are logged where they are decided (and by the router); a
+                        // prepare that failed here is logged here, for the destination's operator.
+                        if e.refusal.is_none() {
+                            warn!(migration = %id, %source, status = e.status, error = %e.message, "prepare failed; nothing of the migration is left here");
+                        }
+                        e
+                    })?;
                     Ok(serde_json::to_value(reply).unwrap_or_default())
                 }
             })

@@ -79,6 +79,15 @@ pub enum OutgoingStage {
     Finishing { resume: bool },
 }
 
+impl OutgoingStage {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OutgoingStage::Migrating => "migrating",
+            OutgoingStage::Finishing { .. } => "finishing",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedSettings {
     pub capabilities: Vec<Value>,

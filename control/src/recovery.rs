@@ -70,7 +70,7 @@ pub async fn settle(agent: &AgentHandle, to: &str, id: &str, resume: bool, track
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             decision = tracked.resolution() => {
-                warn!(migration = %id, ?decision, "the operator resolved the unknown outcome");
+                warn!(migration = %id, guest_on = decision.as_str(), "the operator resolved the unknown outcome");
                 return match decision {
                     GuestOn::Destination => Ok(()),
                     GuestOn::Source => Err("the operator decided (migtun resolve) that the guest is not on the destination".into()),
@@ -114,7 +114,7 @@ pub fn recover(out: Arc<Outgoing>, registry: Arc<Registry>) {
         tracked.set_vm_name(&r.vm);
         let out = out.clone();
         tokio::spawn(async move {
-            warn!(migration = %r.id, vm = %r.vm, to = %r.to, stage = ?r.stage, "recovery: this agent stopped during the migration; settling it");
+            warn!(migration = %r.id, vm = %r.vm, to = %r.to, stage = r.stage.as_str(), "recovery: this agent stopped during the migration; settling it");
             let metrics = out.agent.metrics();
             let started = std::time::Instant::now();
             let gauge = metrics.migrations.begin(&r.to, "outgoing", "recovering");
@@ -125,7 +125,7 @@ pub fn recover(out: Arc<Outgoing>, registry: Arc<Registry>) {
             if let Err(e) = out.journal.remove_outgoing(&r.id) {
                 warn!(migration = %r.id, error = %e, "cannot remove the journal record");
             }
-            info!(migration = %r.id, ?outcome, %message, "recovery: migration settled");
+            info!(migration = %r.id, outcome = crate::driver::outcome_label(outcome), %message, "recovery: migration settled");
             tracked.report(Report::Done { outcome, message });
         });
     }

@@ -167,7 +167,7 @@ pub fn is_configured_peer(ctx: &ExposeContext, transport: &'static str, addr: So
     }
     ctx.metrics.port_refused(transport, "not-a-peer");
     if let Some(n) = ctx.log.not_a_peer.hit() {
-        warn!(%addr, transport, peer = peer.name(), names = ?peer.names, refused = n,
+        warn!(%addr, transport, peer = peer.name(), names = %peer.names.join(","), refused = n,
             "certificate of the CA but not a configured [[peer]]; closed after the handshake");
     }
     false
@@ -318,8 +318,8 @@ async fn handshake(
         Some(p) if p == ALPN_DATA => Alpn::Data,
         Some(p) if p == ALPN_CONTROL && ctx.control.is_some() => Alpn::Control,
         other => {
-            let alpn = other.map(|p| String::from_utf8_lossy(p).into_owned());
-            warn!(%addr, peer = peer.name(), ?alpn, "unsupported application protocol; closing");
+            let alpn = other.map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_else(|| "none".into());
+            warn!(%addr, peer = peer.name(), %alpn, "unsupported application protocol; closing");
             ctx.metrics.protocol_errors.get_or_create(&ReasonLabels { reason: "alpn" }).inc();
             return None;
         }

@@ -541,8 +541,8 @@ async fn handshake(
         return None;
     }
     if alpn(&conn).as_deref() != Some(ALPN_DATA) {
-        let alpn = alpn(&conn).map(|p| String::from_utf8_lossy(&p).into_owned());
-        warn!(%addr, peer = peer.name(), ?alpn, "unsupported application protocol over QUIC; closing");
+        let alpn = alpn(&conn).map(|p| String::from_utf8_lossy(&p).into_owned()).unwrap_or_else(|| "none".into());
+        warn!(%addr, peer = peer.name(), %alpn, "unsupported application protocol over QUIC; closing");
         ctx.metrics.protocol_errors.get_or_create(&ReasonLabels { reason: "alpn" }).inc();
         conn.close(codes::UNSUPPORTED_ALPN, b"unsupported application protocol");
         return None;

@@ -77,10 +77,7 @@ pub fn resolve(admin_socket: &Path, id: &str, guest_on: admin::GuestOn) -> anyho
         if let Some(e) = line.get("error").and_then(|e| e.as_str()) {
             anyhow::bail!("{e}");
         }
-        println!("{id}: resolved (guest on the {}); `migtun status` shows the migration's end", match guest_on {
-            admin::GuestOn::Source => "source",
-            admin::GuestOn::Destination => "destination",
-        });
+        println!("{id}: resolved (guest on the {}); `migtun status` shows the migration's end", guest_on.as_str());
         Ok(())
     })
 }
