@@ -124,11 +124,24 @@ enum CertsCommand {
         dir: PathBuf,
     },
     /// A host certificate signed by DIR/ca.*: DIR/HOST.pem and DIR/HOST.key.
+    ///
+    /// Example: migtun certs issue --dir /etc/migtun/pki --name host-a --ip 10.0.0.1
     Issue {
+        /// The PKI directory (ca.pem, ca.key); the new files are written there.
         #[arg(long)]
         dir: PathBuf,
+        /// The host's name: its DNS SAN, the name peers configure for it.
         #[arg(long)]
         name: String,
+        /// Validity in days [default: 730].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: Option<u32>,
+        /// An IP address SAN as well (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// Replace an existing certificate and key of this host (renewal).
+        #[arg(long)]
+        force: bool,
     },
     /// Revoke DIR/HOST.pem: adds it to DIR/crl.pem (signed by DIR/ca.key), the agents' `tls.crl`.
     Revoke {
@@ -145,7 +158,7 @@ fn main() -> ExitCode {
         Command::Serve { config } => cmd::logging::init(cli.log_format).and_then(|()| cmd::serve::serve(&config)),
         Command::Check { config } => cmd::serve::check(&config),
         Command::Certs { command: CertsCommand::Init { dir } } => cmd::certs::init(&dir),
-        Command::Certs { command: CertsCommand::Issue { dir, name } } => cmd::certs::issue(&dir, &name),
+        Command::Certs { command: CertsCommand::Issue { dir, name, days, ips, force } } => cmd::certs::issue(&dir, &name, days, &ips, force),
         Command::Certs { command: CertsCommand::Revoke { dir, name } } => cmd::certs::revoke(&dir, &name),
         Command::Migrate {
             admin, qmp, to, disks, shared_storage, parallel, postcopy, max_bandwidth, downtime_ms, force, with_file, json,

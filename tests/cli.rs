@@ -150,3 +150,35 @@ fn serve_drains_and_exits_cleanly_on_sigterm() {
         assert!(line.starts_with('{') && line.ends_with('}'), "JSON log line: {line}");
     }
 }
+
+/// `certs issue` never replaces a host's key by accident; `--force` renews; `--days` and `--ip`
+/// shape the certificate.
+#[test]
+fn certs_issue_refuses_to_overwrite_unless_forced_and_takes_days_and_ips() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let pki = dir.path().to_str().unwrap();
+    let key = std::fs::read(dir.path().join("host-a.key")).unwrap();
+    let again = migtun(&["certs", "issue", "--dir", pki, "--name", "host-a"]);
+    assert!(!again.status.success(), "an existing key is not replaced");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("host-a.key") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(dir.path().join("host-a.key")).unwrap(), key, "the key is untouched");
+    let forced = migtun(&["certs", "issue", "--dir", pki, "--name", "host-a", "--force", "--days", "30", "--ip", "10.1.2.3", "--ip", "fd00::7"]);
+    assert!(forced.status.success(), "{}", String::from_utf8_lossy(&forced.stderr));
+    assert_ne!(std::fs::read(dir.path().join("host-a.key")).unwrap(), key, "--force renews the key");
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(dir.path().join("host-a.pem"))
+        .output()
+        .expect("openssl (to read the certificate)");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("IP Address:10.1.2.3") && text.contains("IP Address:FD00:0:0:0:0:0:0:7"), "{text}");
+    assert!(text.contains("DNS:host-a"), "{text}");
+    let end = Command::new("openssl").args(["x509", "-noout", "-checkend"]).arg((31 * 86400).to_string()).arg("-in").arg(dir.path().join("host-a.pem")).output().unwrap();
+    assert!(!end.status.success(), "valid for 30 days, not 31");
+    let end = Command::new("openssl").args(["x509", "-noout", "-checkend"]).arg((29 * 86400).to_string()).arg("-in").arg(dir.path().join("host-a.pem")).output().unwrap();
+    assert!(end.status.success(), "valid for 29 days at least");
+    let zero = migtun(&["certs", "issue", "--dir", pki, "--name", "host-c", "--days", "0"]);
+    assert!(!zero.status.success());
+}

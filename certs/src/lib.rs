@@ -53,6 +53,8 @@ pub enum CertError {
     InvalidName { name: String, reason: String },
     #[error("{path} already exists; refusing to overwrite it")]
     Exists { path: String },
+    #[error("{path} already exists; refusing to replace this host's key (renewing? add --force; the host keeps its old files until the new ones are deployed)")]
+    HostExists { path: String },
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: io::Error },
     #[error("cannot write {path}: {source}")]
@@ -99,6 +101,8 @@ pub struct IssueOptions {
     pub not_after: Option<OffsetDateTime>,
     /// An Ed25519 key instead of ECDSA P-256.
     pub ed25519: bool,
+    /// IP address SANs (for peers dialled by address; the peer's name stays its DNS SAN).
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// One revoked certificate of a CRL: its serial number (big-endian bytes) and when it was revoked.
@@ -244,6 +248,7 @@ impl Ca {
             .into_iter()
             .map(|s| Ok(SanType::DnsName(s.try_into().map_err(gen_err)?)))
             .collect::<Result<_, CertError>>()?;
+        params.subject_alt_names.extend(opts.ips.iter().map(|ip| SanType::IpAddress(*ip)));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -392,9 +397,20 @@ pub fn init(dir: &Path) -> Result<(), CertError> {
 /// `migtun certs issue --dir DIR --name HOST`: DIR/HOST.pem and DIR/HOST.key signed by DIR/ca.*.
 /// Returns the (certificate, key) paths.
 pub fn issue(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf), CertError> {
+    issue_with(dir, name, &IssueOptions::default(), false)
+}
+
+/// [`issue`] with options (`--days`, `--ip`). An existing `DIR/HOST.key` is replaced only with
+/// `replace` (`--force`): replacing a host's key by mistake locks that host out until its new
+/// files are deployed.
+pub fn issue_with(dir: &Path, name: &str, opts: &IssueOptions, replace: bool) -> Result<(PathBuf, PathBuf), CertError> {
     validate_dns_name(name)?;
+    let key_path = dir.join(format!("{name}.key"));
+    if !replace && key_path.symlink_metadata().is_ok() {
+        return Err(CertError::HostExists { path: key_path.display().to_string() });
+    }
     let ca = Ca::load(dir)?;
-    ca.issue(name, &IssueOptions::default())?.write(dir)
+    ca.issue(name, opts)?.write(dir)
 }
 
 /// `migtun certs revoke --dir DIR --name HOST`: adds DIR/HOST.pem (which DIR/ca.* must have
