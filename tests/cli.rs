@@ -182,3 +182,39 @@ fn certs_issue_refuses_to_overwrite_unless_forced_and_takes_days_and_ips() {
     let zero = migtun(&["certs", "issue", "--dir", pki, "--name", "host-c", "--days", "0"]);
     assert!(!zero.status.success());
 }
+
+/// `migtun check` finds what `serve` would refuse at start, beyond the config's own validity:
+/// every problem at once, one line each naming the key and the file; `serve` refuses with the
+/// same lines instead of an OS error without context.
+#[test]
+fn check_finds_what_serve_would_refuse_one_line_each() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let d = dir.path().display().to_string();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let text = valid_config(dir.path())
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace(&format!("unix:{d}/migration.sock"), &format!("unix:{d}/no-such-dir/migration.sock"))
+        + &format!("\n[qemu]\nrun_dir = \"{d}/run\"\nstate_dir = \"{d}/state\"\nprepare_hook = \"{d}/no-such-hook\"\nemulator = \"/bin/true\"\n");
+    std::fs::set_permissions(dir.path().join("host-a.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("a.toml");
+    std::fs::write(&config, &text).unwrap();
+    let file = config.display().to_string();
+    let expect = [("listen", "in use"), ("tls.key", "chmod 600"), ("forward[0].listen", "no-such-dir"), ("qemu.prepare_hook", "no-such-hook")];
+    let out = migtun(&["check", "--config", &file]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for (key, what) in expect {
+        let line = stderr.lines().find(|l| l.contains(&format!("`{key}`"))).unwrap_or_else(|| panic!("no line for {key}:\n{stderr}"));
+        assert!(line.starts_with(&file) && line.contains(what), "{line}");
+    }
+    assert_eq!(stderr.lines().filter(|l| l.starts_with(&file)).count(), expect.len(), "one line each:\n{stderr}");
+    let served = Command::new(MIGTUN).args(["serve", "--config", &file]).output().unwrap();
+    let served_err = String::from_utf8_lossy(&served.stderr);
+    assert!(!served.status.success());
+    for (key, _) in expect {
+        assert!(served_err.contains(&format!("`{key}`")), "serve names {key}:\n{served_err}");
+    }
+    drop(busy);
+}

@@ -179,14 +179,25 @@ pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 1 << 30;
 /// nothing (each migration is a QEMU process with its sockets and files).
 const MAX_INCOMING_LIMIT: i64 = 1024;
 
-/// A config problem, naming the key it is about.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: `{key}`: {problem}")]
+/// A config problem, naming the key it is about (none for the file as a whole).
+#[derive(Debug)]
 pub struct ConfigError {
     pub file: String,
     pub key: String,
     pub problem: String,
 }
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.problem)
+        } else {
+            write!(f, "{}: `{}`: {}", self.file, self.key, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 impl Config {
     /// Reads and validates the config file at `path`; relative paths inside it are resolved
@@ -553,6 +564,9 @@ fn with_line(problem: String, text: &str, span: Option<std::ops::Range<usize>>) 
     }
 }
 
+/// The keys of the top level, before any `[table]`.
+const TOP_LEVEL_KEYS: &[&str] = &["name", "listen", "admin", "metrics", "drain_timeout_secs"];
+
 fn parse(text: &str) -> Result<RawConfig, Problem> {
     // Syntax first, so that a syntax error is not mistaken for a problem with some key.
     if let Err(e) = text.parse::<toml::Table>() {
@@ -585,7 +599,12 @@ fn parse(text: &str) -> Result<RawConfig, Problem> {
                 key = join_key(&key, field);
             }
             let expected = expected.trim_start_matches(',').trim().replace('`', "");
-            if expected.is_empty() {
+            if key.contains('.') && TOP_LEVEL_KEYS.contains(&field) {
+                // `admin = ...` appended at the end of the file lands in the last table.
+                format!(
+                    "unknown key: `{field}` is a top-level key, but in TOML every key after a [table] header belongs to that table; move it above the first [table]"
+                )
+            } else if expected.is_empty() {
                 "unknown key".to_string()
             } else {
                 format!("unknown key ({expected})")
@@ -649,6 +668,7 @@ fn render_path(path: &serde_path_to_error::Path) -> String {
 /// key written at the start of that line, e.g. `peer[1].address`.
 fn key_at_line(text: &str, line: usize) -> String {
     let mut table = String::new();
+    let mut last_key: Option<String> = None;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for (i, l) in text.lines().enumerate() {
         let l = l.trim();
@@ -666,16 +686,23 @@ fn key_at_line(text: &str, line: usize) -> String {
             if is_error_line {
                 return table;
             }
-        } else if is_error_line {
+        } else {
             let k: String = l
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
                 .collect();
-            if k.is_empty() || !l[k.len()..].trim_start().starts_with('=') {
-                return table;
+            let assigns = !k.is_empty() && l[k.len()..].trim_start().starts_with('=');
+            if assigns {
+                last_key = Some(join_key(&table, &k));
             }
-            return join_key(&table, &k);
+            if is_error_line {
+                // A line that assigns nothing continues the value of the last key (a
+                // multi-line array or string); before any key it is the table's.
+                return if assigns { join_key(&table, &k) } else { last_key.unwrap_or(table) };
+            }
+            continue;
         }
+        last_key = None;
     }
     table
 }
@@ -774,7 +801,7 @@ impl Validator<'_> {
 
         let peers = self.peers(&raw.name, raw.peer)?;
         let forwards = self.forwards(raw.forward, &peers, admin.as_deref())?;
-        let exposes = self.exposes(raw.expose)?;
+        let exposes = self.exposes(raw.expose, &peers)?;
         let qemu = match raw.qemu {
             None => None,
             Some(q) => Some(self.qemu(q, &peers)?),
@@ -1115,7 +1142,7 @@ impl Validator<'_> {
         Ok(forwards)
     }
 
-    fn exposes(&self, raw: Vec<RawExpose>) -> Result<Vec<Expose>, Problem> {
+    fn exposes(&self, raw: Vec<RawExpose>, peers: &[Peer]) -> Result<Vec<Expose>, Problem> {
         let mut exposes: Vec<Expose> = Vec::with_capacity(raw.len());
         for (i, e) in raw.into_iter().enumerate() {
             let k = |f: &str| format!("expose[{i}].{f}");
@@ -1140,6 +1167,15 @@ impl Validator<'_> {
             }
             for (j, a) in e.allow.iter().enumerate() {
                 check_dns_name(a).or_else(|p| err(format!("expose[{i}].allow[{j}]"), p))?;
+                // Only a configured peer gets past the handshake: any other name never matches.
+                if !peers.iter().any(|p: &Peer| &p.name == a) {
+                    let known: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+                    let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                    return err(
+                        format!("expose[{i}].allow[{j}]"),
+                        format!("unknown peer {a:?}: only a configured [[peer]] can connect (known peers: {known}); add a [[peer]] for it or remove it"),
+                    );
+                }
             }
             exposes.push(Expose {
                 route: e.route,
@@ -1486,6 +1522,31 @@ address = "192.0.2.2:7443"
         assert_key(&pki.err(&with_crl("crl.pem")), "tls.cert", "is revoked by tls.crl");
     }
 
+    #[test]
+    fn allow_names_a_configured_peer_and_top_level_keys_after_a_table_are_explained() {
+        let pki = Pki::new();
+        let e = pki.err(&pki.valid("[[expose]]\nroute = \"r\"\ntarget = \"unix:/t\"\nallow = [\"host-x\"]\n"));
+        assert_key(&e, "expose[0].allow[0]", "unknown peer \"host-x\"");
+        assert!(e.problem.contains("known peers: host-b"), "{e}");
+        let e = pki.err(&pki.valid("[[expose]]\nroute = \"r\"\ntarget = \"unix:/t\"\nallow = [\"host-b\"]\nadmin = \"/run/a.sock\"\n"));
+        assert_key(&e, "expose[0].admin", "top-level key");
+        assert!(e.problem.contains("move it above the first [table]"), "{e}");
+        let missing = Config::load(&pki.dir.path().join("nope.toml")).unwrap_err().to_string();
+        assert!(!missing.contains("``"), "no empty key: {missing}");
+        assert!(missing.contains("nope.toml: cannot read the config file"), "{missing}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_key_whose_value_they_are_in() {
+        let at = |text: &str| parse(text).err().map(|(k, _)| k).unwrap_or_default();
+        assert_eq!(at("name = \"a\"\n[tls]\ncert = \"x\"\n[qemu]\nrun_dir = \"/run/q\n"), "qemu.run_dir");
+        assert_eq!(at("name = \"a\"\n[tls]\ncert = \"x\" junk\n[qemu]\nrun_dir = \"q\"\n"), "tls.cert");
+        assert_eq!(at("name = \"a\"\n[tls]\ncert = \"x\"\n[qemu\nrun_dir = \"q\"\n"), "qemu");
+        // An error on a continuation line of a multi-line value is the value's key's.
+        assert_eq!(at("name = \"a\"\n[tls]\nca = [\"x\",\n\"y\" \"z\"]\n[qemu]\n"), "tls.ca");
+        assert_eq!(at("name = \"a\"\n[[peer]]\nname = \"b\"\n[[peer]]\nname = b\n"), "peer[1].name");
+    }
+
     fn assert_key(e: &ConfigError, key: &str, contains: &str) {
         assert_eq!(e.key, key, "{e}");
         assert!(
@@ -1496,6 +1557,10 @@ address = "192.0.2.2:7443"
     }
 
     const FULL: &str = r#"
+[[peer]]
+name = "host-c.example.org"
+address = "192.0.2.3:7443"
+
 [[forward]]
 listen = "unix:/run/migtun/host-b/migration.sock"
 peer = "host-b"
@@ -1544,7 +1609,7 @@ max_upload_bytes = 1048576
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
         assert_eq!(c.tls.cert_chain.len(), 1);
         assert_eq!(c.tls.ca_certs.len(), 1);
-        assert_eq!(c.peers.len(), 1);
+        assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peer("host-b").unwrap().address, "192.0.2.2:7443");
         assert_eq!(c.peers[0].transport, Transport::Tls);
         assert_eq!(c.forwards.len(), 2);

@@ -25,6 +25,7 @@ pub mod identity;
 pub mod limit;
 pub mod metrics;
 pub mod port;
+pub mod preflight;
 pub mod quic;
 pub mod record;
 pub mod relay;

@@ -14,6 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 pub fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    let problems = migtun_proxy::preflight::check(&config, &path.display().to_string());
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        anyhow::bail!("{} problem(s): `migtun serve` would not start with {}", problems.len(), path.display());
+    }
     print!("{}", config.explain());
     println!("config OK");
     Ok(())
@@ -21,6 +28,13 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
 
 pub fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // What the host must provide, checked before anything binds: every problem at once, each
+    // naming the key and the file (the same lines as `migtun check`).
+    let problems = migtun_proxy::preflight::check(&config, &path.display().to_string());
+    if !problems.is_empty() {
+        let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        anyhow::bail!("{}", lines.join("\n"));
+    }
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
