@@ -39,7 +39,18 @@ pub const WARM_CONNECTIONS: usize = 2;
 /// in progress ([`crate::port::MAX_PENDING_PER_ADDRESS`], 64), so that one busy source never has
 /// its own handshakes refused by the peer's flood protection; a resumed handshake takes about a
 /// millisecond, so 32 at a time still opens 1,000 streams in well under a second.
+///
+/// A dial counts until the receiver is done with it, not only until we are
+/// ([`TlsSession::server_finished`]): a TLS 1.3 client finishes first, and on a busy receiver
+/// (1,000 streams opened at once by two agents on two cores, `tests/load.rs`) the receiver's
+/// unfinished handshakes piled up behind the source's finished ones, past its cap of 64, and it
+/// reset 17 of the 1,000.
 pub const MAX_CONCURRENT_DIALS: usize = 32;
+/// How long a dial waits for the receiver to finish its side of the handshake (its session
+/// tickets) before the next dial may go. migtun's receivers always send tickets, within a round
+/// trip plus their own handshake work; the bound only keeps a receiver that sends none from
+/// stalling a dial for longer.
+pub const SERVER_FINISHED_WAIT: Duration = Duration::from_secs(1);
 /// Age after which an idle pooled connection is closed rather than used. Well under the
 /// receiver's [`crate::expose::IDLE_PREAMBLE_TIMEOUT`], so we never hand out a connection the
 /// peer is about to close.
@@ -427,7 +438,7 @@ impl PeerConnector {
         }
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
         crate::socket::tune(&tcp);
-        let session = session::connect(tls.config.clone(), self.server_name.clone(), tcp).await.map_err(|source| {
+        let mut session = session::connect(tls.config.clone(), self.server_name.clone(), tcp).await.map_err(|source| {
             ConnectError::Handshake { address: self.address.clone(), reason: crate::tls::failure_reason(&source), source }
         })?;
         // rustls took a resumed session's certificates from the session: check them again, now.
@@ -442,6 +453,9 @@ impl PeerConnector {
                 });
             }
         }
+        // The dial (and its place among MAX_CONCURRENT_DIALS) lasts until the receiver is done
+        // too. A refusal that arrives meanwhile is left for the stream's first read to report.
+        session.server_finished(SERVER_FINISHED_WAIT).await;
         Ok(session)
     }
 
