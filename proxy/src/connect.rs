@@ -53,8 +53,13 @@ pub const MAX_CONCURRENT_DIALS: usize = 32;
 pub const SERVER_FINISHED_WAIT: Duration = Duration::from_secs(1);
 /// Age after which an idle pooled connection is closed rather than used. Well under the
 /// receiver's [`crate::expose::IDLE_PREAMBLE_TIMEOUT`], so we never hand out a connection the
-/// peer is about to close.
+/// peer is about to close. Closed when it is reached, not when the pool is next used: an agent
+/// that fell idle kept its last two warm connections for good, in CLOSE_WAIT once the receiver
+/// had closed its side after 30 s (`tests/load.rs`).
 pub const POOL_MAX_IDLE: Duration = Duration::from_secs(20);
+/// Closing an expired pooled connection: its close_notify, so that the receiver sees an orderly
+/// end (not a truncated preamble), bounded in case the peer no longer reads.
+const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// TCP connect plus TLS handshake; a peer that cannot do both in this time is treated as down.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Streams opened on one QUIC connection before new streams go on a fresh one (the old one
@@ -109,6 +114,8 @@ pub struct PeerConnector {
     metrics: Arc<Metrics>,
     pool: Mutex<VecDeque<Idle>>,
     refilling: AtomicBool,
+    /// A task closes pooled connections as they expire ([`PeerConnector::expire_idle`]).
+    expiring: AtomicBool,
     /// Bounds this agent's TLS dials in progress to the peer (see [`MAX_CONCURRENT_DIALS`]).
     dials: tokio::sync::Semaphore,
     shutdown: CancellationToken,
@@ -183,6 +190,7 @@ impl PeerConnector {
             metrics,
             pool: Mutex::new(VecDeque::new()),
             refilling: AtomicBool::new(false),
+            expiring: AtomicBool::new(false),
             dials: tokio::sync::Semaphore::new(MAX_CONCURRENT_DIALS),
             shutdown,
             transport: if quic.is_some() { transport } else { Transport::Tls },
@@ -488,8 +496,8 @@ impl PeerConnector {
                 }
                 match this.connect_with(&this.tls).await {
                     Ok(stream) => {
-                        let mut pool = this.pool.lock().unwrap_or_else(|p| p.into_inner());
-                        pool.push_back(Idle { stream, since: Instant::now() });
+                        this.pool.lock().unwrap_or_else(|p| p.into_inner()).push_back(Idle { stream, since: Instant::now() });
+                        this.expire_idle();
                     }
                     Err(e) => {
                         debug!(peer = %this.name, error = %e, "could not warm a connection");
@@ -499,6 +507,45 @@ impl PeerConnector {
                 }
             }
             this.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Closes pooled connections when they reach [`POOL_MAX_IDLE`], in the background, while
+    /// the pool holds any (one task per peer; it ends when the pool is empty).
+    fn expire_idle(self: &Arc<Self>) {
+        if self.expiring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (expired, next) = {
+                    let mut pool = this.pool.lock().unwrap_or_else(|p| p.into_inner());
+                    let (expired, live): (VecDeque<Idle>, VecDeque<Idle>) =
+                        pool.drain(..).partition(|i| i.since.elapsed() >= POOL_MAX_IDLE);
+                    *pool = live;
+                    (expired, pool.iter().map(|i| i.since + POOL_MAX_IDLE).min())
+                };
+                for mut idle in expired {
+                    let _ = tokio::time::timeout(POOL_CLOSE_TIMEOUT, tokio::io::AsyncWriteExt::shutdown(&mut idle.stream)).await;
+                }
+                match next {
+                    Some(at) => tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = this.shutdown.cancelled() => break,
+                    },
+                    None => {
+                        this.expiring.store(false, Ordering::Release);
+                        // A connection pooled since the pool was found empty found this task
+                        // still running: look again, unless another task took over.
+                        let empty = this.pool.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                        if empty || this.expiring.swap(true, Ordering::AcqRel) {
+                            return;
+                        }
+                    }
+                }
+            }
+            this.expiring.store(false, Ordering::Release);
         });
     }
 
