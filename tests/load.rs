@@ -118,6 +118,24 @@ impl ServeProcess {
         Usage::of(self.pid())
     }
 
+    /// What the process holds once its descriptors have settled (the same count for 300 ms):
+    /// the test's last `/metrics` request may still hold one for a moment, and a warm connection
+    /// may be being dialled.
+    async fn idle_usage(&self) -> Usage {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut readings = vec![self.usage()];
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            readings.push(self.usage());
+            if let [.., a, b, c, d] = readings.as_slice() {
+                if a.fds == b.fds && b.fds == c.fds && c.fds == d.fds {
+                    break;
+                }
+            }
+        }
+        readings.pop().expect("a reading")
+    }
+
     /// Fails the test (with the log) if the process has exited.
     fn assert_alive(&mut self) {
         if let Some(status) = self.child.try_wait().expect("wait for agent") {
@@ -767,13 +785,12 @@ async fn thousand_streams_at_once(transport: &str) {
     let run = 1000 + transport.len() as u64;
     let mut pair = LoadPair::start(transport, run).await;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(run);
-    let fresh = (pair.a.usage(), pair.b.usage());
+    let fresh = (pair.a.idle_usage().await, pair.b.idle_usage().await);
     // The baseline is an agent that has carried streams before (as in the test below).
     let warm_up = specs(&mut rng, CONCURRENT, WARM_UP, small_size);
     run_streams(&mut pair, &warm_up, run, AT_ONCE).await;
     pair.settle(warm_up.len(), "warm-up").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = (pair.a.usage(), pair.b.usage());
+    let before = (pair.a.idle_usage().await, pair.b.idle_usage().await);
     let specs = specs(&mut rng, 0, CONCURRENT, concurrent_size);
     let (up, down): (u64, u64) = (specs.iter().map(|s| s.up).sum(), specs.iter().map(|s| s.down).sum());
     let (open, opened_in, moved_in) = burst(&mut pair, &specs, run).await;
@@ -786,7 +803,8 @@ async fn thousand_streams_at_once(transport: &str) {
 
     // Descriptors: every stream's are closed; what is left is the baseline's (over TLS, that
     // includes the warm connections).
-    let fds = wait_usage(&pair, Duration::from_secs(10), |a, b| a.fds <= before.0.fds && b.fds <= before.1.fds).await;
+    wait_usage(&pair, Duration::from_secs(10), |a, b| a.fds <= before.0.fds && b.fds <= before.1.fds).await;
+    let fds = (pair.a.idle_usage().await, pair.b.idle_usage().await);
     assert_eq!(fds.0.fds, before.0.fds, "host-a's descriptors after the burst: {}", fds.0);
     assert_eq!(fds.1.fds, before.1.fds, "host-b's descriptors after the burst: {}", fds.1);
 
@@ -847,13 +865,12 @@ async fn ten_thousand_streams_leave_nothing_behind(transport: &str) {
     let run = 10_000 + transport.len() as u64;
     let mut pair = LoadPair::start(transport, run).await;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(run);
-    let fresh = (pair.a.usage(), pair.b.usage());
+    let fresh = (pair.a.idle_usage().await, pair.b.idle_usage().await);
 
     let warm_up = specs(&mut rng, 0, WARM_UP, small_size);
     run_streams(&mut pair, &warm_up, run, AT_ONCE).await;
     pair.settle(WARM_UP as usize, "warm-up").await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let baseline = (pair.a.usage(), pair.b.usage());
+    let baseline = (pair.a.idle_usage().await, pair.b.idle_usage().await);
 
     let started = Instant::now();
     let flood = specs(&mut rng, WARM_UP, SEQUENTIAL, small_size);
@@ -865,7 +882,8 @@ async fn ten_thousand_streams_leave_nothing_behind(transport: &str) {
 
     // Descriptors: exactly the baseline's (which holds the warm connections, if TLS) once a
     // refill in flight is done; no slack: a descriptor left over is a socket nobody closed.
-    let done = wait_usage(&pair, Duration::from_secs(10), |a, b| a.fds <= baseline.0.fds && b.fds <= baseline.1.fds).await;
+    wait_usage(&pair, Duration::from_secs(10), |a, b| a.fds <= baseline.0.fds && b.fds <= baseline.1.fds).await;
+    let done = (pair.a.idle_usage().await, pair.b.idle_usage().await);
     assert_eq!(done.0.fds, baseline.0.fds, "host-a's descriptors after 10,000 streams: {}", done.0);
     assert_eq!(done.1.fds, baseline.1.fds, "host-b's descriptors after 10,000 streams: {}", done.1);
 
@@ -878,7 +896,8 @@ async fn ten_thousand_streams_leave_nothing_behind(transport: &str) {
     // And once the warm connections have been idle for POOL_MAX_IDLE they are closed too: both
     // agents hold what they held before their first stream.
     let within = migtun_proxy::connect::POOL_MAX_IDLE + Duration::from_secs(10);
-    let idle = wait_usage(&pair, within, |a, b| a.fds <= fresh.0.fds && b.fds <= fresh.1.fds).await;
+    wait_usage(&pair, within, |a, b| a.fds <= fresh.0.fds && b.fds <= fresh.1.fds).await;
+    let idle = (pair.a.idle_usage().await, pair.b.idle_usage().await);
     eprintln!(
         "{transport}: {SEQUENTIAL} streams, {AT_ONCE} at a time, in {took:.1?}, byte-exact, both EOFs\n  \
          host-a fresh    {}\n  host-a baseline {}\n  host-a done     {}\n  host-a idle     {}\n  host-a later    {}\n  \
