@@ -411,6 +411,7 @@ impl Agent {
         if let Some(l) = self.metrics_listener {
             tokio::spawn(crate::metrics::serve(l, shared.metrics.clone(), stop_metrics.clone()));
         }
+        tokio::spawn(crate::buffers::sweep(stop_metrics.clone()));
         let expose_ctx = Arc::new(ExposeContext::new(
             shared.metrics.clone(),
             shared.routes.clone(),

@@ -39,11 +39,27 @@ pub const WARM_CONNECTIONS: usize = 2;
 /// in progress ([`crate::port::MAX_PENDING_PER_ADDRESS`], 64), so that one busy source never has
 /// its own handshakes refused by the peer's flood protection; a resumed handshake takes about a
 /// millisecond, so 32 at a time still opens 1,000 streams in well under a second.
+///
+/// A dial counts until the receiver is done with it, not only until we are
+/// ([`TlsSession::server_finished`]): a TLS 1.3 client finishes first, and on a busy receiver
+/// (1,000 streams opened at once by two agents on two cores, `tests/load.rs`) the receiver's
+/// unfinished handshakes piled up behind the source's finished ones, past its cap of 64, and it
+/// reset 17 of the 1,000.
 pub const MAX_CONCURRENT_DIALS: usize = 32;
+/// How long a dial waits for the receiver to finish its side of the handshake (its session
+/// tickets) before the next dial may go. migtun's receivers always send tickets, within a round
+/// trip plus their own handshake work; the bound only keeps a receiver that sends none from
+/// stalling a dial for longer.
+pub const SERVER_FINISHED_WAIT: Duration = Duration::from_secs(1);
 /// Age after which an idle pooled connection is closed rather than used. Well under the
 /// receiver's [`crate::expose::IDLE_PREAMBLE_TIMEOUT`], so we never hand out a connection the
-/// peer is about to close.
+/// peer is about to close. Closed when it is reached, not when the pool is next used: an agent
+/// that fell idle kept its last two warm connections for good, in CLOSE_WAIT once the receiver
+/// had closed its side after 30 s (`tests/load.rs`).
 pub const POOL_MAX_IDLE: Duration = Duration::from_secs(20);
+/// Closing an expired pooled connection: its close_notify, so that the receiver sees an orderly
+/// end (not a truncated preamble), bounded in case the peer no longer reads.
+const POOL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// TCP connect plus TLS handshake; a peer that cannot do both in this time is treated as down.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Streams opened on one QUIC connection before new streams go on a fresh one (the old one
@@ -98,6 +114,8 @@ pub struct PeerConnector {
     metrics: Arc<Metrics>,
     pool: Mutex<VecDeque<Idle>>,
     refilling: AtomicBool,
+    /// A task closes pooled connections as they expire ([`PeerConnector::expire_idle`]).
+    expiring: AtomicBool,
     /// Bounds this agent's TLS dials in progress to the peer (see [`MAX_CONCURRENT_DIALS`]).
     dials: tokio::sync::Semaphore,
     shutdown: CancellationToken,
@@ -172,6 +190,7 @@ impl PeerConnector {
             metrics,
             pool: Mutex::new(VecDeque::new()),
             refilling: AtomicBool::new(false),
+            expiring: AtomicBool::new(false),
             dials: tokio::sync::Semaphore::new(MAX_CONCURRENT_DIALS),
             shutdown,
             transport: if quic.is_some() { transport } else { Transport::Tls },
@@ -427,7 +446,7 @@ impl PeerConnector {
         }
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
         crate::socket::tune(&tcp);
-        let session = session::connect(tls.config.clone(), self.server_name.clone(), tcp).await.map_err(|source| {
+        let mut session = session::connect(tls.config.clone(), self.server_name.clone(), tcp).await.map_err(|source| {
             ConnectError::Handshake { address: self.address.clone(), reason: crate::tls::failure_reason(&source), source }
         })?;
         // rustls took a resumed session's certificates from the session: check them again, now.
@@ -442,6 +461,9 @@ impl PeerConnector {
                 });
             }
         }
+        // The dial (and its place among MAX_CONCURRENT_DIALS) lasts until the receiver is done
+        // too. A refusal that arrives meanwhile is left for the stream's first read to report.
+        session.server_finished(SERVER_FINISHED_WAIT).await;
         Ok(session)
     }
 
@@ -474,8 +496,8 @@ impl PeerConnector {
                 }
                 match this.connect_with(&this.tls).await {
                     Ok(stream) => {
-                        let mut pool = this.pool.lock().unwrap_or_else(|p| p.into_inner());
-                        pool.push_back(Idle { stream, since: Instant::now() });
+                        this.pool.lock().unwrap_or_else(|p| p.into_inner()).push_back(Idle { stream, since: Instant::now() });
+                        this.expire_idle();
                     }
                     Err(e) => {
                         debug!(peer = %this.name, error = %e, "could not warm a connection");
@@ -485,6 +507,45 @@ impl PeerConnector {
                 }
             }
             this.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Closes pooled connections when they reach [`POOL_MAX_IDLE`], in the background, while
+    /// the pool holds any (one task per peer; it ends when the pool is empty).
+    fn expire_idle(self: &Arc<Self>) {
+        if self.expiring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let (expired, next) = {
+                    let mut pool = this.pool.lock().unwrap_or_else(|p| p.into_inner());
+                    let (expired, live): (VecDeque<Idle>, VecDeque<Idle>) =
+                        pool.drain(..).partition(|i| i.since.elapsed() >= POOL_MAX_IDLE);
+                    *pool = live;
+                    (expired, pool.iter().map(|i| i.since + POOL_MAX_IDLE).min())
+                };
+                for mut idle in expired {
+                    let _ = tokio::time::timeout(POOL_CLOSE_TIMEOUT, tokio::io::AsyncWriteExt::shutdown(&mut idle.stream)).await;
+                }
+                match next {
+                    Some(at) => tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = this.shutdown.cancelled() => break,
+                    },
+                    None => {
+                        this.expiring.store(false, Ordering::Release);
+                        // A connection pooled since the pool was found empty found this task
+                        // still running: look again, unless another task took over.
+                        let empty = this.pool.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                        if empty || this.expiring.swap(true, Ordering::AcqRel) {
+                            return;
+                        }
+                    }
+                }
+            }
+            this.expiring.store(false, Ordering::Release);
         });
     }
 

@@ -323,6 +323,8 @@ struct Records {
     sealer: Sealer,
     rx: RecvState,
     tx: SendState,
+    /// Session tickets the server sent us (client side), handed to rustls.
+    tickets: u64,
     /// Key updates we sent, and the most records any of our keys sealed (for tests).
     key_updates: u64,
     most_per_key: u64,
@@ -392,6 +394,7 @@ impl Records {
             sealer,
             rx: RecvState { buf, start: 0, end: leftover.len(), plain: VecDeque::with_capacity(MAX_CHUNKS), early, early_pos: 0, closed: false, failed: None },
             tx: SendState { buf: None, start: 0, end: 0, key_update_owed: false, shut: false, alerted: None, alert_delivered: false },
+            tickets: 0,
             key_updates: 0,
             most_per_key: 0,
         })
@@ -427,7 +430,10 @@ impl Records {
     fn handshake_message(&mut self, content: &[u8]) -> Result<(), Fatal> {
         for message in record::parse_post_handshake(content)? {
             match (message, &mut self.kernel) {
-                (PostHandshake::NewSessionTicket(body), Kernel::Client(k)) => k.handle_new_session_ticket(body)?,
+                (PostHandshake::NewSessionTicket(body), Kernel::Client(k)) => {
+                    k.handle_new_session_ticket(body)?;
+                    self.tickets += 1;
+                }
                 (PostHandshake::NewSessionTicket(_), Kernel::Server(_)) => {
                     return Err(RecordError::UnexpectedHandshake(record::NEW_SESSION_TICKET).into())
                 }
@@ -884,6 +890,32 @@ impl TlsSession {
             Layer::Rustls(s) => crate::socket::reset_on_drop(s.tcp()),
         }
     }
+
+    /// Client side, right after [`connect`]: waits until the server is done with its side of
+    /// the handshake, for at most `limit`. A TLS 1.3 client is done once it has sent its
+    /// Finished; the server still has to read it and verify the client's certificate, and only
+    /// then sends its session tickets (migtun's servers send several after every handshake,
+    /// full or resumed). So this reads until a ticket has arrived, and stops early if data, an
+    /// end or an error arrive first (the next read returns them; nothing is consumed).
+    ///
+    /// A source that paces its dials by completed handshakes needs this: without it, a burst of
+    /// dials on a busy receiver has the receiver's handshakes pile up behind the source's, over
+    /// the receiver's per-address cap (see `MAX_CONCURRENT_DIALS` in `crate::connect`). The
+    /// tickets are also in the session store before the next dial starts, so that one resumes.
+    ///
+    /// Returns whether a ticket arrived. On rustls' record layer (`tls.record_layer = "rustls"`)
+    /// it returns `false` at once: reading ahead there could swallow an error the next read
+    /// would no longer report.
+    pub async fn server_finished(&mut self, limit: std::time::Duration) -> bool {
+        let Layer::Own(records) = &mut self.0 else { return false };
+        let wait = std::future::poll_fn(|cx| match records.poll_ready_plain(cx) {
+            // Data, EOF or a failure (kept for the next read): the server is past its handshake.
+            Poll::Ready(_) => Poll::Ready(records.tickets > 0),
+            Poll::Pending if records.tickets > 0 => Poll::Ready(true),
+            Poll::Pending => Poll::Pending,
+        });
+        tokio::time::timeout(limit, wait).await.unwrap_or(false)
+    }
 }
 
 macro_rules! layers {
@@ -1096,6 +1128,66 @@ pub(crate) mod tests {
         let got = exchange(tls, LEN, 3, |t| t.get_mut().1.refresh_traffic_keys().unwrap()).await;
         assert!(got == pattern(LEN, 4));
         assert!(server.await.unwrap() == pattern(LEN, 3));
+    }
+
+    /// A client learns when the server is done with its side of the handshake: the server sends
+    /// its session tickets once it has verified the client's Finished. Waiting for them consumes
+    /// nothing: the server's first bytes are still there to read afterwards.
+    #[tokio::test]
+    async fn client_waits_until_the_server_has_finished_its_handshake() {
+        let s = setup().await;
+        let addr = s.listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = s.listener.accept().await.unwrap();
+            let mut session = accept(s.server, tcp).await.unwrap();
+            session.write_all(b"hello").await.unwrap();
+            session.flush().await.unwrap();
+            let mut got = Vec::new();
+            session.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut client = connect(s.client, name(), TcpStream::connect(addr).await.unwrap()).await.unwrap();
+        assert!(client.server_finished(std::time::Duration::from_secs(10)).await, "the server's tickets arrived");
+        assert!(client.own().tickets > 0);
+        let mut hello = [0u8; 5];
+        client.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello", "the server's data is still there");
+        client.write_all(b"bye").await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(server.await.unwrap(), b"bye");
+    }
+
+    /// A server that sends no tickets: the wait ends with the server's first data (kept for the
+    /// read), or after its limit when there is none.
+    #[tokio::test]
+    async fn without_tickets_the_wait_ends_with_data_or_its_limit() {
+        let s = setup().await;
+        let addr = s.listener.local_addr().unwrap();
+        let mut config = (*s.server).clone();
+        config.send_tls13_tickets = 0;
+        let config = Arc::new(config);
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = s.listener.accept().await.unwrap();
+            let mut session = accept(config, tcp).await.unwrap();
+            let _ = go_rx.await;
+            session.write_all(b"late").await.unwrap();
+            session.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            session.read_to_end(&mut rest).await.unwrap();
+        });
+        let mut client = connect(s.client, name(), TcpStream::connect(addr).await.unwrap()).await.unwrap();
+        let limit = std::time::Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        assert!(!client.server_finished(limit).await, "no ticket");
+        assert!(started.elapsed() >= limit, "nothing arrived: the wait ran to its limit");
+        go_tx.send(()).unwrap();
+        assert!(!client.server_finished(std::time::Duration::from_secs(10)).await, "data, but no ticket");
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"late", "the data that ended the wait is read afterwards");
+        client.shutdown().await.unwrap();
+        server.await.unwrap();
     }
 
     #[tokio::test]
