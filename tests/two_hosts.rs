@@ -266,7 +266,10 @@ fn remove_stale_namespaces(ip: &Path) {
         let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name.strip_prefix("mt-a-").or_else(|| name.strip_prefix("mt-b-")).and_then(|r| r.split('-').next()?.parse::<i32>().ok());
+            let pid = ["mt-a-", "mt-b-", "mt-probe-"]
+                .iter()
+                .find_map(|p| name.strip_prefix(p))
+                .and_then(|r| r.split('-').next()?.parse::<i32>().ok());
             if pid.is_some_and(|p| !pid_alive(p)) {
                 eprintln!("removing stale netns {name}");
                 let _ = Command::new(ip).args(["netns", "del", &name]).status();
@@ -286,6 +289,8 @@ struct TwoHosts {
     ns: [Netns; 2],
     nft: PathBuf,
     ss: PathBuf,
+    /// Programs of the test (outside /dev/shm, which may be mounted noexec).
+    bin: tempfile::TempDir,
 }
 
 impl std::ops::Deref for TwoHosts {
@@ -344,7 +349,8 @@ impl TwoHosts {
             agents.0.push(child);
         }
         let metrics = [METRICS.parse().unwrap(); 2];
-        let th = TwoHosts { hosts: Hosts { dir, agents, metrics }, ns, nft: t.nft.clone(), ss: t.ss.clone() };
+        let bin = tempfile::Builder::new().prefix("mt-2h-bin-").tempdir().unwrap();
+        let th = TwoHosts { hosts: Hosts { dir, agents, metrics }, ns, nft: t.nft.clone(), ss: t.ss.clone(), bin };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(th.path("host-a.admin").exists() && th.path("host-b.admin").exists()) {
             assert!(Instant::now() < deadline, "agents did not start:\n{}", th.logs());
@@ -363,7 +369,7 @@ impl TwoHosts {
     /// A program that runs QEMU inside ns A (`ip netns exec` execs it: the pid stays QEMU's), for
     /// [`start_guest_with`].
     fn qemu_in_a(&self, t: &Tools) -> PathBuf {
-        let wrapper = self.path("qemu-in-host-a");
+        let wrapper = self.bin.path().join("qemu-in-host-a");
         if !wrapper.exists() {
             std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} netns exec {} {} \"$@\"\n", t.ip.display(), self.ns[0].name, t.qemu.display())).unwrap();
             std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
