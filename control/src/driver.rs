@@ -130,8 +130,9 @@ async fn drive(
     };
     let mut exec = Executor {
         id: id.clone(),
-        qmp,
+        qmp: Arc::new(qmp),
         rpc,
+        targets: Arc::default(),
         agent: out.agent.clone(),
         dir: out.run_dir.join(&id),
         source_qmp: args.qmp.clone(),
@@ -154,6 +155,16 @@ async fn drive(
     let (mut machine, first) = Machine::new(MigrationId(id.clone()), options);
     let mut queue: VecDeque<Action> = first.into();
     let mut tick = tokio::time::interval(PROGRESS_TICK);
+    // After a stall (a QMP query that took long), one tick, not a burst of them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let _watcher = {
+        let (qmp, targets, closed, id) = (exec.qmp.clone(), exec.targets.clone(), exec.rpc.closed_token(), id.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            closed.cancelled().await;
+            let ours = targets.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            cut_peer_connections(&qmp, &ours, &id).await;
+        }))
+    };
     let mut last_phase = String::new();
     let mut cancel_sent = false;
     let mut peer_lost_sent = false;
@@ -225,6 +236,17 @@ async fn drive(
             return Ok((kind, message));
         }
         let event = tokio::select! {
+            // The user and the peer first: a stream of QEMU events or ticks never delays them.
+            biased;
+            _ = tracked.cancel.cancelled(), if !cancel_sent => {
+                cancel_sent = true;
+                Some(Event::CancelRequested)
+            }
+            _ = exec.rpc.closed(), if !peer_lost_sent => {
+                // The watcher has already cut the source QEMU's connections to the peer.
+                peer_lost_sent = true;
+                Some(Event::PeerLost(format!("the control connection to {} ended", args.to)))
+            }
             ev = events.recv(), if !qemu_lost_sent => match ev {
                 Ok(ev) => exec.translate(&ev),
                 Err(broadcast::error::RecvError::Lagged(_)) => None,
@@ -235,15 +257,6 @@ async fn drive(
                 }
             },
             _ = tick.tick() => exec.progress(tracked).await,
-            _ = tracked.cancel.cancelled(), if !cancel_sent => {
-                cancel_sent = true;
-                Some(Event::CancelRequested)
-            }
-            _ = exec.rpc.closed(), if !peer_lost_sent => {
-                peer_lost_sent = true;
-                exec.cut_peer_connections().await;
-                Some(Event::PeerLost(format!("the control connection to {} ended", args.to)))
-            }
         };
         match event {
             Some(Event::Progress(_)) | None => {
@@ -281,6 +294,48 @@ fn phase_message(phase: &str) -> String {
     .to_string()
 }
 
+/// The destination is gone or stalled: cuts the source QEMU's connections to it (the NBD
+/// clients of our targets `ours` and the migration stream) with `yank`, out of band. With NBD
+/// requests in flight to a peer that does not answer, QEMU's main loop can block in a drain
+/// (the SIGSTOP and link-cut tests saw `query-status` go unanswered), so that no in-band
+/// command of the rollback, not even the one that resumes the guest, would run until the peer
+/// woke up or TCP gave up. Run by a watcher the moment the control connection ends, whatever
+/// the migration's task is waiting for.
+async fn cut_peer_connections(qmp: &Qmp, ours: &[String], id: &str) {
+    let present = match qmp.execute_oob("query-yank", Value::Null, YANK_TIMEOUT).await {
+        Ok(v) => v.as_array().cloned().unwrap_or_default(),
+        Err(e) => {
+            warn!(migration = %id, error = %e, "query-yank failed; the rollback may wait for the lost destination");
+            return;
+        }
+    };
+    // The source QEMU runs one migration at a time: a migration instance present is ours.
+    let instances: Vec<Value> = present
+        .into_iter()
+        .filter(|i| match i["type"].as_str() {
+            Some("block-node") => i["node-name"].as_str().is_some_and(|n| ours.iter().any(|o| o == n)),
+            Some("migration") => true,
+            _ => false,
+        })
+        .collect();
+    if instances.is_empty() {
+        return;
+    }
+    match qmp.execute_oob("yank", json!({ "instances": instances }), YANK_TIMEOUT).await {
+        Ok(_) => info!(migration = %id, instances = %serde_json::Value::Array(instances), "cut the source QEMU's connections to the lost destination"),
+        Err(e) => warn!(migration = %id, error = %e, "yank failed; the rollback may wait for the lost destination"),
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Why the machine hears [`Event::QemuLost`].
 const QEMU_GONE: &str = "its QMP connection closed";
 
@@ -308,8 +363,10 @@ struct Executor {
     /// Bytes the disk mirrors copied (last progress seen).
     mirrored: u64,
     id: String,
-    qmp: Qmp,
+    qmp: Arc<Qmp>,
     rpc: RpcClient,
+    /// The NBD target nodes added (or being added): what the watcher yanks when the peer is lost.
+    targets: Arc<std::sync::Mutex<Vec<String>>>,
     agent: AgentHandle,
     /// `run_dir/<id>`: the forward sockets.
     dir: PathBuf,
@@ -379,6 +436,7 @@ impl Executor {
             Action::Prepare(req) => self.prepare(req).await.map(|r| Some(Event::Prepared(r))),
             Action::OpenForwards(routes) => self.open_forwards(routes).await.map(|()| None),
             Action::AddNbdTarget(disk) => {
+                self.targets.lock().unwrap_or_else(|p| p.into_inner()).push(self.target_node(&disk));
                 // The destination exports the disk under its device (the machine's key).
                 let args = json!({
                     "driver": "nbd",
@@ -458,37 +516,6 @@ impl Executor {
             Ok(Some(e)) => Some(e),
             Ok(None) => Some(Event::Done(step)),
             Err(msg) => Some(Event::Failed(step, msg)),
-        }
-    }
-
-    /// The destination is gone or stalled: cuts the source QEMU's connections to it (the NBD
-    /// clients of our targets and the migration stream) with `yank`, out of band. With NBD
-    /// requests in flight to a peer that does not answer, QEMU's main loop can block in a drain
-    /// (the SIGSTOP test saw `query-status` go unanswered), so that no in-band command of the
-    /// rollback, not even the one that resumes the guest, would run until the peer woke up.
-    async fn cut_peer_connections(&self) {
-        let ours: Vec<String> = self.disks.keys().map(|d| self.target_node(d)).collect();
-        let present = match self.qmp.execute_oob("query-yank", Value::Null, YANK_TIMEOUT).await {
-            Ok(v) => v.as_array().cloned().unwrap_or_default(),
-            Err(e) => {
-                warn!(migration = %self.id, error = %e, "query-yank failed; the rollback may wait for the lost destination");
-                return;
-            }
-        };
-        let instances: Vec<Value> = present
-            .into_iter()
-            .filter(|i| match i["type"].as_str() {
-                Some("block-node") => i["node-name"].as_str().is_some_and(|n| ours.iter().any(|o| o == n)),
-                Some("migration") => self.migration_started,
-                _ => false,
-            })
-            .collect();
-        if instances.is_empty() {
-            return;
-        }
-        match self.qmp.execute_oob("yank", json!({ "instances": instances }), YANK_TIMEOUT).await {
-            Ok(_) => info!(migration = %self.id, ?instances, "cut the source QEMU's connections to the lost destination"),
-            Err(e) => warn!(migration = %self.id, error = %e, "yank failed; the rollback may wait for the lost destination"),
         }
     }
 

@@ -797,6 +797,11 @@ impl RpcClient {
         self.closed.cancelled().await
     }
 
+    /// Cancelled when the connection ends, for a task that must react at once.
+    pub fn closed_token(&self) -> tokio_util::sync::CancellationToken {
+        self.closed.clone()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
     }
