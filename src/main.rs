@@ -26,21 +26,28 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the host agent.
+    #[command(after_help = "Example:\n  migtun serve --config /etc/migtun/host-a.toml\n\nSIGTERM or SIGINT drains (open streams run on for drain_timeout_secs); a second signal exits at once.")]
     Serve {
+        /// The agent's config file (TOML; README.md, \"Setting up two hosts\").
         #[arg(long)]
         config: PathBuf,
     },
-    /// Validate a config and explain what it means; exits non-zero if it is wrong.
+    /// Validate a config and what the host must provide for it, and explain what it means;
+    /// exits non-zero, one line per problem, if `serve` would not start.
+    #[command(after_help = "Example:\n  migtun check --config /etc/migtun/host-a.toml")]
     Check {
+        /// The agent's config file.
         #[arg(long)]
         config: PathBuf,
     },
     /// Make a CA and host certificates.
+    #[command(after_help = "Example:\n  migtun certs init --dir /root/pki                 # ca.pem, ca.key (keep ca.key off the hypervisors)\n  migtun certs issue --dir /root/pki --name host-a  # host-a.pem, host-a.key: copy to host-a\n  migtun certs revoke --dir /root/pki --name host-c # crl.pem: copy to every host's tls.crl")]
     Certs {
         #[command(subcommand)]
         command: CertsCommand,
     },
     /// Live-migrate a QEMU VM, with its disks, to a peer (the local agent runs it).
+    #[command(after_help = "Examples:\n  migtun migrate --admin /run/migtun/admin.sock --qmp /run/vms/web1.qmp --to host-b\n  migtun migrate ... --disks vd0                 # copy only vd0; the others are on shared storage\n  migtun migrate ... --shared-storage            # copy no disk\n  migtun migrate ... --parallel 4 --downtime-ms 300 --with-file /var/lib/vms/web1.nvram\n  migtun migrate ... --json                      # JSON lines for scripts\n\nCtrl-C asks the agent to cancel and roll back; the migration belongs to the agent, not to this command.")]
     Migrate {
         /// The local agent's admin socket.
         #[arg(long)]
@@ -57,14 +64,17 @@ enum Command {
         /// Copy no disk: both hosts see the same storage.
         #[arg(long)]
         shared_storage: bool,
-        /// multifd channels.
+        /// multifd channels (parallel RAM streams) [default: one stream].
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
         parallel: Option<u8>,
+        /// Switch to postcopy once RAM has been copied once (the guest runs on the destination
+        /// while the rest follows; a failure then loses it on both sides).
         #[arg(long)]
         postcopy: bool,
         /// Bytes per second for the RAM migration [default: no limit; QEMU's own 128 MiB/s is lifted].
         #[arg(long)]
         max_bandwidth: Option<u64>,
+        /// The longest pause of the guest at switchover QEMU aims for [default: QEMU's, 300 ms].
         #[arg(long)]
         downtime_ms: Option<u64>,
         /// Migrate even with host (VFIO) devices attached.
@@ -78,9 +88,12 @@ enum Command {
         json: bool,
     },
     /// Running migrations and open streams of the local agent.
+    #[command(after_help = "Example:\n  migtun status --admin /run/migtun/admin.sock")]
     Status {
+        /// The local agent's admin socket.
         #[arg(long)]
         admin: PathBuf,
+        /// One JSON document instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -91,16 +104,20 @@ enum Command {
     /// first: `--guest-on destination` if the guest runs there (the source QEMU quits),
     /// `--guest-on source` if it does not and never will (the source resumes the guest).
     /// Deciding wrongly runs the guest twice or nowhere.
+    #[command(after_help = "Example:\n  migtun resolve --admin /run/migtun/admin.sock m-1f2e3d4c5b6a7980 --guest-on source")]
     Resolve {
         /// The local agent's admin socket.
         #[arg(long)]
         admin: PathBuf,
         /// The migration id (m-...).
         id: String,
+        /// Where the guest is: `source` (the destination does not run it; resume it here) or
+        /// `destination` (it runs there; quit the source QEMU).
         #[arg(long, value_enum)]
         guest_on: GuestOnArg,
     },
     /// Two agents and a tunnelled transfer on this machine, with no set-up.
+    #[command(after_help = "Example:\n  migtun demo --size-mib 256")]
     Demo {
         /// How much data to carry through the tunnel.
         #[arg(long, default_value_t = 1024)]

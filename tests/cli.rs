@@ -218,3 +218,19 @@ fn check_finds_what_serve_would_refuse_one_line_each() {
     }
     drop(busy);
 }
+
+/// Every subcommand's `--help` shows an example, and every option says what it is for.
+#[test]
+fn every_subcommand_has_an_example_and_described_options() {
+    for sub in [&["serve"][..], &["check"], &["certs"], &["certs", "issue"], &["migrate"], &["status"], &["resolve"], &["demo"]] {
+        let mut args = sub.to_vec();
+        args.push("--help");
+        let out = migtun(&args);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{sub:?}: {help}");
+        assert!(help.contains("Example") && help.contains("migtun "), "{sub:?} --help has an example:\n{help}");
+        for line in help.lines().filter(|l| l.trim_start().starts_with("--") && !l.contains("--help")) {
+            assert!(line.trim().contains("  "), "{sub:?}: option without a description: {line}");
+        }
+    }
+}
