@@ -137,6 +137,7 @@ enum GuestOnArg {
 enum CertsCommand {
     /// A new CA: DIR/ca.pem and DIR/ca.key.
     Init {
+        /// The PKI directory to create (mode 0700); it must not hold a CA yet.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -162,8 +163,10 @@ enum CertsCommand {
     },
     /// Revoke DIR/HOST.pem: adds it to DIR/crl.pem (signed by DIR/ca.key), the agents' `tls.crl`.
     Revoke {
+        /// The PKI directory (ca.pem, ca.key, HOST.pem); crl.pem is written there.
         #[arg(long)]
         dir: PathBuf,
+        /// The host whose certificate is revoked.
         #[arg(long)]
         name: String,
     },

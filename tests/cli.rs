@@ -229,7 +229,11 @@ fn every_subcommand_has_an_example_and_described_options() {
         let help = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{sub:?}: {help}");
         assert!(help.contains("Example") && help.contains("migtun "), "{sub:?} --help has an example:\n{help}");
-        for line in help.lines().filter(|l| l.trim_start().starts_with("--") && !l.contains("--help")) {
+        // Short help: one line per option, its description beside it.
+        let mut args = sub.to_vec();
+        args.push("-h");
+        let short = String::from_utf8_lossy(&migtun(&args).stdout).into_owned();
+        for line in short.lines().filter(|l| l.trim_start().starts_with("--") && !l.contains("--help")) {
             assert!(line.trim().contains("  "), "{sub:?}: option without a description: {line}");
         }
     }

@@ -300,6 +300,12 @@ async fn concurrent_prepares_are_capped() {
         );
         refused += 1;
     }
+    // The three slot holders' hooks start (each after its journal record is written) and no
+    // other does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fleet.marks("started.") < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(fleet.marks("started."), 3, "exactly max_incoming hooks run");
     let counted = fleet.refusals(&[("method", "prepare"), ("reason", "max-incoming-per-peer")])
         + fleet.refusals(&[("method", "prepare"), ("reason", "max-incoming")]);

@@ -447,7 +447,7 @@ async fn quic_peer_whose_certificate_names_another_host_is_refused() {
     let (addr_a, addr_c) = (port_a.local_addr().unwrap(), port_c.local_addr().unwrap());
     let _t = spawn_hash_target(pki.path("hash.sock"));
     let c = format!(
-        "name = \"host-c\"\nlisten = \"{addr_c}\"\n{}\n[[expose]]\nroute = \"bulk\"\ntarget = \"unix:{}\"\nallow = [\"host-a\"]\n",
+        "name = \"host-c\"\nlisten = \"{addr_c}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"127.0.0.1:9\"\n\n[[expose]]\nroute = \"bulk\"\ntarget = \"unix:{}\"\nallow = [\"host-a\"]\n",
         tls_table(&pki.pki(), "host-c"),
         pki.path("hash.sock").display()
     );

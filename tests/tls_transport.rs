@@ -91,7 +91,7 @@ async fn peer_whose_certificate_names_another_host_is_refused() {
     let target = pki.path("hash.sock");
     let _t = spawn_hash_target(target.clone());
     let c = format!(
-        "name = \"host-c\"\nlisten = \"{addr_c}\"\n{}\n[[expose]]\nroute = \"bulk\"\ntarget = \"unix:{}\"\nallow = [\"host-a\"]\n",
+        "name = \"host-c\"\nlisten = \"{addr_c}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"127.0.0.1:9\"\n\n[[expose]]\nroute = \"bulk\"\ntarget = \"unix:{}\"\nallow = [\"host-a\"]\n",
         tls_table(&pki.pki(), "host-c"),
         target.display()
     );

@@ -133,6 +133,7 @@ async fn drive(
         qmp: Arc::new(qmp),
         rpc,
         targets: Arc::default(),
+        stream_aborts: Arc::default(),
         agent: out.agent.clone(),
         dir: out.run_dir.join(&id),
         source_qmp: args.qmp.clone(),
@@ -159,10 +160,16 @@ async fn drive(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let _watcher = {
         let (qmp, targets, closed, id) = (exec.qmp.clone(), exec.targets.clone(), exec.rpc.closed_token(), id.clone());
+        let streams = exec.stream_aborts.clone();
         AbortOnDrop(tokio::spawn(async move {
             closed.cancelled().await;
             let ours = targets.lock().unwrap_or_else(|p| p.into_inner()).clone();
             cut_peer_connections(&qmp, &ours, &id).await;
+            // And the streams themselves: QEMU's NBD clients and migration stream see their
+            // sockets close now, not when TCP gives up on the vanished peer.
+            for abort in streams.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                abort.cancel();
+            }
         }))
     };
     let mut last_phase = String::new();
@@ -367,6 +374,8 @@ struct Executor {
     rpc: RpcClient,
     /// The NBD target nodes added (or being added): what the watcher yanks when the peer is lost.
     targets: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The forwards' stream aborts: what the watcher cuts when the peer is lost.
+    stream_aborts: Arc<std::sync::Mutex<Vec<tokio_util::sync::CancellationToken>>>,
     agent: AgentHandle,
     /// `run_dir/<id>`: the forward sockets.
     dir: PathBuf,
@@ -614,6 +623,7 @@ impl Executor {
         }
         for spec in specs {
             let guard = self.agent.add_forward(spec).await.map_err(|e| e.to_string())?;
+            self.stream_aborts.lock().unwrap_or_else(|p| p.into_inner()).push(guard.stream_abort());
             self.forwards.push(guard);
         }
         Ok(())

@@ -107,12 +107,21 @@ pub struct ForwardGuard {
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
     endpoint: Endpoint,
+    /// Cuts this forward's open streams (a child of the agent's drain abort).
+    abort: CancellationToken,
 }
 
 impl ForwardGuard {
     /// Where the forward listens (with the real port for `tcp:...:0`).
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// A token that, cancelled, cuts the forward's open streams at once: their local ends are
+    /// closed, so that the local side (QEMU) learns at once that the peer is gone instead of
+    /// when TCP gives up on it.
+    pub fn stream_abort(&self) -> CancellationToken {
+        self.abort.clone()
     }
 
     pub async fn close(mut self) {
@@ -206,16 +215,17 @@ impl AgentHandle {
             AgentError::DynamicForward { route: spec.route.clone(), endpoint: spec.listen.clone(), source }
         })?;
         let endpoint = listener.endpoint().unwrap_or_else(|_| spec.listen.clone());
+        let abort = self.shared.abort.child_token();
         let ctx = Arc::new(ForwardContext {
             metrics: self.shared.metrics.clone(),
             peer,
             route: spec.route,
             migration: spec.migration,
-            abort: self.shared.abort.clone(),
+            abort: abort.clone(),
         });
         let stop = self.shared.draining.child_token();
         let task = self.shared.tracker.spawn(crate::forward::serve(listener, ctx, stop.clone(), self.shared.tracker.clone()));
-        Ok(ForwardGuard { stop, task: Some(task), endpoint })
+        Ok(ForwardGuard { stop, task: Some(task), endpoint, abort })
     }
 
     /// Exposes a dynamic route until the guard is dropped.

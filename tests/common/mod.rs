@@ -230,7 +230,8 @@ impl Pair {
             ));
         }
         let mut b = format!(
-            "name = \"host-b\"\nlisten = \"{addr_b}\"\n{metrics}{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\ntransport = \"{}\"\n",
+            // host-c is a peer of host-b too (never started): routes may be allowed for it only.
+            "name = \"host-b\"\nlisten = \"{addr_b}\"\n{metrics}{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\ntransport = \"{}\"\n\n[[peer]]\nname = \"host-c\"\naddress = \"127.0.0.1:9\"\n",
             tls_table_on(&pki.pki(), "host-b", spec.record_layer),
             spec.transport
         );
