@@ -423,6 +423,7 @@ impl Incoming {
                 target: Endpoint::Unix(sock.to_path_buf()),
                 allow: allow.to_vec(),
                 migration: Some(id.to_string()),
+                received: None,
             })
             .map_err(|e| MethodError::failed(e.to_string()))
     }

@@ -323,6 +323,7 @@ impl Agent {
             target: e.target.clone(),
             allow: e.allow.clone(),
             migration: None,
+            received: None,
         }))?);
 
         let mut forwards = Vec::new();
