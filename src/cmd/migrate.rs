@@ -27,7 +27,7 @@ pub fn migrate_on(admin_socket: &Path, args: MigrateArgs, ui: Ui) -> anyhow::Res
         let handler_state = state.clone();
         let submit = admin::request(&socket, &request, move |line| {
             let mut st = handler_state.borrow_mut();
-            if let Some(err) = line.get("error").and_then(|e| e.as_str()) {
+            if let Some(err) = refusal(&line) {
                 st.outcome = Some((OutcomeKind::Refused, err.to_string()));
                 st.ui.refused(err);
                 return false;
@@ -63,6 +63,12 @@ pub fn migrate_on(admin_socket: &Path, args: MigrateArgs, ui: Ui) -> anyhow::Res
             None => bail!("the agent closed the connection before the migration ended (it may still be running: see `migtun status`)"),
         }
     })
+}
+
+/// The agent's refusal of the request itself: `{"error": ...}`, not an event (a failed
+/// migration's `done` event has an `error` too).
+fn refusal(line: &serde_json::Value) -> Option<&str> {
+    line.get("event").is_none().then(|| line.get("error").and_then(|e| e.as_str())).flatten()
 }
 
 struct State {
@@ -175,4 +181,17 @@ pub fn check_files(files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
             Ok(abs)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migtun_control::messages::Totals;
+
+    #[test]
+    fn a_failed_done_event_is_no_refusal_of_the_request() {
+        assert_eq!(refusal(&serde_json::json!({"error": "bad request: missing field `to`"})), Some("bad request: missing field `to`"));
+        let done = Event::now("m-1", Report::done(OutcomeKind::Failed, "it broke".into(), Totals::default()));
+        assert_eq!(refusal(&serde_json::to_value(done).unwrap()), None);
+    }
 }
