@@ -14,8 +14,9 @@ use migtun_control::messages::{Event, OutcomeKind, Report, Totals};
 
 /// Narrowest bar drawn; below it the bar goes and only the text is shown.
 const MIN_BAR: usize = 10;
-/// `"  mirror "` and the space before the text: what a progress line has besides bar and text.
-const LINE_FIXED: usize = 2 + 6 + 1 + 1;
+/// `"  mirror "`, the space before the text and the blank last column: what a progress line
+/// has besides bar and text.
+const LINE_FIXED: usize = 2 + 6 + 1 + 1 + 1;
 
 /// Where the human output goes.
 pub struct Screen {
@@ -86,9 +87,9 @@ impl Ui {
         Ui { json, screen, bar: None, ended: Vec::new() }
     }
 
-    /// A line for people (standard error), wrapped to the terminal.
+    /// A line for people (standard error), wrapped short of the terminal's last column.
     pub fn note(&mut self, message: &str) {
-        let width = (self.screen.width)();
+        let width = (self.screen.width)().map(|w| w.saturating_sub(1));
         for line in wrap(message, width) {
             match &self.bar {
                 Some(b) => b.bar.println(&line),
@@ -209,7 +210,9 @@ fn stage_completed(stage: &str, phase: &str, step: Option<&str>) -> bool {
 }
 
 fn style(stage: &str, with_bar: bool) -> ProgressStyle {
-    let template = if with_bar { "  {prefix:6} {wide_bar:.cyan/blue} {msg}" } else { "  {prefix:6} {wide_msg}" };
+    // The last column stays blank: a line that fills it leaves the cursor waiting to wrap, and
+    // whatever comes next would continue it.
+    let template = if with_bar { "  {prefix:6} {wide_bar:.cyan/blue} {msg} " } else { "  {prefix:6} {wide_msg} " };
     let style = ProgressStyle::with_template(&template.replace("{prefix:6}", &format!("{stage:6}")))
         .unwrap_or_else(|_| ProgressStyle::default_bar());
     style.progress_chars("=> ")
