@@ -109,6 +109,10 @@ impl Ui {
             Report::Phase { phase, step, message } => {
                 let completed = self.bar.as_ref().is_some_and(|b| stage_completed(&b.stage, phase, step.as_deref()));
                 self.end_bar(completed);
+                if phase == "done" {
+                    // The `done` event says how it ended.
+                    return;
+                }
                 let name = match step {
                     Some(s) => format!("{phase}/{s}"),
                     None => phase.clone(),
