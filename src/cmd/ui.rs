@@ -614,7 +614,7 @@ mod tests {
     }
 
     #[test]
-    fn notes_wrap_at_words_and_keep_their_indent() {
+    fn notes_wrap_at_words_with_a_hanging_indent() {
         assert_eq!(wrap("  a bb ccc dddd", Some(9)), vec!["  a bb", "    ccc", "    dddd"]);
         assert_eq!(wrap("xxxxxxxxxxxxxxxxxxxx", Some(10)), vec!["xxxxxxxxxx", "  xxxxxxxx", "  xx"]);
         assert_eq!(wrap("short", Some(80)), vec!["short"]);
