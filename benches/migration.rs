@@ -555,7 +555,7 @@ fn migtun_rep(c: &Ctx, tunnel: &Tunnel, run_dir: &Path) -> Result<Times, String>
         events
             .iter()
             .find(|(_, e)| {
-                e["event"] == "phase" && e["phase"].as_str().is_some_and(|p| p.contains(needle))
+                e["event"] == "phase" && (e["phase"] == needle || e["step"].as_str().is_some_and(|s| s.contains(needle)))
             })
             .map(|(t, _)| *t)
     };

@@ -9,13 +9,14 @@ use std::time::Duration;
 use common::*;
 use migtun_proxy::agent::{ControlHandler, DynamicForward};
 use migtun_proxy::endpoint::Endpoint;
-use migtun_proxy::routes::ExposeRoute;
+use migtun_proxy::routes::{ByteCount, ExposeRoute};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamic_routes_carry_one_migration_and_vanish_with_their_guards() {
     let pair = Pair::start(PairSpec::default()).await;
     let _target = spawn_hash_target(pair.sock("hash.sock"));
+    let received = ByteCount::default();
     let expose = pair
         .b
         .handle
@@ -24,6 +25,7 @@ async fn dynamic_routes_carry_one_migration_and_vanish_with_their_guards() {
             target: Endpoint::Unix(pair.sock("hash.sock")),
             allow: vec!["host-a".into()],
             migration: Some("m1".into()),
+            received: Some(received.clone()),
         })
         .expect("expose m1.ram");
     let forward = |sock: &str, migration: &str| DynamicForward {
@@ -38,6 +40,7 @@ async fn dynamic_routes_carry_one_migration_and_vanish_with_their_guards() {
 
     let (answer, sent) = send_and_hash(pair.connect("m1.sock").await, 3 << 20, 1).await;
     assert_eq!(answer, sent, "the migration's own forward reaches the route");
+    assert_eq!(received.get(), 3 << 20, "the route counts what its streams received");
 
     let mut s = pair.connect("m2.sock").await;
     let mut got = Vec::new();

@@ -196,7 +196,7 @@ fn destination_qemu_killed_during_the_mirror_rolls_back() {
     let done = m.wait_for("done", |e| e["event"] == "done");
     eprintln!("outcome: {done}");
     let (ok, stderr) = m.finish();
-    assert!(progress["done"].as_u64() < progress["total"].as_u64(), "killed during the mirror: {progress}");
+    assert!(progress["done_bytes"].as_u64() < progress["total_bytes"].as_u64(), "killed during the mirror: {progress}");
     assert!(!ok, "the migration fails");
     assert_eq!(done["outcome"], "failed", "{done}");
     let message = done["message"].as_str().unwrap_or_default();
@@ -301,7 +301,8 @@ fn status_lists_a_running_migration_and_then_its_outcome() {
     let mine = mine.unwrap_or_else(|| panic!("migtun status lists {id}: {status}"));
     assert!(mine["phase"].as_str().unwrap_or_default().starts_with("perform"), "{mine}");
     assert!(mine["outcome"].is_null(), "{mine}");
-    assert_eq!(mine["to"], "host-b");
+    assert_eq!(mine["peer"], "host-b");
+    assert_eq!(mine["direction"], "outgoing");
     assert_eq!(mine["vm"], "status", "the VM's -name: {mine}");
     assert!(status["routes"].as_array().is_some(), "{status}");
     // Let it finish at full speed.

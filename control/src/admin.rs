@@ -4,7 +4,7 @@
 //! connection sends one request line and reads answer lines:
 //!
 //! ```text
-//! {"op":"migrate","args":{...}}   -> Report lines ("accepted" first, "done" last)
+//! {"op":"migrate","args":{...}}   -> Event lines ("accepted" first, "done" last)
 //! {"op":"watch","id":"m-..."}     -> the same stream for a running migration (history first)
 //! {"op":"cancel","id":"m-..."}    -> {"ok":true} | {"error":"..."}
 //! {"op":"status"}                 -> one Status line
@@ -12,13 +12,18 @@
 //!                                 -> {"ok":true} | {"error":"..."}  (only while the outcome is unknown)
 //! ```
 //!
+//! Event lines are [`Event`]s (`v`, `ts`, `id` and the [`Report`]'s fields): what `migtun
+//! migrate --json` prints. The agent keeps the running migrations and the last [`HISTORY`]
+//! ended ones (outgoing here; incoming ones are the destination side's, [`IncomingStatus`]).
+//!
 //! The migration belongs to the agent: a client that disconnects (or dies) does not stop it.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
 
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::endpoint::{Endpoint, LocalListener, LocalStream};
@@ -28,7 +33,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::messages::{MigrateArgs, OutcomeKind, Report};
+use crate::messages::{rfc3339, Event, MigrateArgs, OutcomeKind, Report, EVENTS_VERSION};
 
 /// Longest request line.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -38,6 +43,8 @@ const WATCH_CAPACITY: usize = 256;
 /// Reports kept per migration for late watchers; progress lines beyond this are dropped from
 /// the history (phase changes and the outcome are always kept).
 const HISTORY_PROGRESS: usize = 32;
+/// Ended migrations `migtun status` keeps (per direction); older ones are dropped.
+pub const HISTORY: usize = 32;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
@@ -72,20 +79,65 @@ impl GuestOn {
 /// `migtun status`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
+    /// [`EVENTS_VERSION`].
+    #[serde(default)]
+    pub v: u32,
     pub name: String,
+    /// Running migrations and the last [`HISTORY`] ended ones of each direction, oldest first.
     pub migrations: Vec<MigrationSummary>,
     pub routes: Vec<String>,
     /// Open streams by peer, route and side.
     pub streams: Vec<StreamSummary>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Which side of a migration this host is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// This host is the source.
+    Outgoing,
+    /// This host is the destination.
+    Incoming,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationSummary {
     pub id: String,
     pub vm: String,
-    pub to: String,
+    pub direction: Direction,
+    /// The other host: the destination of an outgoing migration, the source of an incoming one.
+    pub peer: String,
+    /// As in the `phase` events, `done` once ended.
     pub phase: String,
+    pub step: Option<String>,
+    /// `null` while it runs.
     pub outcome: Option<OutcomeKind>,
+    /// The last word on an ended migration.
+    pub message: Option<String>,
+    /// RFC 3339, UTC.
+    pub started: String,
+    /// Until now, or until it ended.
+    pub duration_s: f64,
+    /// The last progress of a running migration.
+    pub progress: Option<ProgressSummary>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgressSummary {
+    /// `mirror`, `ram`; on the destination `receiving` (everything its routes received).
+    pub stage: String,
+    pub done_bytes: u64,
+    /// On the destination an estimate (RAM size plus copied disks: zero pages are not sent,
+    /// pages the guest dirties are sent again).
+    pub total_bytes: u64,
+    pub bytes_per_s: Option<f64>,
+    pub eta_s: Option<f64>,
+}
+
+/// Where the agent's incoming migrations come from (the destination side).
+pub trait IncomingStatus: Send + Sync {
+    /// The incoming migrations: prepared or running, and the last [`HISTORY`] ended ones.
+    fn summaries(&self) -> Vec<(SystemTime, MigrationSummary)>;
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -102,7 +154,10 @@ pub struct Tracked {
     pub vm: String,
     pub to: String,
     pub cancel: CancellationToken,
-    events: broadcast::Sender<Report>,
+    /// When it was accepted (or found in the journal by recovery).
+    started: SystemTime,
+    t0: Instant,
+    events: broadcast::Sender<Event>,
     state: Mutex<TrackedState>,
     /// The operator's decision, sent while the migration awaits one.
     resolution: tokio::sync::watch::Sender<Option<GuestOn>>,
@@ -123,35 +178,62 @@ struct TrackedState {
     /// The VM's real name (`-name`), once Begin has read it.
     vm_name: Option<String>,
     phase: String,
+    step: Option<String>,
     outcome: Option<OutcomeKind>,
-    history: Vec<Report>,
+    /// The `done` message, and when it came.
+    ended: Option<(String, Instant)>,
+    progress: Option<ProgressSummary>,
+    history: Vec<Event>,
 }
 
 impl Tracked {
-    /// Records and broadcasts a report.
-    pub fn report(&self, r: Report) {
-        {
+    /// Records and broadcasts a report, stamped with the time; `done` gets its duration here.
+    pub fn report(&self, mut r: Report) {
+        let event = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            match &r {
-                Report::Phase { phase, .. } => s.phase = phase.clone(),
-                Report::Done { outcome, .. } => {
+            if s.ended.is_some() {
+                // One `done` per migration; nothing after it.
+                return;
+            }
+            match &mut r {
+                Report::Phase { phase, step, .. } => {
+                    s.phase = phase.clone();
+                    s.step = step.clone();
+                    s.progress = None;
+                }
+                Report::Done { outcome, message, duration_s, .. } => {
+                    *duration_s = self.t0.elapsed().as_secs_f64();
                     s.outcome = Some(*outcome);
                     s.phase = "done".into();
+                    s.step = None;
+                    s.progress = None;
+                    s.ended = Some((message.clone(), Instant::now()));
+                }
+                Report::Progress { stage, done_bytes, total_bytes, bytes_per_s, eta_s, .. } => {
+                    s.progress = Some(ProgressSummary {
+                        stage: stage.clone(),
+                        done_bytes: *done_bytes,
+                        total_bytes: *total_bytes,
+                        bytes_per_s: *bytes_per_s,
+                        eta_s: *eta_s,
+                    });
                 }
                 _ => {}
             }
             if matches!(r, Report::Progress { .. }) {
-                let progress = s.history.iter().filter(|h| matches!(h, Report::Progress { .. })).count();
+                let progress = s.history.iter().filter(|h| matches!(h.report, Report::Progress { .. })).count();
                 if progress >= HISTORY_PROGRESS {
-                    if let Some(i) = s.history.iter().position(|h| matches!(h, Report::Progress { .. })) {
+                    if let Some(i) = s.history.iter().position(|h| matches!(h.report, Report::Progress { .. })) {
                         s.history.remove(i);
                     }
                 }
             }
-            s.history.push(r.clone());
-        }
+            let event = Event::now(&self.id, r);
+            s.history.push(event.clone());
+            event
+        };
         // No watcher is fine.
-        let _ = self.events.send(r);
+        let _ = self.events.send(event);
     }
 
     /// From now until the guard is dropped, `migtun resolve` may decide for this migration.
@@ -193,10 +275,28 @@ impl Tracked {
     fn summary(&self) -> MigrationSummary {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let vm = s.vm_name.clone().unwrap_or_else(|| self.vm.clone());
-        MigrationSummary { id: self.id.clone(), vm, to: self.to.clone(), phase: s.phase.clone(), outcome: s.outcome }
+        let until = s.ended.as_ref().map(|(_, at)| *at).unwrap_or_else(Instant::now);
+        MigrationSummary {
+            id: self.id.clone(),
+            vm,
+            direction: Direction::Outgoing,
+            peer: self.to.clone(),
+            phase: s.phase.clone(),
+            step: s.step.clone(),
+            outcome: s.outcome,
+            message: s.ended.as_ref().map(|(m, _)| m.clone()),
+            started: rfc3339(self.started),
+            duration_s: until.duration_since(self.t0).as_secs_f64(),
+            progress: s.progress.clone(),
+        }
     }
 
-    fn subscribe(&self) -> (Vec<Report>, broadcast::Receiver<Report>) {
+    /// When it ended, if it has.
+    fn ended(&self) -> Option<Instant> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).ended.as_ref().map(|(_, at)| *at)
+    }
+
+    fn subscribe(&self) -> (Vec<Event>, broadcast::Receiver<Event>) {
         // Subscribe under the lock so no report falls between history and live stream.
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (s.history.clone(), self.events.subscribe())
@@ -206,10 +306,11 @@ impl Tracked {
 /// Starts a migration: given the args and its tracker, runs it to the end.
 pub type Starter = Arc<dyn Fn(MigrateArgs, Arc<Tracked>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// The migrations this agent runs or ran (since it started).
+/// The migrations this agent runs, and the last [`HISTORY`] it ran (since it started).
 #[derive(Default)]
 pub struct Registry {
     migrations: Mutex<HashMap<String, Arc<Tracked>>>,
+    incoming: OnceLock<Arc<dyn IncomingStatus>>,
 }
 
 impl Registry {
@@ -220,23 +321,52 @@ impl Registry {
             vm: vm.to_string(),
             to: to.to_string(),
             cancel: CancellationToken::new(),
+            started: SystemTime::now(),
+            t0: Instant::now(),
             events,
             state: Mutex::new(TrackedState { phase: "begin".into(), ..Default::default() }),
             resolution: tokio::sync::watch::channel(None).0,
             awaiting: std::sync::atomic::AtomicBool::new(false),
         });
-        self.migrations.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), t.clone());
+        let mut all = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+        all.insert(id.to_string(), t.clone());
+        prune(&mut all);
         t
+    }
+
+    /// The destination side, listed by `migtun status` with the outgoing migrations.
+    pub fn set_incoming(&self, incoming: Arc<dyn IncomingStatus>) {
+        let _ = self.incoming.set(incoming);
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Tracked>> {
         self.migrations.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
+    /// Outgoing and incoming migrations, oldest first.
     pub fn summaries(&self) -> Vec<MigrationSummary> {
-        let mut v: Vec<_> = self.migrations.lock().unwrap_or_else(|p| p.into_inner()).values().map(|t| t.summary()).collect();
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-        v
+        let mut v: Vec<(SystemTime, MigrationSummary)> = {
+            let mut all = self.migrations.lock().unwrap_or_else(|p| p.into_inner());
+            prune(&mut all);
+            all.values().map(|t| (t.started, t.summary())).collect()
+        };
+        if let Some(incoming) = self.incoming.get() {
+            v.extend(incoming.summaries());
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+}
+
+/// Drops the ended migrations beyond the last [`HISTORY`].
+fn prune(all: &mut HashMap<String, Arc<Tracked>>) {
+    let mut ended: Vec<(Instant, String)> = all.values().filter_map(|t| t.ended().map(|at| (at, t.id.clone()))).collect();
+    if ended.len() <= HISTORY {
+        return;
+    }
+    ended.sort();
+    for (_, id) in &ended[..ended.len() - HISTORY] {
+        all.remove(id);
     }
 }
 
@@ -280,6 +410,7 @@ async fn handle(conn: LocalStream, agent: AgentHandle, registry: Arc<Registry>, 
         Request::Status => {
             let metrics = agent.metrics().encode();
             let status = Status {
+                v: EVENTS_VERSION,
                 name: agent.name().to_string(),
                 migrations: registry.summaries(),
                 routes: agent.routes().list().iter().map(|r| r.name.clone()).collect(),
@@ -309,7 +440,7 @@ async fn handle(conn: LocalStream, agent: AgentHandle, registry: Arc<Registry>, 
             let id = crate::messages::new_migration_id();
             let vm = args.qmp.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let tracked = registry.track(&id, &vm, &args.to);
-            tracked.report(Report::Accepted { id: id.clone(), vm, to: args.to.clone() });
+            tracked.report(Report::Accepted { vm, to: args.to.clone() });
             // Subscribe before the migration starts so the client sees every report.
             let t = tracked.clone();
             tokio::spawn(starter(args, t));
@@ -324,14 +455,14 @@ async fn stream_reports<W: tokio::io::AsyncWrite + Unpin>(t: &Tracked, write: &m
     let (history, mut live) = t.subscribe();
     for r in &history {
         send(write, r).await?;
-        if matches!(r, Report::Done { .. }) {
+        if matches!(r.report, Report::Done { .. }) {
             return Ok(());
         }
     }
     loop {
         match live.recv().await {
             Ok(r) => {
-                let done = matches!(r, Report::Done { .. });
+                let done = matches!(r.report, Report::Done { .. });
                 send(write, &r).await?;
                 if done {
                     return Ok(());
@@ -384,4 +515,78 @@ pub async fn request<F: FnMut(serde_json::Value) -> bool>(socket: &Path, request
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::Totals;
+
+    fn end(t: &Tracked, outcome: OutcomeKind) {
+        t.report(Report::done(outcome, format!("{outcome:?}"), Totals { downtime_ms: Some(7), disk_bytes: 1, ram_bytes: 2 }));
+    }
+
+    #[test]
+    fn status_keeps_the_running_and_the_last_ended_migrations() {
+        let r = Registry::default();
+        let running = r.track("m-running", "vm", "host-b");
+        running.report(Report::Phase { phase: "perform".into(), step: Some("migrating".into()), message: "copying RAM".into() });
+        running.report(Report::Progress {
+            stage: "ram".into(),
+            done_bytes: 10,
+            total_bytes: 40,
+            bytes_per_s: Some(5.0),
+            eta_s: Some(6.0),
+            dirty_bytes_per_s: None,
+            expected_downtime_ms: None,
+        });
+        for i in 0..HISTORY + 8 {
+            let t = r.track(&format!("m-{i:03}"), "vm", "host-b");
+            end(&t, if i % 2 == 0 { OutcomeKind::Refused } else { OutcomeKind::Succeeded });
+        }
+        let all = r.summaries();
+        assert_eq!(all.len(), HISTORY + 1, "the running one and the last {HISTORY} ended");
+        assert!(all.iter().all(|m| m.id != "m-000" && m.id != "m-007"), "the oldest ended ones are dropped");
+        assert!(all.iter().any(|m| m.id == format!("m-{:03}", HISTORY + 7)));
+        let m = all.iter().find(|m| m.id == "m-running").expect("a running migration is never dropped");
+        assert_eq!((m.phase.as_str(), m.step.as_deref(), m.outcome), ("perform", Some("migrating"), None));
+        assert_eq!(m.direction, Direction::Outgoing);
+        assert_eq!(m.peer, "host-b");
+        let p = m.progress.as_ref().expect("the last progress");
+        assert_eq!((p.stage.as_str(), p.done_bytes, p.total_bytes, p.bytes_per_s, p.eta_s), ("ram", 10, 40, Some(5.0), Some(6.0)));
+        assert!(m.started.ends_with('Z') && m.started.len() == 24, "{}", m.started);
+        let ended = all.iter().find(|m| m.outcome == Some(OutcomeKind::Succeeded)).unwrap();
+        assert_eq!(ended.phase, "done");
+        assert!(ended.progress.is_none());
+        assert_eq!(ended.message.as_deref(), Some("Succeeded"));
+    }
+
+    #[test]
+    fn events_are_stamped_and_done_is_final() {
+        let r = Registry::default();
+        let t = r.track("m-1", "vm", "host-b");
+        t.report(Report::Log { message: "hello".into() });
+        end(&t, OutcomeKind::Failed);
+        t.report(Report::Log { message: "after the end".into() });
+        end(&t, OutcomeKind::Succeeded);
+        let (history, _) = t.subscribe();
+        assert_eq!(history.len(), 2, "nothing after done: {history:?}");
+        for e in &history {
+            assert_eq!((e.v, e.id.as_str()), (EVENTS_VERSION, "m-1"));
+            assert!(e.ts.ends_with('Z'));
+        }
+        match &history[1].report {
+            Report::Done { outcome, error, duration_s, downtime_ms, disk_bytes, ram_bytes, .. } => {
+                assert_eq!(*outcome, OutcomeKind::Failed);
+                assert_eq!(error.as_deref(), Some("Failed"));
+                assert!(*duration_s >= 0.0);
+                assert_eq!((*downtime_ms, *disk_bytes, *ram_bytes), (Some(7), 1, 2));
+            }
+            other => panic!("{other:?}"),
+        }
+        let v = serde_json::to_value(&history[1]).unwrap();
+        for key in ["v", "ts", "id", "event", "outcome", "message", "error", "duration_s", "downtime_ms", "disk_bytes", "ram_bytes"] {
+            assert!(v.get(key).is_some(), "done has {key}: {v}");
+        }
+    }
 }

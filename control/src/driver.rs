@@ -24,10 +24,11 @@ use crate::journal::{Journal, OutgoingRecord, OutgoingStage, SavedSettings};
 use crate::process::ProcessId;
 use crate::teardown;
 use crate::machine::{
-    Action, Disk, DiskSelection, Event, Machine, MigrationId, MigrationSettings, MigrationStatus, Options, Outcome, PrepareRequest,
-    Progress, Report as MachineReport, Routes, SideFile, Step, VmInfo,
+    Action, Disk, DiskSelection, Event, Machine, MigrationId, MigrationSettings, MigrationStatus, Options, Outcome, PerformStep, Phase,
+    PrepareRequest, Progress, Report as MachineReport, Routes, SideFile, Step, VmInfo,
 };
-use crate::messages::{Cookie, DiskSpec, FinishReply, FinishRequest, MigrateArgs, MigrationParams, OutcomeKind, PrepareReply, Report};
+use crate::messages::{Cookie, DiskSpec, FinishReply, FinishRequest, MigrateArgs, MigrationParams, OutcomeKind, PrepareReply, Report, Totals};
+use crate::progress::{eta, RateMeter};
 use crate::qmp::{Event as QmpEvent, Qmp};
 use crate::rpc::{FileHeader, RpcClient};
 
@@ -59,14 +60,14 @@ pub async fn run(out: Arc<Outgoing>, args: MigrateArgs, tracked: Arc<Tracked>) {
     let metrics = out.agent.metrics();
     let started = std::time::Instant::now();
     let mut gauge = metrics.migrations.begin(&args.to, "outgoing", "begin");
-    let (outcome, message) = match drive(&out, &args, &tracked, &mut gauge).await {
+    let (outcome, message, totals) = match drive(&out, &args, &tracked, &mut gauge).await {
         Ok(o) => o,
-        Err(reason) => (OutcomeKind::Refused, reason),
+        Err(reason) => (OutcomeKind::Refused, reason, Totals::default()),
     };
     drop(gauge);
     metrics.migrations.end(&args.to, "outgoing", outcome_label(outcome), started.elapsed().as_secs_f64());
     info!(migration = %tracked.id, outcome = outcome_label(outcome), %message, "migration ended");
-    tracked.report(Report::Done { outcome, message });
+    tracked.report(Report::done(outcome, message, totals));
 }
 
 /// The fixed word of an outcome in metrics.
@@ -97,7 +98,7 @@ async fn drive(
     args: &MigrateArgs,
     tracked: &Tracked,
     gauge: &mut migtun_proxy::metrics::MigrationGauge,
-) -> Result<(OutcomeKind, String), String> {
+) -> Result<(OutcomeKind, String, Totals), String> {
     let id = tracked.id.clone();
     // The VM's monitor and the destination agent, at the same time.
     let (qmp, rpc) = tokio::try_join!(async { Qmp::connect(&args.qmp).await.map_err(|e| e.to_string()) }, async {
@@ -144,7 +145,10 @@ async fn drive(
         disks: HashMap::new(),
         forwards: Vec::new(),
         totals: None,
-        mirrored: 0,
+        job_bytes: HashMap::new(),
+        ram_bytes: 0,
+        mirror_rate: RateMeter::default(),
+        ram_rate: RateMeter::default(),
         migration_started: false,
         last_status: String::new(),
         saved_settings: None,
@@ -172,7 +176,7 @@ async fn drive(
             }
         }))
     };
-    let mut last_phase = String::new();
+    let mut last_phase = None;
     let mut cancel_sent = false;
     let mut peer_lost_sent = false;
     let mut last_activity = tokio::time::Instant::now();
@@ -191,13 +195,13 @@ async fn drive(
                 qemu_lost_sent = true;
                 queue.extend(machine.handle(Event::QemuLost(QEMU_GONE.to_string())));
             }
-            let phase = machine.phase().to_string();
+            let phase = machine.phase();
             // An unknown outcome is not the end: `recovery::settle` reports the phase.
             let unsettled = matches!(machine.outcome(), Some(Outcome::Unknown { .. })) && !args.postcopy && !settled;
-            if phase != last_phase && !unsettled {
-                tracked.report(Report::Phase { phase: phase.clone(), message: phase_message(&phase) });
-                gauge.set_phase(phase_label(machine.phase()));
-                last_phase = phase;
+            if last_phase != Some(phase) && !unsettled {
+                tracked.report(phase_report(phase));
+                gauge.set_phase(phase_label(phase));
+                last_phase = Some(phase);
             }
         }
         if let Some(Outcome::Unknown { reason }) = machine.outcome() {
@@ -240,7 +244,7 @@ async fn drive(
                     message = format!("{message}; {state}");
                 }
             }
-            return Ok((kind, message));
+            return Ok((kind, message, exec.totals()));
         }
         let event = tokio::select! {
             // The user and the peer first: a stream of QEMU events or ticks never delays them.
@@ -282,23 +286,30 @@ async fn drive(
     }
 }
 
-fn phase_message(phase: &str) -> String {
-    match phase {
-        "begin" => "inspecting the VM",
-        "prepare" => "the destination starts its QEMU",
-        "perform (opening-forwards)" => "opening this migration's routes through the tunnel",
-        "perform (starting-mirrors)" => "starting the disk mirrors",
-        "perform (syncing-disks)" => "copying the disks while the guest runs on",
-        "perform (starting-migration)" => "starting the RAM migration",
-        "perform (migrating)" => "copying RAM",
-        "perform (completing-mirrors)" => "switchover: completing the disk mirrors",
-        "perform (switchover)" => "switchover: the last RAM pages and device state",
-        "finish" => "handing the guest over",
-        "confirm" => "finishing on the source",
-        "done" => "done",
-        p => p,
-    }
-    .to_string()
+/// The `phase` report of a machine phase: a kebab id, the perform step apart, and a sentence.
+fn phase_report(phase: Phase) -> Report {
+    let (id, step, message) = match phase {
+        Phase::Begin => ("begin", None, "inspecting the VM"),
+        Phase::Prepare => ("prepare", None, "the destination starts its QEMU"),
+        Phase::Perform(step) => {
+            let message = match step {
+                PerformStep::OpeningForwards => "opening this migration's routes through the tunnel",
+                PerformStep::StartingMirrors => "starting the disk mirrors",
+                PerformStep::SyncingDisks => "copying the disks while the guest runs on",
+                PerformStep::StartingMigration => "starting the RAM migration",
+                PerformStep::Migrating => "copying RAM",
+                PerformStep::CompletingMirrors => "switchover: completing the disk mirrors",
+                PerformStep::Switchover => "switchover: the last RAM pages and device state",
+            };
+            ("perform", Some(step), message)
+        }
+        Phase::Finish => ("finish", None, "handing the guest over"),
+        Phase::Confirm => ("confirm", None, "finishing on the source"),
+        Phase::Done => ("done", None, "done"),
+    };
+    // PerformStep serializes as its kebab-case name.
+    let step = step.and_then(|s| serde_json::to_value(s).ok()).and_then(|v| v.as_str().map(str::to_string));
+    Report::Phase { phase: id.to_string(), step, message: message.to_string() }
 }
 
 /// The destination is gone or stalled: cuts the source QEMU's connections to it (the NBD
@@ -367,8 +378,12 @@ fn summarize(outcome: &Outcome) -> (OutcomeKind, String) {
 struct Executor {
     /// `query-migrate` at completion, for the summary.
     totals: Option<Value>,
-    /// Bytes the disk mirrors copied (last progress seen).
-    mirrored: u64,
+    /// Bytes each mirror job copied (its offset: last poll or event).
+    job_bytes: HashMap<String, u64>,
+    /// Bytes the RAM migration sent (last poll).
+    ram_bytes: u64,
+    mirror_rate: RateMeter,
+    ram_rate: RateMeter,
     id: String,
     qmp: Arc<Qmp>,
     rpc: RpcClient,
@@ -712,6 +727,16 @@ impl Executor {
     /// A QEMU event as a machine event.
     fn translate(&mut self, ev: &QmpEvent) -> Option<Event> {
         let device = ev.data.get("device").and_then(|d| d.as_str()).unwrap_or_default();
+        if ev.name.starts_with("BLOCK_JOB_") {
+            // READY, COMPLETED and CANCELLED carry the job's offset: what it copied, also when
+            // it ended between two polls.
+            if let Some(offset) = ev.data.get("offset").and_then(|o| o.as_u64()) {
+                if self.disk_of_job(device).is_some() {
+                    let seen = self.job_bytes.entry(device.to_string()).or_insert(0);
+                    *seen = (*seen).max(offset);
+                }
+            }
+        }
         match ev.name.as_str() {
             "MIGRATION" => {
                 let status = ev.data.get("status").and_then(|s| s.as_str())?;
@@ -750,14 +775,17 @@ impl Executor {
                 return Some(Event::MigrationState(MigrationStatus::parse(&info.status)));
             }
             let ram = info.ram?;
-            let rate = ram.mbps * 1e6 / 8.0;
+            // The rate is what `transferred` did over the last seconds: QEMU's `mbps` lags
+            // (see `progress`).
+            let rate = self.ram_rate.sample(std::time::Instant::now(), ram.transferred);
+            self.ram_bytes = ram.transferred;
             tracked.report(Report::Progress {
                 stage: "ram".into(),
-                done: ram.transferred,
-                total: ram.total.max(ram.transferred + ram.remaining),
-                rate,
-                eta_secs: (rate > 0.0).then(|| ram.remaining as f64 / rate),
-                dirty_rate: Some(ram.dirty_pages_rate),
+                done_bytes: ram.transferred,
+                total_bytes: ram.total.max(ram.transferred + ram.remaining),
+                bytes_per_s: rate,
+                eta_s: eta(ram.remaining, rate),
+                dirty_bytes_per_s: Some(ram.dirty_pages_rate as f64 * if ram.page_size > 0 { ram.page_size } else { 4096 } as f64),
                 expected_downtime_ms: info.expected_downtime,
             });
             return Some(Event::Progress(Progress { transferred: ram.transferred, remaining: ram.remaining, total: ram.total }));
@@ -766,16 +794,20 @@ impl Executor {
         let ours: Vec<_> = jobs.iter().filter(|j| self.disk_of_job(&j.device).is_some()).collect();
         if !ours.is_empty() {
             let done: u64 = ours.iter().map(|j| j.offset).sum();
-            let total: u64 = ours.iter().map(|j| j.len).sum();
-            let rate: f64 = ours.iter().map(|j| j.speed as f64).sum();
-            self.mirrored = total;
+            let total: u64 = ours.iter().map(|j| j.len).sum::<u64>().max(done);
+            for j in &ours {
+                let seen = self.job_bytes.entry(j.device.clone()).or_insert(0);
+                *seen = (*seen).max(j.offset);
+            }
+            // A job's `speed` is its limit, not its rate: the rate is the offsets over time.
+            let rate = self.mirror_rate.sample(std::time::Instant::now(), done);
             tracked.report(Report::Progress {
                 stage: "mirror".into(),
-                done,
-                total,
-                rate,
-                eta_secs: None,
-                dirty_rate: None,
+                done_bytes: done,
+                total_bytes: total,
+                bytes_per_s: rate,
+                eta_s: eta(total - done, rate),
+                dirty_bytes_per_s: None,
                 expected_downtime_ms: None,
             });
         }
@@ -785,13 +817,28 @@ impl Executor {
     /// A succeeded migration's bytes and downtime, into the migration metrics.
     fn count_success(&self, m: &migtun_proxy::metrics::MigrationMetrics) {
         use migtun_proxy::metrics::MigrationBytesLabels;
-        m.bytes.get_or_create(&MigrationBytesLabels { phase: "disk" }).inc_by(self.mirrored);
-        if let Some(t) = &self.totals {
-            let ram = t.pointer("/ram/transferred").and_then(|v| v.as_u64()).unwrap_or(0);
-            m.bytes.get_or_create(&MigrationBytesLabels { phase: "ram" }).inc_by(ram);
-            if let Some(d) = t.get("downtime").and_then(|v| v.as_u64()) {
-                m.downtime.observe(d as f64 / 1000.0);
-            }
+        let t = self.totals();
+        m.bytes.get_or_create(&MigrationBytesLabels { phase: "disk" }).inc_by(t.disk_bytes);
+        m.bytes.get_or_create(&MigrationBytesLabels { phase: "ram" }).inc_by(t.ram_bytes);
+        if let Some(d) = t.downtime_ms {
+            m.downtime.observe(d as f64 / 1000.0);
+        }
+    }
+
+    /// What the migration moved: the mirrors' bytes, the RAM stream's (QEMU's final figure
+    /// once it completed), the downtime QEMU measured.
+    fn totals(&self) -> Totals {
+        let ram = self.totals.as_ref().and_then(|t| t.pointer("/ram/transferred")).and_then(|v| v.as_u64());
+        Totals {
+            // QEMU sets `total-time` and `downtime` just after `completed`: 0 means not yet.
+            downtime_ms: self
+                .totals
+                .as_ref()
+                .filter(|t| t.get("total-time").and_then(|v| v.as_u64()).is_some_and(|ms| ms > 0))
+                .and_then(|t| t.get("downtime"))
+                .and_then(|v| v.as_u64()),
+            disk_bytes: self.job_bytes.values().sum(),
+            ram_bytes: ram.unwrap_or(self.ram_bytes),
         }
     }
 
@@ -799,8 +846,9 @@ impl Executor {
     fn summary(&self, took: Duration) -> String {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let mut parts = vec![format!("in {:.1} s", took.as_secs_f64())];
-        if self.mirrored > 0 {
-            parts.push(format!("disks {:.0} MiB", mib(self.mirrored)));
+        let disks: u64 = self.job_bytes.values().sum();
+        if disks > 0 {
+            parts.push(format!("disks {:.0} MiB", mib(disks)));
         }
         if let Some(t) = &self.totals {
             let ram = t.pointer("/ram/transferred").and_then(|v| v.as_u64()).unwrap_or(0);

@@ -18,23 +18,25 @@
 //! process, never a reused pid), its directory removed, and a handover that was decided is
 //! completed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use migtun_proxy::agent::{AgentHandle, ExposeGuard};
 use migtun_proxy::endpoint::Endpoint;
-use migtun_proxy::routes::ExposeRoute;
+use migtun_proxy::routes::{ByteCount, ExposeRoute};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
+use crate::admin::{Direction, IncomingStatus, MigrationSummary, ProgressSummary, HISTORY};
 use crate::destination::{cmdline, cookie, paths, Policy, Refusal};
 use crate::journal::{IncomingRecord, IncomingState, Journal};
-use crate::messages::{Cookie, FinishReply, FinishRequest, PrepareReply};
+use crate::messages::{rfc3339, Cookie, FinishReply, FinishRequest, OutcomeKind, PrepareReply};
+use crate::progress::{eta, RateMeter};
 use crate::process::{Process, ProcessId};
 use crate::qmp::Qmp;
 use crate::rpc::{FileHeader, MethodError, Router, Session, Upload};
@@ -50,6 +52,8 @@ const STATUS_RECHECK: Duration = Duration::from_millis(250);
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// Recovery connects to an orphaned QEMU's monitor: a live QEMU accepts at once.
 const RECOVERY_CONNECT: Duration = Duration::from_secs(5);
+/// How often a running incoming migration's received bytes are sampled for its rate.
+const RATE_SAMPLE: Duration = Duration::from_millis(500);
 
 /// One prepared migration on this host.
 struct Prepared {
@@ -123,6 +127,68 @@ pub struct Incoming {
     active: Mutex<HashMap<String, Arc<Prepared>>>,
     limits: IncomingLimits,
     slots: Arc<Mutex<Slots>>,
+    /// What `migtun status` shows: the incoming migrations and the last ended ones.
+    board: Mutex<Board>,
+}
+
+/// The incoming migrations as `migtun status` sees them: from the moment prepare has
+/// something to undo (its journal record) to their end, then the last [`HISTORY`] ended ones.
+#[derive(Default)]
+struct Board {
+    live: HashMap<String, View>,
+    ended: VecDeque<(String, View)>,
+}
+
+struct View {
+    vm: String,
+    source: String,
+    started: SystemTime,
+    t0: Instant,
+    phase: &'static str,
+    step: Option<&'static str>,
+    /// What this migration's routes received from the source.
+    received: ByteCount,
+    /// The copied disks, and (once QEMU said) the guest's RAM.
+    disk_bytes: u64,
+    ram_bytes: u64,
+    meter: RateMeter,
+    rate: Option<f64>,
+    ended: Option<(OutcomeKind, String, Instant)>,
+}
+
+impl View {
+    fn summary(&self, id: &str) -> MigrationSummary {
+        let received = self.received.get();
+        let total = (self.disk_bytes + self.ram_bytes).max(received);
+        let progress = (self.ended.is_none() && self.phase != "prepare").then(|| ProgressSummary {
+            stage: "receiving".into(),
+            done_bytes: received,
+            total_bytes: total,
+            bytes_per_s: self.rate,
+            eta_s: if self.phase == "perform" { eta(total - received, self.rate) } else { None },
+        });
+        let until = self.ended.as_ref().map(|e| e.2).unwrap_or_else(Instant::now);
+        MigrationSummary {
+            id: id.to_string(),
+            vm: self.vm.clone(),
+            direction: Direction::Incoming,
+            peer: self.source.clone(),
+            phase: if self.ended.is_some() { "done".into() } else { self.phase.into() },
+            step: self.step.filter(|_| self.ended.is_none()).map(str::to_string),
+            outcome: self.ended.as_ref().map(|e| e.0),
+            message: self.ended.as_ref().map(|e| e.1.clone()),
+            started: rfc3339(self.started),
+            duration_s: until.duration_since(self.t0).as_secs_f64(),
+            progress,
+        }
+    }
+}
+
+impl IncomingStatus for Incoming {
+    fn summaries(&self) -> Vec<(SystemTime, MigrationSummary)> {
+        let board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        board.live.iter().chain(board.ended.iter().map(|(id, v)| (id, v))).map(|(id, v)| (v.started, v.summary(id))).collect()
+    }
 }
 
 impl Incoming {
@@ -145,7 +211,76 @@ impl Incoming {
             active: Mutex::new(HashMap::new()),
             limits,
             slots: Arc::new(Mutex::new(Slots::default())),
+            board: Mutex::new(Board::default()),
         })
+    }
+
+    /// An incoming migration shows in `migtun status` from now on.
+    fn show(&self, cookie: &Cookie, received: ByteCount) {
+        let view = View {
+            vm: cookie.vm.clone(),
+            source: cookie.source.clone(),
+            started: SystemTime::now(),
+            t0: Instant::now(),
+            phase: "prepare",
+            step: None,
+            received,
+            disk_bytes: cookie.disks.iter().filter(|d| d.copy).map(|d| d.size).sum(),
+            ram_bytes: 0,
+            meter: RateMeter::default(),
+            rate: None,
+            ended: None,
+        };
+        self.board.lock().unwrap_or_else(|p| p.into_inner()).live.insert(cookie.migration.clone(), view);
+    }
+
+    /// Changes what `migtun status` shows of a running incoming migration; false once it ended.
+    fn update(&self, id: &str, f: impl FnOnce(&mut View)) -> bool {
+        let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        match board.live.get_mut(id) {
+            Some(v) => {
+                f(v);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An incoming migration ended: it moves to the history (the last [`HISTORY`]).
+    fn ended(&self, id: &str, outcome: OutcomeKind, message: &str) {
+        let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut v) = board.live.remove(id) {
+            v.ended = Some((outcome, message.to_string(), Instant::now()));
+            board.ended.push_back((id.to_string(), v));
+            while board.ended.len() > HISTORY {
+                board.ended.pop_front();
+            }
+        }
+    }
+
+    /// While the migration runs: its rate from the bytes its routes received, and (once) the
+    /// guest's RAM size from its QEMU.
+    async fn sample(self: Arc<Self>, id: String, prepared: std::sync::Weak<Prepared>) {
+        // Not held beyond the query: the migration's routes and slot go when it ends.
+        let memory = match prepared.upgrade() {
+            Some(p) => p.qmp.execute_with_timeout("query-memory-size-summary", json!({}), RECOVERY_CONNECT).await.ok(),
+            None => None,
+        };
+        if let Some(v) = memory {
+            let ram = v.get("base-memory").and_then(|b| b.as_u64()).unwrap_or(0) + v.get("plugged-memory").and_then(|b| b.as_u64()).unwrap_or(0);
+            self.update(&id, |view| view.ram_bytes = ram);
+        }
+        let mut tick = tokio::time::interval(RATE_SAMPLE);
+        loop {
+            tick.tick().await;
+            let alive = self.update(&id, |view| {
+                let now = view.received.get();
+                view.rate = view.meter.sample(Instant::now(), now);
+            });
+            if !alive {
+                return;
+            }
+        }
     }
 
     /// Takes a slot for an incoming migration from `peer`, or refuses (429) naming the limit.
@@ -242,12 +377,14 @@ impl Incoming {
             self.remove_dir(&dir);
             return Err(MethodError::failed(format!("cannot journal the migration: {e}")));
         }
+        let received = ByteCount::default();
+        self.show(&cookie, received.clone());
         let t0 = std::time::Instant::now();
         let qmp_path = match self.plan_and_run_hook(&hook, &mut cookie, &dir).await {
             Ok(p) => p,
             Err(e) => {
                 self.kill_hook_qemu(&dir).await;
-                self.forget(&dir, &id);
+                self.forget(&dir, &id, &e.message);
                 return Err(e);
             }
         };
@@ -256,8 +393,9 @@ impl Incoming {
             Ok(q) => q,
             Err(e) => {
                 self.kill_hook_qemu(&dir).await;
-                self.forget(&dir, &id);
-                return Err(MethodError::failed(format!("prepare hook printed {}, but: {e}", qmp_path.display())));
+                let e = MethodError::failed(format!("prepare hook printed {}, but: {e}", qmp_path.display()));
+                self.forget(&dir, &id, &e.message);
+                return Err(e);
             }
         };
         let qemu = qmp.peer_pid().and_then(ProcessId::of);
@@ -265,17 +403,23 @@ impl Incoming {
         record.state = IncomingState::Prepared;
         if let Err(e) = self.journal.put_incoming(&record) {
             quit_qemu(&qmp, qemu).await;
-            self.forget(&dir, &id);
-            return Err(MethodError::failed(format!("cannot journal the migration: {e}")));
+            let e = MethodError::failed(format!("cannot journal the migration: {e}"));
+            self.forget(&dir, &id, &e.message);
+            return Err(e);
         }
         let pid = qemu.map(|q| q.pid);
         let qmp_ms = t0.elapsed().as_secs_f64() * 1e3 - hook_ms;
-        match self.start_incoming(&session, &cookie, &qmp, &dir).await {
+        match self.start_incoming(&session, &cookie, &qmp, &dir, &received).await {
             Ok((reply, routes)) => {
                 let total_ms = t0.elapsed().as_secs_f64() * 1e3;
                 info!(migration = %id, %source, qemu_pid = pid.unwrap_or(0), hook_ms, qmp_ms, total_ms, "prepared: destination QEMU waits for the migration");
+                self.update(&id, |v| {
+                    v.phase = "perform";
+                    v.step = Some("receiving");
+                });
                 let gauge = self.agent.metrics().migrations.begin(&source, "incoming", "prepared");
                 let prepared = Arc::new(Prepared { source, qmp, qemu, dir, _routes: routes, _slot: slot, _gauge: gauge, started: t0 });
+                tokio::spawn(self.clone().sample(id.clone(), Arc::downgrade(&prepared)));
                 self.active.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), prepared);
                 // The destination's rule: no finish on this connection, no guest here.
                 let this = self.clone();
@@ -287,7 +431,7 @@ impl Incoming {
             }
             Err(e) => {
                 quit_qemu(&qmp, qemu).await;
-                self.forget(&dir, &id);
+                self.forget(&dir, &id, &e.message);
                 Err(e)
             }
         }
@@ -295,7 +439,8 @@ impl Incoming {
 
     /// A prepare that failed: its directory and its record go (the source knows it failed and
     /// never sends `finish`).
-    fn forget(&self, dir: &Path, id: &str) {
+    fn forget(&self, dir: &Path, id: &str, why: &str) {
+        self.ended(id, OutcomeKind::Failed, &format!("prepare failed: {why}"));
         self.remove_dir(dir);
         if let Err(e) = self.journal.remove_incoming(id) {
             warn!(migration = %id, error = %e, "cannot remove the journal record of a failed prepare");
@@ -360,6 +505,7 @@ impl Incoming {
         cookie: &Cookie,
         qmp: &Qmp,
         dir: &Path,
+        received: &ByteCount,
     ) -> Result<(PrepareReply, Vec<ExposeGuard>), MethodError> {
         let qemu = |e: crate::qmp::QmpError| MethodError::failed(e.to_string());
         let id = &cookie.migration;
@@ -396,9 +542,9 @@ impl Incoming {
         let allow = vec![session.peer.name().to_string()];
         let mut routes = Vec::new();
         if !copied.is_empty() {
-            routes.push(self.expose(format!("{id}.nbd"), &nbd_sock, &allow, id)?);
+            routes.push(self.expose(format!("{id}.nbd"), &nbd_sock, &allow, id, received)?);
         }
-        routes.push(self.expose(format!("{id}.ram"), &ram_sock, &allow, id)?);
+        routes.push(self.expose(format!("{id}.ram"), &ram_sock, &allow, id, received)?);
         let reply = PrepareReply {
             ram_route: format!("{id}.ram"),
             nbd_route: (!copied.is_empty()).then(|| format!("{id}.nbd")),
@@ -432,13 +578,14 @@ impl Incoming {
             .collect()
     }
 
-    fn expose(&self, name: String, sock: &Path, allow: &[String], id: &str) -> Result<ExposeGuard, MethodError> {
+    fn expose(&self, name: String, sock: &Path, allow: &[String], id: &str, received: &ByteCount) -> Result<ExposeGuard, MethodError> {
         self.agent
             .add_expose(ExposeRoute {
                 name,
                 target: Endpoint::Unix(sock.to_path_buf()),
                 allow: allow.to_vec(),
                 migration: Some(id.to_string()),
+                received: Some(received.clone()),
             })
             .map_err(|e| MethodError::failed(e.to_string()))
     }
@@ -458,6 +605,10 @@ impl Incoming {
         }
         let qmp = &prepared.qmp;
         let t0 = std::time::Instant::now();
+        self.update(&req.migration, |v| {
+            v.phase = "finish";
+            v.step = None;
+        });
         let mut record = self.record_of(&req.migration, &prepared);
         let result = async {
             // The source reports `completed` as soon as it has sent everything; this side may
@@ -484,6 +635,8 @@ impl Incoming {
                 info!(migration = %req.migration, resumed = req.resume, ms = t0.elapsed().as_secs_f64() * 1e3, "finished: the guest lives here now");
                 self.agent.metrics().migrations.end(&prepared.source, "incoming", "succeeded", prepared.started.elapsed().as_secs_f64());
                 self.kept(&mut record);
+                let how = if req.resume { "the guest runs here" } else { "the guest is held here, paused as on the source" };
+                self.ended(&req.migration, OutcomeKind::Succeeded, how);
                 Ok(FinishReply { guest_kept: true, detail: String::new() })
             }
             Err(e) => {
@@ -636,6 +789,7 @@ impl Incoming {
 
     async fn cleanup(&self, id: &str, p: &Prepared, reason: &str) {
         warn!(migration = %id, source = %p.source, reason, "abandoning the migration: quitting the destination QEMU");
+        self.ended(id, OutcomeKind::Failed, &format!("abandoned: {reason}; the destination QEMU was quit"));
         quit_qemu(&p.qmp, p.qemu).await;
         self.remove_dir(&p.dir);
         self.agent.metrics().migrations.end(&p.source, "incoming", "failed", p.started.elapsed().as_secs_f64());
@@ -667,7 +821,7 @@ impl Incoming {
                     // is found by its pidfile and verified by its command line.
                     warn!(migration = %r.id, source = %r.source, "recovery: the agent stopped during prepare; removing what it started");
                     self.kill_hook_qemu(&r.dir).await;
-                    self.forget(&r.dir, &r.id);
+                    self.forget(&r.dir, &r.id, "the destination agent restarted during prepare");
                 }
                 IncomingState::Prepared => {
                     warn!(migration = %r.id, source = %r.source, "recovery: the agent stopped before finish; quitting the orphaned destination QEMU");

@@ -6,6 +6,7 @@ pub mod qmp;
 pub mod rpc;
 pub mod incoming;
 pub mod messages;
+pub mod progress;
 pub mod admin;
 pub mod machine;
 pub mod driver;

@@ -160,26 +160,160 @@ pub enum OutcomeKind {
     Unknown,
 }
 
-/// A line of the admin API's event stream for one migration (`--json` prints these).
+/// Version of the event format: `v` on every event line (the admin API's stream, `migtun
+/// migrate --json`) and on `migtun status`'s answer. Raised when a field changes meaning or
+/// goes away; new fields may appear within a version.
+pub const EVENTS_VERSION: u32 = 1;
+
+/// What happened in one migration (`--json` prints these, wrapped in an [`Event`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Report {
-    Accepted { id: String, vm: String, to: String },
-    Phase { phase: String, message: String },
+    /// The first event; the migration's id is the event's.
+    Accepted { vm: String, to: String },
+    Phase {
+        /// A kebab-case id: `begin`, `prepare`, `perform`, `finish`, `confirm`, `unknown` (the
+        /// outcome awaits the destination's answer), `recovering` (after an agent restart).
+        phase: String,
+        /// Within `perform`: `opening-forwards`, `starting-mirrors`, `syncing-disks`,
+        /// `starting-migration`, `migrating`, `completing-mirrors`, `switchover`.
+        #[serde(default)]
+        step: Option<String>,
+        /// What the phase does, for people.
+        message: String,
+    },
     Progress {
         /// `mirror` (disks) or `ram`.
         stage: String,
-        done: u64,
-        total: u64,
-        /// Bytes per second.
-        rate: f64,
+        done_bytes: u64,
+        total_bytes: u64,
+        /// Measured over the last seconds (bytes done over time), not QEMU's own figure; `null`
+        /// until two polls span enough time.
+        bytes_per_s: Option<f64>,
         /// Seconds to go at the current rate, if known.
-        eta_secs: Option<f64>,
-        /// Pages per second dirtied by the guest (RAM stage).
-        dirty_rate: Option<u64>,
+        eta_s: Option<f64>,
+        /// Bytes per second the guest dirties (RAM stage: QEMU's dirty pages times the page size).
+        dirty_bytes_per_s: Option<f64>,
         /// Milliseconds QEMU expects the switchover to take (RAM stage).
         expected_downtime_ms: Option<i64>,
     },
     Log { message: String },
-    Done { outcome: OutcomeKind, message: String },
+    Done {
+        outcome: OutcomeKind,
+        /// What happened, for people.
+        message: String,
+        /// `null` on success, else why (the message).
+        error: Option<String>,
+        /// From `accepted` to `done` (filled in by the agent's tracker).
+        duration_s: f64,
+        /// The guest's downtime at switchover, QEMU's figure (succeeded migrations).
+        downtime_ms: Option<u64>,
+        /// Bytes the disk mirrors copied.
+        disk_bytes: u64,
+        /// Bytes of the RAM migration stream.
+        ram_bytes: u64,
+    },
+}
+
+/// The figures of a migration's end, for [`Report::done`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Totals {
+    pub downtime_ms: Option<u64>,
+    pub disk_bytes: u64,
+    pub ram_bytes: u64,
+}
+
+impl Report {
+    /// The last report of a migration; `error` is the message unless it succeeded, the duration
+    /// is the tracker's.
+    pub fn done(outcome: OutcomeKind, message: String, totals: Totals) -> Report {
+        Report::Done {
+            error: (outcome != OutcomeKind::Succeeded).then(|| message.clone()),
+            outcome,
+            message,
+            duration_s: 0.0,
+            downtime_ms: totals.downtime_ms,
+            disk_bytes: totals.disk_bytes,
+            ram_bytes: totals.ram_bytes,
+        }
+    }
+}
+
+/// One line of a migration's event stream: a [`Report`] with the version, the time it happened
+/// and the migration's id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub v: u32,
+    /// RFC 3339, UTC, milliseconds: `2025-06-01T12:34:56.789Z`.
+    pub ts: String,
+    pub id: String,
+    #[serde(flatten)]
+    pub report: Report,
+}
+
+impl Event {
+    pub fn now(id: &str, report: Report) -> Event {
+        Event { v: EVENTS_VERSION, ts: rfc3339(std::time::SystemTime::now()), id: id.to_string(), report }
+    }
+}
+
+/// `t` as RFC 3339 in UTC with milliseconds (`1970-01-01T00:00:00.000Z` for times before 1970).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn rfc3339_utc_with_milliseconds() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(951_782_400_123)), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_748_781_296)), "2025-06-01T12:34:56.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(4_107_542_399)), "2100-02-28T23:59:59.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_secs(1)), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn events_carry_version_time_id_and_structured_fields() {
+        let e = Event::now("m-0123456789abcdef", Report::done(OutcomeKind::Succeeded, "ok".into(), Totals { downtime_ms: Some(35), disk_bytes: 1, ram_bytes: 2 }));
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["event"], "done");
+        assert_eq!(v["id"], "m-0123456789abcdef");
+        assert!(v["error"].is_null(), "{v}");
+        assert_eq!(v["downtime_ms"], 35);
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+        let back: Event = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+        let failed = Report::done(OutcomeKind::Failed, "broken".into(), Totals::default());
+        assert!(matches!(failed, Report::Done { error: Some(ref m), .. } if m == "broken"));
+        let accepted = serde_json::to_string(&Event::now("m-1", Report::Accepted { vm: "web1".into(), to: "host-b".into() })).unwrap();
+        assert_eq!(accepted.matches("\"id\"").count(), 1, "{accepted}");
+        let back: Event = serde_json::from_str(&accepted).unwrap();
+        assert_eq!((back.id.as_str(), back.report), ("m-1", Report::Accepted { vm: "web1".into(), to: "host-b".into() }));
+        let phase: Event = serde_json::from_str(r#"{"v":1,"ts":"x","id":"m","event":"phase","phase":"perform","step":"migrating","message":"copying RAM"}"#).unwrap();
+        assert!(matches!(phase.report, Report::Phase { ref step, .. } if step.as_deref() == Some("migrating")));
+    }
 }

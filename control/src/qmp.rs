@@ -1131,6 +1131,9 @@ pub struct MigrationRam {
     /// Pages dirtied per second by the guest.
     #[serde(rename = "dirty-pages-rate")]
     pub dirty_pages_rate: u64,
+    /// Bytes per page (0 when QEMU does not say: 4096 on x86).
+    #[serde(rename = "page-size")]
+    pub page_size: u64,
 }
 
 /// One entry of `query-migrate-capabilities`.

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::admin::{GuestOn, Registry, Tracked};
 use crate::driver::Outgoing;
 use crate::journal::{OutgoingRecord, OutgoingStage};
-use crate::messages::{FinishReply, FinishRequest, OutcomeKind, Report};
+use crate::messages::{FinishReply, FinishRequest, OutcomeKind, Report, Totals};
 use crate::process::ProcessId;
 use crate::qmp::Qmp;
 use crate::rpc::RpcClient;
@@ -43,6 +43,7 @@ const QUIT_GRACE: Duration = Duration::from_secs(10);
 pub async fn settle(agent: &AgentHandle, to: &str, id: &str, resume: bool, tracked: &Tracked) -> Result<(), String> {
     tracked.report(Report::Phase {
         phase: "unknown".into(),
+        step: None,
         message: format!(
             "waiting for {to}'s answer: the guest stays paused on the source. If {to} is gone for good: \
              `migtun resolve {id} --guest-on source` (or `destination`)"
@@ -126,7 +127,7 @@ pub fn recover(out: Arc<Outgoing>, registry: Arc<Registry>) {
                 warn!(migration = %r.id, error = %e, "cannot remove the journal record");
             }
             info!(migration = %r.id, outcome = crate::driver::outcome_label(outcome), %message, "recovery: migration settled");
-            tracked.report(Report::Done { outcome, message });
+            tracked.report(Report::done(outcome, message, Totals::default()));
         });
     }
 }
@@ -135,7 +136,7 @@ async fn recover_one(out: &Outgoing, r: &OutgoingRecord, tracked: &Tracked) -> (
     let restarted = "the source agent restarted during the migration";
     match r.stage {
         OutgoingStage::Migrating => {
-            tracked.report(Report::Phase { phase: "recovering".into(), message: "rolling back on the source".into() });
+            tracked.report(Report::Phase { phase: "recovering".into(), step: None, message: "rolling back on the source".into() });
             (OutcomeKind::Failed, format!("{restarted}; rolled back: {}", roll_back(r).await))
         }
         OutgoingStage::Finishing { resume } => match settle(&out.agent, &r.to, &r.id, resume, tracked).await {

@@ -333,6 +333,7 @@ impl Agent {
             target: e.target.clone(),
             allow: e.allow.clone(),
             migration: None,
+            received: None,
         }))?);
 
         let mut forwards = Vec::new();

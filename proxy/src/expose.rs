@@ -156,7 +156,7 @@ where
     }
     let stream_metrics = ctx.metrics.stream(&peer_name, route_name, Side::Target);
     debug!(peer = %peer_name, route = route_name, target = %route.target, "stream open");
-    let result = crate::relay::run(&mut target, &mut conn, &leftover, &stream_metrics, &ctx.abort).await;
+    let result = crate::relay::run(&mut target, &mut conn, &leftover, &stream_metrics, route.received.as_ref(), &ctx.abort).await;
     match result {
         Ok(t) => info!(
             peer = %peer_name, route = route_name, from_peer = t.peer_to_local, to_peer = t.local_to_peer,

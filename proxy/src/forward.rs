@@ -116,7 +116,7 @@ async fn stream(local: LocalStream, ctx: &ForwardContext, my_turn: Option<onesho
     let m = ctx.metrics.stream(peer_name, route, Side::Source);
     debug!(peer = peer_name, route, transport = conn.transport(), "stream open");
     let mut local = crate::buffers::PooledReader::new(local);
-    let result = crate::relay::run(&mut local, &mut conn, &early, &m, &ctx.abort).await;
+    let result = crate::relay::run(&mut local, &mut conn, &early, &m, None, &ctx.abort).await;
     match result {
         Ok(t) => info!(
             peer = peer_name, route, transport = conn.transport(), to_peer = t.local_to_peer, from_peer = t.peer_to_local,

@@ -102,6 +102,7 @@ impl Direction {
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
         counter: &Counter,
+        also: Option<&crate::routes::ByteCount>,
     ) -> Poll<Result<(), (bool, io::Error)>>
     where
         R: ChunkedRead + DirectRead + Unpin,
@@ -127,6 +128,9 @@ impl Direction {
                 Some(Poll::Ready(Ok(n))) => {
                     self.total += n as u64;
                     counter.inc_by(n as u64);
+                    if let Some(c) = also {
+                        c.add(n as u64);
+                    }
                     self.need_flush = true;
                     continue;
                 }
@@ -167,6 +171,9 @@ impl Direction {
             reader.as_mut().consume(n);
             self.total += n as u64;
             counter.inc_by(n as u64);
+            if let Some(c) = also {
+                c.add(n as u64);
+            }
             self.need_flush = true;
         }
     }
@@ -180,15 +187,30 @@ where
     L: RelayStream,
     P: RelayStream,
 {
+    relay_counted(local, peer, tx, rx, None).await
+}
+
+/// [`relay`], counting the received bytes in `received` too.
+async fn relay_counted<L, P>(
+    local: &mut L,
+    peer: &mut P,
+    tx: &Counter,
+    rx: &Counter,
+    received: Option<&crate::routes::ByteCount>,
+) -> Result<Transferred, RelayError>
+where
+    L: RelayStream,
+    P: RelayStream,
+{
     let mut up = Direction::default();
     let mut down = Direction::default();
     poll_fn(|cx| {
         // Up: local -> peer. A read error is the local side's, a write error the peer's.
         let up_state = up
-            .poll_copy(cx, Pin::new(&mut *local), Pin::new(&mut *peer), tx)
+            .poll_copy(cx, Pin::new(&mut *local), Pin::new(&mut *peer), tx, None)
             .map_err(|(on_read, e)| if on_read { RelayError::Local(e) } else { RelayError::Peer(e) })?;
         let down_state = down
-            .poll_copy(cx, Pin::new(&mut *peer), Pin::new(&mut *local), rx)
+            .poll_copy(cx, Pin::new(&mut *peer), Pin::new(&mut *local), rx, received)
             .map_err(|(on_read, e)| if on_read { RelayError::Peer(e) } else { RelayError::Local(e) })?;
         match (up_state, down_state) {
             (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
@@ -202,12 +224,13 @@ where
 /// Runs one stream to its end: first `early` (peer bytes that arrived with the preamble or its
 /// reply) to the local side, then [`relay`] until both directions are done, or until `abort`
 /// (the drain deadline). On any failure both sides are set to reset when dropped, so the far
-/// ends see a reset, not a clean end of stream.
+/// ends see a reset, not a clean end of stream. `received` counts the bytes from the peer too.
 pub async fn run<L, P>(
     local: &mut L,
     peer: &mut P,
     early: &[u8],
     metrics: &crate::metrics::StreamMetrics,
+    received: Option<&crate::routes::ByteCount>,
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<Transferred, RelayError>
 where
@@ -218,9 +241,12 @@ where
         if !early.is_empty() {
             tokio::io::AsyncWriteExt::write_all(local, early).await.map_err(RelayError::Local)?;
             metrics.rx.inc_by(early.len() as u64);
+            if let Some(c) = received {
+                c.add(early.len() as u64);
+            }
         }
         tokio::select! {
-            r = relay(local, peer, &metrics.tx, &metrics.rx) => r,
+            r = relay_counted(local, peer, &metrics.tx, &metrics.rx, received) => r,
             _ = abort.cancelled() => Err(RelayError::Local(io::Error::other("drain deadline passed"))),
         }
     }

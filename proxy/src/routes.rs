@@ -2,6 +2,7 @@
 //! control plane adds for a single migration (scoped to one peer and one migration id).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::endpoint::Endpoint;
@@ -16,7 +17,33 @@ pub struct ExposeRoute {
     pub allow: Vec<String>,
     /// Dynamic routes belong to one migration: a stream must name it in its preamble.
     pub migration: Option<String>,
+    /// Counts what this route's streams receive from the peer (a migration's progress on the
+    /// destination: the metrics count all migrations' routes together).
+    pub received: Option<ByteCount>,
 }
+
+/// A byte counter shared between a route's streams and whoever added the route.
+#[derive(Clone, Debug, Default)]
+pub struct ByteCount(Arc<AtomicU64>);
+
+impl ByteCount {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The same counter, not the same count.
+impl PartialEq for ByteCount {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ByteCount {}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
@@ -103,6 +130,7 @@ mod tests {
             target: Endpoint::Unix("/tmp/x".into()),
             allow: allow.iter().map(|s| s.to_string()).collect(),
             migration: migration.map(Into::into),
+            received: None,
         }
     }
 

@@ -88,7 +88,8 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
 
     let total = size_mib * (1 << 20);
     let bar = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("  {bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+        // IEC units throughout (as `migtun migrate`), the bar as wide as the terminal allows.
+        ProgressStyle::with_template("  {wide_bar:.cyan/blue} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     // Random data, generated once and sent over and over: generating it on the fly would
@@ -116,8 +117,12 @@ pub fn run(size_mib: u64) -> anyhow::Result<()> {
     let sent = hasher.digest128().to_le_bytes();
     let (received, digest) = receiver.join().map_err(|_| anyhow::anyhow!("receiver thread panicked"))??;
 
-    let gbps = total as f64 / elapsed.as_secs_f64() / 1e9;
-    println!("  carried  {} bytes in {:.2} s: {gbps:.2} GB/s through TLS 1.3 (AES-128-GCM, mutual auth)", received, elapsed.as_secs_f64());
+    let rate = super::ui::rate_of(total, elapsed.as_secs_f64());
+    println!(
+        "  carried  {} ({received} bytes) in {:.2} s: {rate} through TLS 1.3 (AES-128-GCM, mutual auth)",
+        indicatif::HumanBytes(received),
+        elapsed.as_secs_f64()
+    );
     let ok = received == total && digest == sent && answer == digest;
     println!(
         "  check    XXH3-128 of what was sent {} / of what arrived {}: {}",

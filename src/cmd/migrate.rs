@@ -4,35 +4,42 @@
 //! dies the migration goes on; Ctrl-C asks the agent to cancel it (and waits for the rollback).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
-use migtun_control::admin::{self, Request, Status};
-use migtun_control::messages::{MigrateArgs, OutcomeKind, Report};
+use indicatif::HumanBytes;
+use migtun_control::admin::{self, Direction, MigrationSummary, Request, Status};
+use migtun_control::messages::{Event, MigrateArgs, OutcomeKind, Report};
+
+use super::ui::{self, Screen, Ui};
 
 pub fn migrate(admin_socket: &Path, args: MigrateArgs, json: bool) -> anyhow::Result<()> {
+    migrate_on(admin_socket, args, Ui::new(json, Screen::stderr()))
+}
+
+/// [`migrate`] with the output going to `ui`.
+pub fn migrate_on(admin_socket: &Path, args: MigrateArgs, ui: Ui) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
         // Shared between the report handler and the Ctrl-C branch; one thread, so RefCell.
-        let state = std::rc::Rc::new(std::cell::RefCell::new(State { ui: Ui::new(json), id: None, outcome: None }));
+        let state = std::rc::Rc::new(std::cell::RefCell::new(State { ui, id: None, outcome: None }));
         let socket = admin_socket.to_path_buf();
         let request = Request::Migrate { args };
         let handler_state = state.clone();
         let submit = admin::request(&socket, &request, move |line| {
             let mut st = handler_state.borrow_mut();
-            if let Some(err) = line.get("error").and_then(|e| e.as_str()) {
+            if let Some(err) = refusal(&line) {
                 st.outcome = Some((OutcomeKind::Refused, err.to_string()));
+                st.ui.refused(err);
                 return false;
             }
-            let Ok(report) = serde_json::from_value::<Report>(line.clone()) else { return true };
-            if let Report::Accepted { id, .. } = &report {
-                st.id = Some(id.clone());
+            let Ok(event) = serde_json::from_value::<Event>(line.clone()) else { return true };
+            if let Report::Accepted { .. } = &event.report {
+                st.id = Some(event.id.clone());
             }
-            if let Report::Done { outcome, message } = &report {
+            if let Report::Done { outcome, message, .. } = &event.report {
                 st.outcome = Some((*outcome, message.clone()));
             }
-            st.ui.show(&report, &line);
+            st.ui.show(&event, &line);
             st.outcome.is_none()
         });
         tokio::pin!(submit);
@@ -41,20 +48,27 @@ pub fn migrate(admin_socket: &Path, args: MigrateArgs, json: bool) -> anyhow::Re
             _ = tokio::signal::ctrl_c() => {
                 let id = state.borrow().id.clone();
                 let Some(id) = id else { bail!("interrupted before the agent accepted the migration") };
-                state.borrow_mut().ui.note("Ctrl-C: asking the agent to cancel the migration (rolling back) ...");
+                state.borrow_mut().ui.interrupted();
                 admin::request(&socket, &Request::Cancel { id }, |_| false).await?;
                 submit.await
             }
         };
-        result?;
         let mut st = state.borrow_mut();
-        st.ui.finish();
+        let outcome = st.outcome.as_ref().map(|(kind, _)| *kind);
+        st.ui.end(outcome);
+        result?;
         match st.outcome.take() {
             Some((OutcomeKind::Succeeded, _)) => Ok(()),
             Some((kind, message)) => bail!("migration {}: {message}", serde_json::to_string(&kind).unwrap_or_default().trim_matches('"')),
             None => bail!("the agent closed the connection before the migration ended (it may still be running: see `migtun status`)"),
         }
     })
+}
+
+/// The agent's refusal of the request itself: `{"error": ...}`, not an event (a failed
+/// migration's `done` event has an `error` too).
+fn refusal(line: &serde_json::Value) -> Option<&str> {
+    line.get("event").is_none().then(|| line.get("error").and_then(|e| e.as_str())).flatten()
 }
 
 struct State {
@@ -97,108 +111,59 @@ pub fn status(admin_socket: &Path, json: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         let status: Status = serde_json::from_value(line).context("unexpected answer")?;
-        println!("agent {}", status.name);
-        println!("migrations:{}", if status.migrations.is_empty() { " none" } else { "" });
-        for m in &status.migrations {
-            let outcome = m.outcome.map(|o| format!(" ({o:?})")).unwrap_or_default();
-            println!("  {}  {} -> {}  {}{outcome}", m.id, m.vm, m.to, m.phase);
-        }
-        println!("routes:{}", if status.routes.is_empty() { " none" } else { "" });
-        for r in &status.routes {
-            println!("  {r}");
-        }
-        println!("open streams:{}", if status.streams.is_empty() { " none" } else { "" });
-        for s in &status.streams {
-            println!("  {} {} ({}): {}", s.peer, s.route, s.side, s.open);
-        }
+        print!("{}", render_status(&status));
         Ok(())
     })
 }
 
-/// Human progress (a bar per stage) or JSON lines.
-struct Ui {
-    json: bool,
-    bar: Option<(String, ProgressBar)>,
-}
-
-impl Ui {
-    fn new(json: bool) -> Ui {
-        Ui { json, bar: None }
-    }
-
-    fn note(&mut self, message: &str) {
-        match &self.bar {
-            Some((_, bar)) => bar.println(message),
-            None => eprintln!("{message}"),
+/// `migtun status` for people: running migrations with their progress, then the ended ones.
+fn render_status(status: &Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "agent {}", status.name);
+    let (running, ended): (Vec<_>, Vec<_>) = status.migrations.iter().partition(|m| m.outcome.is_none());
+    let arrow = |m: &MigrationSummary| match m.direction {
+        Direction::Outgoing => format!("{} -> {}", m.vm, m.peer),
+        Direction::Incoming => format!("{} <- {}", m.vm, m.peer),
+    };
+    let _ = writeln!(out, "running:{}", if running.is_empty() { " none" } else { "" });
+    for m in &running {
+        let phase = match &m.step {
+            Some(s) => format!("{}/{s}", m.phase),
+            None => m.phase.clone(),
+        };
+        let _ = writeln!(out, "  {}  {}  {phase}  since {} ({})", m.id, arrow(m), m.started, ui::duration(m.duration_s));
+        if let Some(p) = &m.progress {
+            let pct = if p.total_bytes > 0 { p.done_bytes as f64 * 100.0 / p.total_bytes as f64 } else { 0.0 };
+            let mut line = format!("    {} {}/{} ({pct:.0}%)", p.stage, HumanBytes(p.done_bytes), HumanBytes(p.total_bytes));
+            if let Some(r) = p.bytes_per_s {
+                line += &format!(", {}", ui::rate(r));
+            }
+            if let Some(e) = p.eta_s {
+                line += &format!(", eta {}", ui::duration(e));
+            }
+            let _ = writeln!(out, "{line}");
         }
     }
-
-    fn show(&mut self, report: &Report, raw: &serde_json::Value) {
-        if self.json {
-            println!("{raw}");
-            return;
-        }
-        match report {
-            Report::Accepted { id, vm, to } => self.note(&format!("migration {id}: {vm} -> {to}")),
-            Report::Phase { phase, message } => {
-                self.finish();
-                self.note(&format!("[{phase}] {message}"));
-            }
-            Report::Log { message } => self.note(&format!("  {message}")),
-            Report::Progress { stage, done, total, rate, eta_secs, dirty_rate, expected_downtime_ms } => {
-                let bar = self.bar_for(stage);
-                bar.set_length(*total.max(done));
-                bar.set_position(*done);
-                let mut msg = format!("{}/s", human(*rate));
-                if let Some(eta) = eta_secs {
-                    msg += &format!(", eta {eta:.0}s");
-                }
-                if let Some(d) = dirty_rate {
-                    msg += &format!(", dirty {d} pages/s");
-                }
-                if let Some(t) = expected_downtime_ms {
-                    msg += &format!(", downtime ~{t} ms");
-                }
-                bar.set_message(msg);
-            }
-            Report::Done { outcome, message } => {
-                self.finish();
-                self.note(&format!("{outcome:?}: {message}"));
+    let _ = writeln!(out, "ended (the last {} of each direction):{}", admin::HISTORY, if ended.is_empty() { " none" } else { "" });
+    for m in ended.iter().rev() {
+        let outcome = m.outcome.and_then(|o| serde_json::to_value(o).ok()).and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        let _ = writeln!(out, "  {}  {}  {outcome}  {}  took {}", m.id, arrow(m), m.started, ui::duration(m.duration_s));
+        if m.outcome != Some(OutcomeKind::Succeeded) {
+            if let Some(msg) = &m.message {
+                let _ = writeln!(out, "    {msg}");
             }
         }
     }
-
-    fn bar_for(&mut self, stage: &str) -> ProgressBar {
-        if let Some((s, bar)) = &self.bar {
-            if s == stage {
-                return bar.clone();
-            }
-        }
-        self.finish();
-        let style = ProgressStyle::with_template(&format!("  {stage:6} {{bar:40.cyan/blue}} {{bytes}}/{{total_bytes}} {{msg}}"))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
-        let bar = ProgressBar::new(0).with_style(style);
-        bar.enable_steady_tick(Duration::from_millis(250));
-        self.bar = Some((stage.to_string(), bar.clone()));
-        bar
+    let _ = writeln!(out, "routes:{}", if status.routes.is_empty() { " none" } else { "" });
+    for r in &status.routes {
+        let _ = writeln!(out, "  {r}");
     }
-
-    fn finish(&mut self) {
-        if let Some((_, bar)) = self.bar.take() {
-            bar.finish();
-        }
+    let _ = writeln!(out, "open streams:{}", if status.streams.is_empty() { " none" } else { "" });
+    for s in &status.streams {
+        let _ = writeln!(out, "  {} {} ({}): {}", s.peer, s.route, s.side, s.open);
     }
-}
-
-fn human(bytes_per_s: f64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB"];
-    let mut v = bytes_per_s;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < units.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    format!("{v:.1} {}", units[i])
+    out
 }
 
 /// The files to carry, checked before anything is submitted.
@@ -213,4 +178,17 @@ pub fn check_files(files: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
             Ok(abs)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migtun_control::messages::Totals;
+
+    #[test]
+    fn a_failed_done_event_is_no_refusal_of_the_request() {
+        assert_eq!(refusal(&serde_json::json!({"error": "bad request: missing field `to`"})), Some("bad request: missing field `to`"));
+        let done = Event::now("m-1", Report::done(OutcomeKind::Failed, "it broke".into(), Totals::default()));
+        assert_eq!(refusal(&serde_json::to_value(done).unwrap()), None);
+    }
 }

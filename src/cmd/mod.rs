@@ -5,3 +5,4 @@ pub mod demo;
 pub mod logging;
 pub mod migrate;
 pub mod serve;
+pub mod ui;

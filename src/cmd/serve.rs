@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use migtun_control::admin::{self, Registry, Starter};
 use migtun_control::driver::{self, Outgoing};
-use migtun_control::messages::{MigrateArgs, OutcomeKind, Report};
+use migtun_control::messages::{MigrateArgs, OutcomeKind, Report, Totals};
 use migtun_proxy::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +58,10 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
         let registry = Arc::new(Registry::default());
+        if let Some(incoming) = &incoming {
+            // `migtun status` lists the incoming migrations with the outgoing ones.
+            registry.set_incoming(incoming.clone());
+        }
         let outgoing = match (qemu, journal) {
             (Some(q), Some(journal)) => Some(Arc::new(Outgoing { agent: handle.clone(), run_dir: q.run_dir, journal })),
             _ => None,
@@ -113,10 +117,11 @@ fn starter(outgoing: Option<Arc<Outgoing>>) -> Starter {
         let outgoing = outgoing.clone();
         Box::pin(async move {
             let Some(out) = outgoing else {
-                tracked.report(Report::Done {
-                    outcome: OutcomeKind::Refused,
-                    message: "this agent has no [qemu] run_dir configured; it cannot run migrations".into(),
-                });
+                tracked.report(Report::done(
+                    OutcomeKind::Refused,
+                    "this agent has no [qemu] run_dir configured; it cannot run migrations".into(),
+                    Totals::default(),
+                ));
                 return;
             };
             driver::run(out, args, tracked).await
