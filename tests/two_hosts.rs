@@ -808,12 +808,12 @@ fn link_cut_rolls_back_then_migrates(name: &'static str, phase: Phase, side: usi
     eprintln!("the CLI returned {:?} after the cut: {done}", cut.elapsed());
     assert!(!ok, "the migration fails");
     assert_eq!(done["outcome"], "failed", "{done}\n{stderr}\n{}", th.logs());
-    // What bounds the rollback: the control connection's keepalive (about 7 s); the source
-    // then yanks its QEMU's connections to the peer at once (out of band). During the mirror
-    // QEMU's main loop stays blocked anyway until the data connections' TCP timeout ends the
-    // streams to the vanished peer (measured: ~25 s, with the yank sent at 7 s; why the yank
-    // does not free it is not understood yet), so that is the bound.
-    let bound = migtun_proxy::socket::USER_TIMEOUT + Duration::from_secs(20);
+    // What bounds the rollback: the control connection's keepalive (a ping every 2 s, gone
+    // after 5 s unanswered). Then the source yanks its QEMU's connections to the peer (out of
+    // band) and cuts the forwards' streams, so that QEMU, whose main loop hangs on NBD
+    // requests in flight to the vanished peer, sees its sockets close at once instead of when
+    // TCP gives up (that took ~25 s before). 10 s more for the rollback on a loaded machine.
+    let bound = migtun_control::rpc::KEEPALIVE_INTERVAL + migtun_control::rpc::KEEPALIVE_TIMEOUT + Duration::from_secs(10);
     assert!(cut.elapsed() < bound, "the rollback took {:?} (more than {bound:?})\n{}", cut.elapsed(), th.logs());
     let message = done["message"].as_str().unwrap_or_default();
     assert!(message.contains("runs on the source"), "the report says where the guest runs: {message}");
