@@ -621,8 +621,13 @@ mod tests {
         assert!(std::fs::read_to_string(&key)
             .unwrap()
             .contains("BEGIN PRIVATE KEY"));
-        // Re-issuing replaces the files and keeps the modes; no temporary files are left.
-        issue(&dir, "host-a").unwrap();
+        // Re-issuing refuses to replace the key; with `replace` (--force) it replaces the files
+        // and keeps the modes; no temporary files are left.
+        let before = std::fs::read(&key).unwrap();
+        assert!(matches!(issue(&dir, "host-a"), Err(CertError::HostExists { .. })));
+        assert_eq!(std::fs::read(&key).unwrap(), before, "the refused re-issue leaves the key");
+        issue_with(&dir, "host-a", &IssueOptions::default(), true).unwrap();
+        assert_ne!(std::fs::read(&key).unwrap(), before);
         assert_eq!(mode(&key), 0o600);
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
