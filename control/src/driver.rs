@@ -480,6 +480,11 @@ impl Executor {
             Action::SendFiles(files) => self.send_files(files, tracked).await.map(|()| None),
             Action::SetMigrationSettings(s) => self.set_settings(s).await.map(|()| None),
             Action::StartMigration => {
+                // A previous migration of this QEMU may still be cleaning up (its multifd
+                // threads): `migrate` would be refused until it has.
+                if let Err(e) = teardown::wait_migration_cleaned(&self.qmp).await {
+                    return Some(Event::Failed(Step::StartMigration, e));
+                }
                 self.migration_started = true;
                 let uri = format!("unix:{}", self.dir.join("ram.sock").display());
                 self.qmp_do("migrate", json!({ "uri": uri })).await

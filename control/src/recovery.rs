@@ -179,7 +179,11 @@ async fn roll_back(r: &OutgoingRecord) -> String {
                     problems.push(e);
                 }
             }
-            Ok(false) => {}
+            Ok(false) => {
+                if let Err(e) = teardown::wait_migration_cleaned(&qmp).await {
+                    problems.push(e);
+                }
+            }
             Err(e) => problems.push(e),
         }
     }

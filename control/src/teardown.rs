@@ -66,12 +66,31 @@ pub async fn cancel_migration(qmp: &Qmp) -> Result<(), String> {
         })
         .await;
     match ended {
-        Ok(()) => Ok(()),
+        Ok(()) => wait_migration_cleaned(qmp).await,
         Err(QmpError::Timeout { .. }) => {
             let status = qmp.query_migrate().await.map(|i| i.status).unwrap_or_default();
             Err(format!("the migration is still {status:?} {}s after migrate_cancel", TEARDOWN_WAIT.as_secs()))
         }
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Waits until QEMU has cleaned up after its last migration: its `migration` yank instance is
+/// unregistered only when the cleanup (with multifd: every channel's thread joined) is done,
+/// after the status is already terminal, and a `migrate` before that is refused ("duplicate
+/// yank instance"), as the fault matrix found after a cancelled `--parallel 4` migration.
+pub async fn wait_migration_cleaned(qmp: &Qmp) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + TEARDOWN_WAIT;
+    loop {
+        let present = qmp.execute_oob("query-yank", Value::Null, STATUS_TIMEOUT).await.map_err(|e| e.to_string())?;
+        let busy = present.as_array().is_some_and(|a| a.iter().any(|i| i["type"] == "migration"));
+        if !busy {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("QEMU has not finished cleaning up the migration {}s after it ended", TEARDOWN_WAIT.as_secs()));
+        }
+        tokio::time::sleep(STATUS_RECHECK).await;
     }
 }
 
