@@ -79,13 +79,22 @@ pub async fn cancel_migration(qmp: &Qmp) -> Result<(), String> {
 /// unregistered only when the cleanup (with multifd: every channel's thread joined) is done,
 /// after the status is already terminal, and a `migrate` before that is refused ("duplicate
 /// yank instance"), as the fault matrix found after a cancelled `--parallel 4` migration.
+///
+/// A multifd channel thread can stay blocked on its socket after the migration failed (the
+/// source agent, holding the other ends, was killed), and then the cleanup never ends: once the
+/// migration is no longer live, its channels are yanked, which unblocks them.
 pub async fn wait_migration_cleaned(qmp: &Qmp) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + TEARDOWN_WAIT;
+    let mut yanked = false;
     loop {
         let present = qmp.execute_oob("query-yank", Value::Null, STATUS_TIMEOUT).await.map_err(|e| e.to_string())?;
         let busy = present.as_array().is_some_and(|a| a.iter().any(|i| i["type"] == "migration"));
         if !busy {
             return Ok(());
+        }
+        if !yanked && !migration_live(qmp).await.unwrap_or(true) {
+            yanked = true;
+            let _ = qmp.execute_oob("yank", serde_json::json!({"instances": [{"type": "migration"}]}), STATUS_TIMEOUT).await;
         }
         if tokio::time::Instant::now() > deadline {
             return Err(format!("QEMU has not finished cleaning up the migration {}s after it ended", TEARDOWN_WAIT.as_secs()));
