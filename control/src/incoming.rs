@@ -908,14 +908,7 @@ fn hook_qemu(dir: &Path) -> Option<Process> {
 
 /// Waits until `p` has exited; false if it still runs after `grace`.
 async fn wait_gone(p: &Process, grace: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + grace;
-    while p.alive() {
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    true
+    p.id().wait_exit(grace).await
 }
 
 /// Waits until the incoming migration has completed here (or fails if it did not): on the

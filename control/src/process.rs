@@ -28,6 +28,18 @@ impl ProcessId {
     pub fn alive(&self) -> bool {
         start_time(self.pid) == Some(self.start) && !is_zombie(self.pid)
     }
+
+    /// Waits until this process has exited; false if it still runs after `grace`.
+    pub async fn wait_exit(&self, grace: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.alive() {
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        true
+    }
 }
 
 /// A handle on a process that was verified to be `id` (a pidfd).

@@ -236,13 +236,8 @@ async fn quit_source(r: &OutgoingRecord) -> String {
 }
 
 async fn wait_exit(qemu: Option<ProcessId>, grace: Duration) -> bool {
-    let Some(p) = qemu else { return true };
-    let deadline = tokio::time::Instant::now() + grace;
-    while p.alive() {
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    match qemu {
+        Some(p) => p.wait_exit(grace).await,
+        None => true,
     }
-    true
 }
