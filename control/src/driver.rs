@@ -118,7 +118,10 @@ async fn drive(
         } else {
             DiskSelection::All
         },
-        parallel: args.parallel,
+        parallel: args.parallel.or_else(|| {
+            let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            crate::machine::default_parallel(cpus, args.postcopy)
+        }),
         postcopy: args.postcopy,
         max_bandwidth: args.max_bandwidth,
         downtime_ms: args.downtime_ms,
@@ -129,6 +132,11 @@ async fn drive(
             .map(|p| SideFile { name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), path: p.clone() })
             .collect(),
     };
+    if let (None, Some(n)) = (args.parallel, options.parallel) {
+        tracked.report(Report::Log {
+            message: format!("multifd with {n} channels: the default on a host with this many CPUs (--parallel 1 for one stream)"),
+        });
+    }
     let mut exec = Executor {
         id: id.clone(),
         qmp: Arc::new(qmp),

@@ -125,7 +125,8 @@ pub struct SideFile {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Options {
     pub disks: DiskSelection,
-    /// multifd channels (`--parallel N`).
+    /// Parallel RAM streams (`--parallel N`): `Some(1)` is one stream (no multifd), `Some(n)`
+    /// multifd with `n` channels; `None` is resolved by [`default_parallel`] before the machine runs.
     pub parallel: Option<u8>,
     pub postcopy: bool,
     /// Bytes per second; `None` lifts QEMU's own limit ([`UNLIMITED_BANDWIDTH`]).
@@ -218,6 +219,27 @@ pub struct MigrationSettings {
 /// made a running 512 MiB guest take 9.4 s instead of 5.0 s through migtun. This value stays
 /// below `i64::MAX`, which QEMU's rate limiter (an `int64_t`) must hold.
 pub const UNLIMITED_BANDWIDTH: u64 = (i64::MAX as u64 / (1 << 20)) << 20;
+
+/// Online CPUs from which `migtun migrate` uses multifd without `--parallel`. Each channel is a
+/// QEMU send thread on the source, a receive thread on the destination, and a TLS connection
+/// that migtun encrypts on its own core: the channels only add bandwidth when those threads
+/// find idle cores beside the guest's vCPUs. On the 2-CPU machine migtun is developed on, 2 and
+/// 4 channels were slower than one stream (README, "Defaults of `migtun migrate`").
+pub const MULTIFD_MIN_CPUS: usize = 8;
+
+/// Most channels the default picks: the RAM stream of one migration rarely outruns 4 TLS
+/// streams (about 1.3 GB/s each), and every channel is a connection and two threads.
+pub const MULTIFD_MAX_DEFAULT_CHANNELS: usize = 4;
+
+/// multifd channels when `--parallel` is not given, on a host with `cpus` online CPUs: none
+/// below [`MULTIFD_MIN_CPUS`], then one channel per 4 CPUs up to
+/// [`MULTIFD_MAX_DEFAULT_CHANNELS`]. Never with postcopy, which QEMU 7.2 refuses with multifd.
+pub fn default_parallel(cpus: usize, postcopy: bool) -> Option<u8> {
+    if postcopy || cpus < MULTIFD_MIN_CPUS {
+        return None;
+    }
+    u8::try_from((cpus / 4).min(MULTIFD_MAX_DEFAULT_CHANNELS)).ok()
+}
 
 /// QEMU's migration status (the `MIGRATION` event, `query-migrate`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1060,7 +1082,7 @@ impl Machine {
             id: self.id.clone(),
             running: vm.running,
             disks,
-            multifd_channels: self.options.parallel,
+            multifd_channels: self.options.multifd_channels(),
             postcopy: self.options.postcopy,
             files: self.options.files.iter().map(|f| f.name.clone()).collect(),
         };
@@ -1131,7 +1153,7 @@ impl Machine {
         // last mirror's readiness at once.
         let settings = MigrationSettings {
             pause_before_switchover: self.switchover_pause(),
-            multifd_channels: self.options.parallel,
+            multifd_channels: self.options.multifd_channels(),
             postcopy: self.options.postcopy,
             max_bandwidth: self.options.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH),
             downtime_ms: self.options.downtime_ms,
@@ -1515,12 +1537,19 @@ fn result_step(event: &Event) -> Option<Step> {
     }
 }
 
+impl Options {
+    /// multifd channels, if multifd is used: `--parallel 1` is the one migration stream.
+    pub fn multifd_channels(&self) -> Option<u8> {
+        self.parallel.filter(|n| *n > 1)
+    }
+}
+
 fn option_problems(o: &Options) -> Vec<String> {
     let mut problems = Vec::new();
     if o.parallel == Some(0) {
         problems.push("--parallel must be at least 1".to_string());
     }
-    if o.postcopy && o.parallel.is_some() {
+    if o.postcopy && o.multifd_channels().is_some() {
         problems.push(
             "--postcopy cannot be combined with --parallel: QEMU 7.2 refuses multifd with postcopy-ram"
                 .to_string(),
@@ -2570,7 +2599,7 @@ mod tests {
                 scn.name
             );
             assert_eq!(
-                settings.multifd_channels, scn.options.parallel,
+                settings.multifd_channels, scn.options.multifd_channels(),
                 "{}",
                 scn.name
             );
@@ -3481,5 +3510,26 @@ mod tests {
             Phase::Perform(PerformStep::SyncingDisks).to_string(),
             "perform (syncing-disks)"
         );
+    }
+
+    #[test]
+    fn multifd_is_the_default_only_where_there_are_cores_for_it() {
+        // The 2-CPU machine the project is measured on: one stream (multifd was slower there).
+        for cpus in [1, 2, 4, 7] {
+            assert_eq!(default_parallel(cpus, false), None, "{cpus} CPUs");
+        }
+        assert_eq!(default_parallel(8, false), Some(2));
+        assert_eq!(default_parallel(12, false), Some(3));
+        assert_eq!(default_parallel(64, false), Some(4), "at most MULTIFD_MAX_DEFAULT_CHANNELS");
+        assert_eq!(default_parallel(64, true), None, "QEMU 7.2 refuses multifd with postcopy");
+    }
+
+    #[test]
+    fn parallel_one_is_one_stream_and_combines_with_postcopy() {
+        let one = Options { parallel: Some(1), postcopy: true, ..Default::default() };
+        assert_eq!(one.multifd_channels(), None);
+        assert!(option_problems(&one).is_empty(), "{:?}", option_problems(&one));
+        let four = Options { parallel: Some(4), ..Default::default() };
+        assert_eq!(four.multifd_channels(), Some(4));
     }
 }
