@@ -70,7 +70,7 @@ fn migrates_exactly(hosts: &Hosts, qmp: &Path, ram: &Path, disks: &[(&Path, &str
     let done = events.iter().rev().find(|e| e["event"] == "done").cloned().unwrap_or_default();
     assert!(ok, "the migration succeeds: {done}\n{}", hosts.logs());
     let dir = dest_dir(hosts, &events);
-    let images = dir.join("images");
+    let images = dest_images(hosts, &events);
     assert!(same_file(ram, &images.join(ram.file_name().unwrap())), "RAM arrives byte-exact");
     for (disk, format) in disks {
         let dest = images.join(disk.file_name().unwrap());

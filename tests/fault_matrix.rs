@@ -337,7 +337,7 @@ fn next_migration_is_exact(hosts: &Hosts, qemu: &std::path::Path, guest: &mut Gu
     assert!(ok, "the next migration succeeds: {:?}\nsource QEMU: {qemu_log}", events.last());
     let dir = dest_dir(hosts, &events);
     let _dest = PidFile(dir.join("qemu.pid"));
-    let images = dir.join("images");
+    let images = dest_images(hosts, &events);
     if paused {
         assert!(same_file(&g.ram, &images.join(g.ram.file_name().unwrap())), "RAM arrives byte-exact");
     }

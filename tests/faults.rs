@@ -266,7 +266,7 @@ fn paused_guest_fails_late_then_migrates(name: &'static str, fault: LateFault) {
     let _dest = PidFile(dir.join("qemu.pid"));
     let src = &mut guest.proc.0[0];
     wait_exit(|| src.try_wait().unwrap().is_none(), "the source QEMU quits after success");
-    let images = dir.join("images");
+    let images = dest_images(&hosts, &events);
     assert!(same_file(&guest.ram, &images.join(guest.ram.file_name().unwrap())), "RAM arrives byte-exact");
     for (disk, format) in &guest.disks {
         let dest = images.join(disk.file_name().unwrap());

@@ -79,7 +79,8 @@ impl Fleet {
         let qemu_table = match qemu {
             None => String::new(),
             Some(lines) => format!(
-                "\n[qemu]\nrun_dir = \"{}\"\nstate_dir = \"{}.state\"\nprepare_hook = \"{}\"\n{lines}\n",
+                "\n[qemu]\nrun_dir = \"{}\"\nstate_dir = \"{}.state\"\nimage_dir = \"{}.images\"\nprepare_hook = \"{}\"\n{lines}\n",
+                run_dir.display(),
                 run_dir.display(),
                 run_dir.display(),
                 hook_path.display()
@@ -538,7 +539,7 @@ async fn uploads_are_capped_and_partial_files_removed() {
     let rpc = rpc(&fleet.a).await.unwrap();
     let id = new_migration_id();
     let _reply: PrepareReply = rpc.call("prepare", &cookie(&id, "host-a")).await.expect("prepare with a real QEMU");
-    let images = fleet.run_dir.join(&id).join("images");
+    let images = fleet.run_dir.with_extension("images").join(&id);
     let files = || -> Vec<String> {
         std::fs::read_dir(&images).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
     };

@@ -20,6 +20,8 @@ use migtun_control::rpc::{RpcClient, RpcError};
 const MIGTUN: &str = env!("CARGO_BIN_EXE_migtun");
 /// The id of a guest that migrated in earlier: its directory must survive everything.
 const EARLIER: &str = "m-00000000000000aa";
+/// An earlier guest whose QEMU exited: only its images are left (`image_dir/<id>`).
+const EARLIER_DISKS_ONLY: &str = "m-00000000000000bb";
 
 /// Finds QEMU; under CI its absence fails the test, elsewhere the QEMU part is skipped loudly.
 fn find_qemu() -> Option<PathBuf> {
@@ -39,6 +41,7 @@ struct Site {
     _pki: Pki,
     root: PathBuf,
     run_dir: PathBuf,
+    image_dir: PathBuf,
     outside: PathBuf,
     /// Created by a shell payload, if one ever ran.
     marker: PathBuf,
@@ -92,11 +95,15 @@ async fn site(run_as: Option<&str>) -> Site {
     let root = pki.dir.path().canonicalize().unwrap();
     // With run_as, QEMU (as that user) must reach run_dir/<id>, as under /run/migtun.
     std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
-    // parent/ holds run_dir (run/) and a sentinel, as /run/migtun holds sockets next to qemu/.
+    // parent/ holds run_dir (run/), image_dir (images/) and a sentinel, as /run/migtun holds
+    // sockets next to qemu/. A guest that migrated in earlier has its directory in both.
     let parent = root.join("parent");
-    let run_dir = parent.join("run");
-    let earlier = run_dir.join(EARLIER).join("images");
+    let (run_dir, image_dir) = (parent.join("run"), parent.join("images"));
+    std::fs::create_dir_all(run_dir.join(EARLIER)).unwrap();
+    let earlier = image_dir.join(EARLIER);
     std::fs::create_dir_all(&earlier).unwrap();
+    std::fs::create_dir_all(image_dir.join(EARLIER_DISKS_ONLY)).unwrap();
+    std::fs::write(image_dir.join(EARLIER_DISKS_ONLY).join("disk0.raw"), b"kept disk").unwrap();
     std::fs::write(earlier.join("disk0.raw"), b"the guest that lives here").unwrap();
     std::fs::write(parent.join("sentinel"), b"x").unwrap();
     std::fs::write(run_dir.join("sentinel"), b"x").unwrap();
@@ -119,11 +126,12 @@ async fn site(run_as: Option<&str>) -> Site {
     drop(port_b);
     let admin = root.join("host-b.admin");
     let b = format!(
-        "name = \"host-b\"\nlisten = \"{addr_b}\"\nadmin = \"{}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n\n[qemu]\nrun_dir = \"{}\"\nstate_dir = \"{}/state\"\nprepare_hook = \"{}\"\nemulator = \"{}\"\nshared_storage = [\"{}\"]\nallow_sources = [\"host-a\"]\n{}",
+        "name = \"host-b\"\nlisten = \"{addr_b}\"\nadmin = \"{}\"\n{}\n[[peer]]\nname = \"host-a\"\naddress = \"{addr_a}\"\n\n[qemu]\nrun_dir = \"{}\"\nstate_dir = \"{}/state\"\nimage_dir = \"{}\"\nprepare_hook = \"{}\"\nemulator = \"{}\"\nshared_storage = [\"{}\"]\nallow_sources = [\"host-a\"]\n{}",
         admin.display(),
         tls_table(&pki.pki(), "host-b"),
         run_dir.display(),
         root.display(),
+        image_dir.display(),
         hook.display(),
         emulator_key.display(),
         shared.display(),
@@ -145,7 +153,7 @@ async fn site(run_as: Option<&str>) -> Site {
     let a = start_agent(&root, "host-a", &a, port_a).await;
     let io = a.handle.connect_control("host-b").await.expect("control connection");
     let rpc = RpcClient::connect(io, "host-b", "host-a").await.expect("hello");
-    Site { _pki: pki, root, run_dir, outside, marker, hook_ran, emulator, dest, _a: a, rpc }
+    Site { _pki: pki, root, run_dir, image_dir, outside, marker, hook_ran, emulator, dest, _a: a, rpc }
 }
 
 /// An ordinary guest's cookie (the command line tests/vm/mod.rs starts), one copied raw disk.
@@ -224,6 +232,10 @@ async fn hostile_cookies_are_refused_with_reasons_and_touch_nothing() {
     let mut c = ordinary(&src);
     c.migration = EARLIER.into();
     refused(&site, "the id of a guest that lives here", &c, "used on this host before").await;
+    // A guest whose QEMU has exited: its run dir is gone, its disks stay, and are not reused.
+    let mut c = ordinary(&src);
+    c.migration = EARLIER_DISKS_ONLY.into();
+    refused(&site, "the id of a guest whose disks are kept here", &c, "used on this host before").await;
 
     for node in ["../../outside/x", ".", "/tmp/x"] {
         let mut c = ordinary(&src);
@@ -249,7 +261,8 @@ async fn hostile_cookies_are_refused_with_reasons_and_touch_nothing() {
     assert!(!site.hook_ran.exists(), "no hook ran for a refused cookie");
     assert_eq!(tree(&site.outside), before_outside, "nothing written in the sentinel directory");
     assert_eq!(tree(site.run_dir.parent().unwrap()), before_parent, "run_dir and its parent are as they were");
-    assert_eq!(std::fs::read(site.run_dir.join(EARLIER).join("images/disk0.raw")).unwrap(), b"the guest that lives here");
+    assert_eq!(std::fs::read(site.image_dir.join(EARLIER).join("disk0.raw")).unwrap(), b"the guest that lives here");
+    assert_eq!(std::fs::read(site.image_dir.join(EARLIER_DISKS_ONLY).join("disk0.raw")).unwrap(), b"kept disk");
     assert!(processes_mentioning(&site.run_dir.display().to_string()).is_empty(), "no process started");
     let log = std::fs::read_to_string(site.root.join("host-b.log")).unwrap();
     assert!(log.contains("refused an incoming migration"), "the destination logs refusals:\n{log}");
@@ -296,17 +309,18 @@ async fn ordinary_prepare(run_as: Option<&str>) -> Option<i32> {
         assert!(cmdline.contains("-runas nobody") && cmdline.contains("elevateprivileges=allow"), "{cmdline}");
     }
     assert!(!cmdline.contains("-daemonize") && !cmdline.contains("/etc/passwd"), "{cmdline}");
-    assert!(cmdline.contains(&format!("mem-path={}", dir.join("images/ram").display())), "{cmdline}");
-    assert_eq!(tree(&dir.join("images")), ["disk0.raw", "ram"], "the fresh image and the RAM file, nothing else");
+    let images = site.image_dir.join(&id);
+    assert!(cmdline.contains(&format!("mem-path={}", images.join("ram").display())), "{cmdline}");
+    assert_eq!(tree(&images), ["disk0.raw", "ram"], "the fresh image and the RAM file, nothing else");
     assert!(!processes_mentioning(&site.run_dir.display().to_string()).is_empty(), "the process check sees a running QEMU");
 
     // The source reports failure: QEMU is quit, only this migration's directory goes.
     let _ = site.rpc.call::<_, serde_json::Value>("finish", &serde_json::json!({"migration": id, "success": false, "resume": false})).await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while dir.exists() || std::path::Path::new(&format!("/proc/{pid}/exe")).exists() {
+    while dir.exists() || images.exists() || std::path::Path::new(&format!("/proc/{pid}/exe")).exists() {
         assert!(Instant::now() < deadline, "the abandoned migration is cleaned up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(site.run_dir.join(EARLIER).join("images/disk0.raw").exists() && site.run_dir.join("sentinel").exists());
+    assert!(site.image_dir.join(EARLIER).join("disk0.raw").exists() && site.run_dir.join("sentinel").exists());
     Some(pid)
 }

@@ -30,7 +30,7 @@ fn paused_guest_with_two_disks_arrives_byte_exact() {
     wait_exit(|| src.try_wait().unwrap().is_none(), "the source QEMU quits after success");
 
     // RAM and disks equal the source's byte for byte.
-    let images = dir.join("images");
+    let images = dest_images(&hosts, &events);
     assert!(same_file(&guest.ram, &images.join("ram-src")), "destination RAM equals the source's");
     for (disk, format) in &guest.disks {
         let dest = images.join(disk.file_name().unwrap());
@@ -52,7 +52,52 @@ fn running_guest_runs_on_the_destination() {
     let _dest = PidFile(dir.join("qemu.pid"));
     let status = qmp_status(&dir.join("qmp.sock"));
     assert_eq!(status["running"], true, "the guest runs on the destination: {status}");
-    assert!(dir.join("images/disk0.raw").exists());
+    assert!(dest_images(&hosts, &events).join("disk0.raw").exists());
+}
+
+/// A migrated guest's disks live in the destination's `qemu.image_dir` for as long as it runs
+/// there; its run directory (QMP socket, pidfile, log) goes when its QEMU exits, whether the
+/// agent that received it still runs or was restarted meanwhile; the images stay: they are the
+/// guest's disks, the operator's to keep or delete. Nothing accumulates under `run_dir`.
+#[test]
+fn a_migrated_guests_run_dir_goes_with_its_qemu_and_its_images_stay() {
+    let Some(qemu) = qemu() else { return };
+    let mut hosts = Hosts::start();
+    let quit_and_wait = |dir: &std::path::Path, hosts: &Hosts, what: &str| {
+        let pid = read_pidfile(&dir.join("qemu.pid"));
+        let _ = Monitor::connect(&dir.join("qmp.sock")).cmd("quit", serde_json::json!({}));
+        wait_exit(|| pid_alive(pid), "the destination QEMU quits");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while dir.exists() {
+            assert!(std::time::Instant::now() < deadline, "{what}: {} is left after its QEMU exited\n{}", dir.display(), hosts.logs());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let mut migrated = Vec::new();
+    for name in ["g1", "g2"] {
+        let guest = start_guest_with(&hosts, &qemu, &GuestOpts { name, ..Default::default() });
+        let (ok, events) = migrate(&hosts, &guest, &["--disks", "vd0"]);
+        assert!(ok, "migration succeeds; events: {events:#?}");
+        let (dir, images) = (dest_dir(&hosts, &events), dest_images(&hosts, &events));
+        let mut left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, ["qemu.log", "qemu.pid", "qmp.sock"], "the running guest's run dir: no migration socket, no image");
+        for file in [&guest.ram, &guest.disks[0].0] {
+            assert!(images.join(file.file_name().unwrap()).exists(), "{} is in image_dir: {images:?}", file.display());
+        }
+        migrated.push((dir, images, guest));
+    }
+    // The first guest's QEMU exits while the agent that received it still runs.
+    quit_and_wait(&migrated[0].0, &hosts, "without a restart");
+    // The second's after the agent was restarted: its journal record is what watches the QEMU.
+    hosts.kill_agent(1);
+    hosts.restart_agent(1);
+    quit_and_wait(&migrated[1].0, &hosts, "after a restart");
+    for (_, images, _) in &migrated {
+        assert!(std::fs::read_dir(images).unwrap().count() >= 2, "the guest's images stay in {}", images.display());
+    }
+    let left: Vec<_> = std::fs::read_dir(hosts.path("run-host-b")).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "run_dir is empty: {left:?}");
 }
 
 #[test]

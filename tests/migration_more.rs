@@ -58,7 +58,7 @@ fn shared_storage_copies_no_disk_and_the_destination_writes_to_the_same_images()
     wait_source_quit(&mut guest);
     // Only the RAM file is in the destination's image directory: no disk was created.
     let ram_name = guest.ram.file_name().unwrap().to_string_lossy().into_owned();
-    assert_eq!(images_in(&dir.join("images")), vec![ram_name], "no disk image on the destination");
+    assert_eq!(images_in(&dest_images(&hosts, &events)), vec![ram_name], "no disk image on the destination");
 
     let mon = Monitor::connect(&dir.join("qmp.sock"));
     assert!(mon.running(), "the guest runs on the destination");
@@ -91,7 +91,7 @@ fn only_the_named_disk_is_copied() {
     let dir = dest_dir(&hosts, &events);
     let _dest = PidFile(dir.join("qemu.pid"));
     wait_source_quit(&mut guest);
-    let images = dir.join("images");
+    let images = dest_images(&hosts, &events);
     let (raw, _) = &guest.disks[0];
     compare_disk(raw, "raw", &images.join(raw.file_name().unwrap()));
     let (qcow, _) = &guest.disks[1];
@@ -114,7 +114,7 @@ fn multifd_with_four_channels_arrives_byte_exact() {
     let dir = dest_dir(&hosts, &events);
     let _dest = PidFile(dir.join("qemu.pid"));
     wait_source_quit(&mut guest);
-    let images = dir.join("images");
+    let images = dest_images(&hosts, &events);
     assert!(same_file(&guest.ram, &images.join(guest.ram.file_name().unwrap())), "RAM arrives byte-exact over multifd");
     for (disk, format) in &guest.disks {
         compare_disk(disk, format, &images.join(disk.file_name().unwrap()));
@@ -158,7 +158,7 @@ fn two_migrations_at_once_between_the_same_agents() {
         dirs.push(dir.clone());
         let _dest = PidFile(dir.join("qemu.pid"));
         wait_source_quit(guest);
-        let images = dir.join("images");
+        let images = dest_images(&hosts, events);
         assert!(same_file(&guest.ram, &images.join(guest.ram.file_name().unwrap())), "RAM of {} arrives byte-exact", guest.ram.display());
         for (disk, format) in &guest.disks {
             compare_disk(disk, format, &images.join(disk.file_name().unwrap()));
@@ -272,7 +272,7 @@ fn side_channel_files_arrive_in_the_image_directory() {
     let dir = dest_dir(&hosts, &events);
     let _dest = PidFile(dir.join("qemu.pid"));
     wait_source_quit(&mut guest);
-    let images = dir.join("images");
+    let images = dest_images(&hosts, &events);
     assert!(same_file(&big, &images.join("nvram.fd")), "the 5 MiB file arrives intact");
     assert!(same_file(&tiny, &images.join("vm.conf")), "the small file arrives intact");
     assert!(
@@ -377,7 +377,7 @@ fn migration_with_storage_over_quic() {
     assert!(ok, "the migration succeeds over QUIC: {events:#?}\n{}", hosts.logs());
     let dir = dest_dir(&hosts, &events);
     let _dest = PidFile(dir.join("qemu.pid"));
-    let images = dir.join("images");
+    let images = dest_images(&hosts, &events);
     assert!(same_file(&guest.ram, &images.join(guest.ram.file_name().unwrap())), "RAM byte-exact");
     for (disk, format) in &guest.disks {
         run(Command::new("qemu-img").args(["compare", "-U", "-q", "-f", format, "-F", format]).arg(disk).arg(images.join(disk.file_name().unwrap())));

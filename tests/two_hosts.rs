@@ -336,7 +336,7 @@ impl TwoHosts {
         let mut agents = Procs(Vec::new());
         for (i, (name, peer)) in [("host-a", "host-b"), ("host-b", "host-a")].into_iter().enumerate() {
             let config = format!(
-                "name = \"{name}\"\nlisten = \"0.0.0.0:{PORT}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{METRICS}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{a}:{PORT}\"\ntransport = \"{transport}\"\n\n[qemu]\nrun_dir = \"{d}/run-{name}\"\nstate_dir = \"{d}/state-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n",
+                "name = \"{name}\"\nlisten = \"0.0.0.0:{PORT}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{METRICS}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{a}:{PORT}\"\ntransport = \"{transport}\"\n\n[qemu]\nrun_dir = \"{d}/run-{name}\"\nstate_dir = \"{d}/state-{name}\"\nimage_dir = \"{d}/images-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n",
                 d = dir.path().display(),
                 p = pki.display(),
                 a = ADDR[1 - i],
@@ -604,7 +604,7 @@ fn assert_arrived_byte_exact(th: &TwoHosts, guest: &mut Guest, events: &[Value],
     let dir = dest_dir(th, events);
     let src = &mut guest.proc.0[0];
     wait_exit(|| src.try_wait().unwrap().is_none(), "the source QEMU quits after success");
-    let images = dir.join("images");
+    let images = dest_images(th, events);
     let from = if running { FIRMWARE_AREA } else { 0 };
     let pages = differing_pages(&guest.ram, &images.join(guest.ram.file_name().unwrap()), from);
     assert!(pages.is_empty(), "RAM of {} arrives byte-exact (from {from:#x}); differing 4 KiB pages at {pages:x?}", guest.ram.display());
@@ -893,10 +893,11 @@ fn four_concurrent_migrations_with_storage_between_two_agents() {
         guard.join().unwrap();
         assert_succeeded(&th, ok, &m.events);
         let dir = assert_arrived_byte_exact(&th, guest, &m.events, false);
-        assert_eq!(names_in(&dir.join("images")), image_names(guest), "exactly {}'s images in {}", guest.ram.display(), dir.display());
-        // The guest's directory keeps its images, its QMP socket, pidfile and log; the
+        let images = dest_images(&th, &m.events);
+        assert_eq!(names_in(&images), image_names(guest), "exactly {}'s images in {}", guest.ram.display(), images.display());
+        // The guest's run directory keeps its QMP socket, pidfile and log while it runs; the
         // migration's NBD and RAM sockets are gone.
-        assert_eq!(names_in(&dir), ["images", "qemu.log", "qemu.pid", "qmp.sock"], "left in {}", dir.display());
+        assert_eq!(names_in(&dir), ["qemu.log", "qemu.pid", "qmp.sock"], "left in {}", dir.display());
         dirs.push(dir);
     }
     assert_eq!(th.entries("run-host-b"), ids, "host-b's run_dir holds exactly the four migrations");

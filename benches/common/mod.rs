@@ -1019,9 +1019,14 @@ fn migtun_conf(
             .clone()
             .unwrap_or_else(|| d.to_path_buf())
             .join(format!("run-{me}"));
+        // Each agent its own journal: two agents on one state_dir refuse to start (it is locked).
+        let state = run.with_file_name(format!("state-{me}"));
+        let images = run.with_file_name(format!("images-{me}"));
         s.push_str(&format!(
-            "\n[qemu]\nrun_dir = \"{}\"\nprepare_hook = \"{}\"\n",
+            "\n[qemu]\nrun_dir = \"{}\"\nstate_dir = \"{}\"\nimage_dir = \"{}\"\nprepare_hook = \"{}\"\nallow_sources = [\"{peer}\"]\n",
             run.display(),
+            state.display(),
+            images.display(),
             hook.display()
         ));
     }

@@ -119,7 +119,10 @@ impl Drop for Slot {
 /// The destination side, shared by all control connections.
 pub struct Incoming {
     agent: AgentHandle,
+    /// `run_dir/<id>`: a migration's sockets, QMP socket, pidfile and QEMU log.
     run_dir: PathBuf,
+    /// `image_dir/<id>`: its copied disks and side-channel files.
+    image_dir: PathBuf,
     journal: Arc<Journal>,
     hook: Option<PathBuf>,
     /// What an incoming migration may run here (`[qemu]`).
@@ -197,6 +200,7 @@ impl Incoming {
     pub fn with_config(
         agent: AgentHandle,
         run_dir: PathBuf,
+        image_dir: PathBuf,
         journal: Arc<Journal>,
         hook: Option<PathBuf>,
         policy: Policy,
@@ -205,6 +209,7 @@ impl Incoming {
         Arc::new(Incoming {
             agent,
             run_dir,
+            image_dir,
             journal,
             hook,
             policy,
@@ -364,6 +369,14 @@ impl Incoming {
         let hook = self.hook.clone().ok_or_else(|| MethodError::failed("this agent has no qemu.prepare_hook configured"))?;
         // The cookie is data from a peer: validated before anything is created or run.
         cookie::validate(&cookie, &self.policy).map_err(|e| refused(&id, &source, e))?;
+        // A guest that migrated in under this id keeps its disks in image_dir/<id>, also after
+        // its run dir and journal record are gone: this prepare must neither reuse them nor, on
+        // failure, remove them.
+        let images = self.images_of(&id);
+        if std::fs::symlink_metadata(&images).is_ok() {
+            let why = format!("{} exists: this id was used on this host before", images.display());
+            return Err(refused(&id, &source, crate::destination::Refusal::MigrationId { id: id.clone(), why }));
+        }
         self.journal.prune_incoming();
         if self.journal.incoming_record(&id).is_some() {
             return Err(MethodError::bad_request(format!("migration {id} was prepared here before (it is in the journal)")));
@@ -456,12 +469,11 @@ impl Incoming {
         wait_gone(&p, QUIT_GRACE).await;
     }
 
-    /// Builds what runs from the validated cookie (images in `dir/images`, the allow-listed
+    /// Builds what runs from the validated cookie (images in `image_dir/<id>`, the allow-listed
     /// command line) and hands exactly that to the hook.
     async fn plan_and_run_hook(&self, hook: &Path, cookie: &mut Cookie, dir: &Path) -> Result<PathBuf, MethodError> {
         let (id, source) = (cookie.migration.clone(), cookie.source.clone());
-        let image_dir = paths::file_in(dir, "images", "image directory").map_err(|e| refused(&id, &source, e))?;
-        create_private_dir(&image_dir).map_err(|e| MethodError::failed(format!("creating {}: {e}", image_dir.display())))?;
+        let image_dir = paths::create_migration_dir_in("qemu.image_dir", &self.image_dir, &id).map_err(|e| refused(&id, &source, e))?;
         if let Some(user) = &self.policy.run_as {
             // QEMU binds the NBD and migration sockets here after -runas dropped to `user`.
             // The images stay root's: QEMU opens them before it drops privileges.
@@ -492,10 +504,52 @@ impl Incoming {
         run_hook(hook, &input).await.map_err(MethodError::failed)
     }
 
-    /// Removes a migration's directory (only ever `run_dir/<valid id>`).
+    /// Removes a failed migration's directories: `dir` (only ever `run_dir/<valid id>`) and its
+    /// images (`image_dir/<id>`), which no guest uses.
+    /// The images go first: the run dir's disappearance is what says the migration left nothing.
     fn remove_dir(&self, dir: &Path) {
+        if let Some(id) = dir.file_name() {
+            let images = self.image_dir.join(id);
+            match paths::remove_migration_dir(&self.image_dir, &images) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    warn!(dir = %images.display(), error = %e, "cannot remove the failed migration's images");
+                }
+                _ => {}
+            }
+        }
         if let Err(e) = paths::remove_migration_dir(&self.run_dir, dir) {
-            warn!(dir = %dir.display(), error = %e, "cannot remove the migration's directory");
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %dir.display(), error = %e, "cannot remove the migration's directory");
+            }
+        }
+    }
+
+    /// `image_dir/<id>`: where migration `id`'s disks and side-channel files go.
+    fn images_of(&self, id: &str) -> PathBuf {
+        self.image_dir.join(id)
+    }
+
+    /// A kept guest's run dir (its QMP socket, pidfile, log) lives as long as its QEMU: removed
+    /// when that process exits, whenever that is, so that nothing accumulates under `run_dir`.
+    /// The images stay: they are the guest's disks, the operator's to keep or delete.
+    fn remove_run_dir_when_gone(&self, record: &IncomingRecord) {
+        let (run_dir, dir, id) = (self.run_dir.clone(), record.dir.clone(), record.id.clone());
+        let remove = move || match paths::remove_migration_dir(&run_dir, &dir) {
+            Ok(()) => info!(migration = %id, dir = %dir.display(), "the migrated guest's QEMU has exited; removed its run directory"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(migration = %id, dir = %dir.display(), error = %e, "cannot remove the exited guest's run directory"),
+        };
+        match record.qemu.and_then(Process::open) {
+            None => remove(),
+            Some(p) => {
+                tokio::spawn(async move {
+                    if let Err(e) = p.exited().await {
+                        warn!(error = %e, "cannot watch the migrated guest's QEMU; its run directory stays");
+                        return;
+                    }
+                    remove();
+                });
+            }
         }
     }
 
@@ -647,7 +701,8 @@ impl Incoming {
         }
     }
 
-    /// The handover is done: the guest is this host's. Its images stay; the sockets go.
+    /// The handover is done: the guest is this host's. Its images stay; the sockets go, and
+    /// the run dir with its QEMU.
     fn kept(&self, record: &mut IncomingRecord) {
         let _ = std::fs::remove_file(record.dir.join("migration.sock"));
         let _ = std::fs::remove_file(record.dir.join("nbd.sock"));
@@ -657,6 +712,7 @@ impl Incoming {
             // The Handover record already says the guest is ours: recovery reaches the same end.
             warn!(migration = %record.id, error = %e, "cannot journal the end of the handover");
         }
+        self.remove_run_dir_when_gone(record);
     }
 
     fn record_of(&self, id: &str, p: &Prepared) -> IncomingRecord {
@@ -717,7 +773,7 @@ impl Incoming {
             if p.source != session.peer.name() {
                 return Err(MethodError::refused(403, "not-its-source", "another host's migration"));
             }
-            p.dir.join("images")
+            self.images_of(&header.migration)
         };
         migtun_proxy::wire::validate_name(&header.name)
             .map_err(|why| MethodError::bad_request(format!("file name {:?}: {why}", header.name)))?;
@@ -815,7 +871,8 @@ impl Incoming {
                 }
             };
             match r.state {
-                IncomingState::Kept | IncomingState::Abandoned => continue,
+                IncomingState::Kept => self.remove_run_dir_when_gone(&r),
+                IncomingState::Abandoned => continue,
                 IncomingState::Preparing => {
                     // Prepare never answered: the source rolled back. A QEMU the hook started
                     // is found by its pidfile and verified by its command line.
@@ -949,11 +1006,6 @@ impl Drop for RemoveOnDrop {
             let _ = std::fs::remove_file(p);
         }
     }
-}
-
-fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
 /// A refused cookie: a 403 naming what was refused, and a log line.

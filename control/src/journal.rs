@@ -210,7 +210,10 @@ impl Journal {
     pub fn prune_incoming(&self) {
         let cutoff = now().saturating_sub(RETAIN_ENDED.as_secs());
         for r in self.incoming().into_iter().flatten() {
-            if r.state.ended() && r.updated < cutoff {
+            // A kept guest's record stays while its run dir does (its QEMU still runs): it is
+            // what removes that directory once the QEMU exits, even after a restart.
+            let kept_guest_runs = r.state == IncomingState::Kept && r.dir.exists();
+            if r.state.ended() && r.updated < cutoff && !kept_guest_runs {
                 let _ = self.remove_incoming(&r.id);
             }
         }

@@ -89,6 +89,17 @@ impl Process {
     pub fn alive(&self) -> bool {
         self.id.alive()
     }
+
+    /// Waits, without polling, until this process exits: a pidfd becomes readable then
+    /// (pidfd_open(2)). Returns at once if it has exited already.
+    pub async fn exited(self) -> std::io::Result<()> {
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open until the AsyncFd is dropped,
+        // and an OwnedFd's as_raw_fd always returns the same descriptor.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(self.fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        let _ready = fd.readable().await?;
+        Ok(())
+    }
 }
 
 /// `/proc/<pid>/stat` field 22. The command name (field 2) may contain spaces and parentheses,

@@ -20,7 +20,7 @@ pub fn incoming(agent: &AgentHandle, config: &Config, journal: Arc<Journal>) -> 
         max_upload_bytes: q.max_upload_bytes,
     };
     let policy = crate::destination::Policy::from_config(q);
-    Some(Incoming::with_config(agent.clone(), q.run_dir.clone(), journal, q.prepare_hook.clone(), policy, limits))
+    Some(Incoming::with_config(agent.clone(), q.run_dir.clone(), q.image_dir.clone(), journal, q.prepare_hook.clone(), policy, limits))
 }
 
 /// The router `migtun serve` registers as the agent's control handler. Every agent answers the

@@ -124,6 +124,11 @@ pub struct Expose {
 /// a tmpfs. After a reboot the journal still tells whether a guest that was migrating ran here.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/migtun";
 
+/// Default for `qemu.image_dir`: beside the journal on persistent storage (like libvirt's
+/// `/var/lib/libvirt/images`), never the run dir, which the README puts on a tmpfs: a migrated
+/// guest's disks live here for as long as the guest runs on this host.
+pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/migtun/images";
+
 /// Default for `qemu.emulator`: Debian's (and most distributions') system emulator.
 pub const DEFAULT_EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
 
@@ -142,6 +147,9 @@ pub struct QemuConfig {
     /// The migration journal (`state_dir/migrations/<id>.json`), durable across agent restarts
     /// and reboots: what each unfinished migration created and decided (`state_dir`).
     pub state_dir: PathBuf,
+    /// Where an incoming migration's copied disks (and side-channel files) go:
+    /// `image_dir/<id>/`. They stay there while the migrated guest runs; a failed migration's go.
+    pub image_dir: PathBuf,
     pub prepare_hook: Option<PathBuf>,
     /// The only binary a destination QEMU is started from (never the source's).
     pub emulator: PathBuf,
@@ -476,6 +484,7 @@ struct RawExpose {
 struct RawQemu {
     run_dir: String,
     state_dir: Option<String>,
+    image_dir: Option<String>,
     prepare_hook: Option<String>,
     emulator: Option<String>,
     shared_storage: Option<Vec<String>>,
@@ -828,7 +837,17 @@ impl Validator<'_> {
             Some(s) => self.path("qemu.state_dir", s)?,
         };
         if state_dir == run_dir {
-            return err("qemu.state_dir", "must differ from qemu.run_dir: run_dir holds each migration's sockets and images, state_dir the journal that outlives them");
+            return err("qemu.state_dir", "must differ from qemu.run_dir: run_dir holds each migration's sockets, state_dir the journal that outlives them");
+        }
+        let image_dir = match &q.image_dir {
+            None => PathBuf::from(DEFAULT_IMAGE_DIR),
+            Some(s) => self.path("qemu.image_dir", s)?,
+        };
+        if image_dir == run_dir || image_dir == state_dir {
+            return err(
+                "qemu.image_dir",
+                "must differ from qemu.run_dir and qemu.state_dir: it holds migrated guests' disks, which outlive the migration's sockets and are not journal records",
+            );
         }
         let prepare_hook = match q.prepare_hook {
             None => None,
@@ -909,6 +928,7 @@ impl Validator<'_> {
         Ok(QemuConfig {
             run_dir,
             state_dir,
+            image_dir,
             prepare_hook,
             emulator,
             shared_storage,

@@ -69,7 +69,7 @@ pub fn check(config: &Config, file: &str) -> Vec<ConfigError> {
                 Err(e) => problem("qemu.prepare_hook", format!("{}: {e}", hook.display())),
             }
         }
-        for (key, dir) in [("qemu.run_dir", &q.run_dir), ("qemu.state_dir", &q.state_dir)] {
+        for (key, dir) in [("qemu.run_dir", &q.run_dir), ("qemu.state_dir", &q.state_dir), ("qemu.image_dir", &q.image_dir)] {
             if let Some(why) = creatable_dir_problem(dir) {
                 problem(key, why);
             }

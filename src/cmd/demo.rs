@@ -173,7 +173,7 @@ fn write_config(root: &Path, name: &str, listen: SocketAddr, metrics: SocketAddr
     // Each demo host accepts migrations from the other one.
     let other = if name == "host-a" { "host-b" } else { "host-a" };
     let text = format!(
-        "name = \"{name}\"\nlisten = \"{listen}\"\nmetrics = \"{metrics}\"\nadmin = \"{r}/{name}.admin\"\n\n[tls]\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\nca = \"{0}/ca.pem\"\n\n[qemu]\nrun_dir = \"{r}/run-{name}\"\nstate_dir = \"{r}/state-{name}\"\nprepare_hook = \"{r}/prepare-hook\"\nallow_sources = [\"{other}\"]\n\n{rest}",
+        "name = \"{name}\"\nlisten = \"{listen}\"\nmetrics = \"{metrics}\"\nadmin = \"{r}/{name}.admin\"\n\n[tls]\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\nca = \"{0}/ca.pem\"\n\n[qemu]\nrun_dir = \"{r}/run-{name}\"\nstate_dir = \"{r}/state-{name}\"\nimage_dir = \"{r}/images-{name}\"\nprepare_hook = \"{r}/prepare-hook\"\nallow_sources = [\"{other}\"]\n\n{rest}",
         pki.display(),
         r = root.display(),
     );
@@ -377,7 +377,7 @@ fn migrate_vm(root: &Path, qemu: &Path, admin: &Path) -> anyhow::Result<()> {
         .find(|p| p.join("qemu.pid").exists())
         .context("the destination's migration directory")?;
     cleanup.pidfiles.push(dest.join("qemu.pid"));
-    let images = dest.join("images");
+    let images = root.join("images-host-b").join(dest.file_name().context("the migration directory's name")?);
     let ram_ok = same_contents(&ram, &images.join("vm-ram"))?;
     let raw_ok = same_contents(&raw, &images.join("vm-disk0.raw"))?;
     let qcow_ok = Command::new("qemu-img")

@@ -130,7 +130,7 @@ impl Hosts {
         for (i, (name, me, other, peer)) in [("host-a", pa, pb, "host-b"), ("host-b", pb, pa, "host-a")].into_iter().enumerate() {
             let run_dir = dir.path().join(format!("run-{name}"));
             let config = format!(
-                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"{transport}\"\n\n[qemu]\nrun_dir = \"{r}\"\nstate_dir = \"{d}/state-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n",
+                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"{transport}\"\n\n[qemu]\nrun_dir = \"{r}\"\nstate_dir = \"{d}/state-{name}\"\nimage_dir = \"{d}/images-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n",
                 m = metrics[i],
                 d = dir.path().display(),
                 p = pki.display(),
@@ -430,8 +430,17 @@ pub fn migrate(hosts: &Hosts, guest: &Guest, extra: &[&str]) -> (bool, Vec<serde
 
 /// The destination's directory for the migration (`run-host-b/<id>`).
 pub fn dest_dir(hosts: &Hosts, events: &[serde_json::Value]) -> PathBuf {
-    let id = events.iter().find_map(|e| e.get("id").and_then(|i| i.as_str())).expect("accepted event with id");
-    hosts.path("run-host-b").join(id)
+    hosts.path("run-host-b").join(migration_id(events))
+}
+
+/// The destination's image directory for the migration (`images-host-b/<id>`, its
+/// `qemu.image_dir`).
+pub fn dest_images(hosts: &Hosts, events: &[serde_json::Value]) -> PathBuf {
+    hosts.path("images-host-b").join(migration_id(events))
+}
+
+fn migration_id(events: &[serde_json::Value]) -> String {
+    events.iter().find_map(|e| e.get("id").and_then(|i| i.as_str())).expect("accepted event with id").to_string()
 }
 
 pub fn wait_exit(mut pid_alive: impl FnMut() -> bool, what: &str) {
@@ -458,10 +467,13 @@ pub fn source_status(guest: &Guest) -> serde_json::Value {
     qmp_status(&guest.qmp)
 }
 
-/// Nothing of the migration is left on the destination: no QEMU, no directory, no route.
+/// Nothing of the migration is left on the destination: no QEMU, no run or image directory,
+/// no route.
 pub fn destination_is_clean(hosts: &Hosts) {
-    let left: Vec<_> = std::fs::read_dir(hosts.path("run-host-b")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    assert!(left.is_empty(), "left behind on the destination: {left:?}\n{}", hosts.logs());
+    for dir in ["run-host-b", "images-host-b"] {
+        let left: Vec<_> = std::fs::read_dir(hosts.path(dir)).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        assert!(left.is_empty(), "left behind on the destination in {dir}: {left:?}\n{}", hosts.logs());
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut routes = Vec::new();
     rt.block_on(migtun_control::admin::request(&hosts.path("host-b.admin"), &migtun_control::admin::Request::Status, |v| {

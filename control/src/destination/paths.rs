@@ -1,6 +1,7 @@
-//! The migration's directory (`run_dir/<id>`) and the files inside it: created exclusively,
-//! removed only when it is provably a direct child of `run_dir` named by a valid migration id,
-//! and every derived path asserted to stay inside its directory.
+//! A migration's directories (`run_dir/<id>` for its sockets, `image_dir/<id>` for its disks)
+//! and the files inside them: created exclusively, removed only when provably a direct child
+//! of their base named by a valid migration id, and every derived path asserted to stay inside
+//! its directory.
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -12,9 +13,15 @@ use super::Refusal;
 /// that migrated in keeps its directory, and a second prepare with its id must not reuse (and
 /// on failure remove) it.
 pub fn create_migration_dir(run_dir: &Path, id: &str) -> Result<PathBuf, Refusal> {
+    create_migration_dir_in("qemu.run_dir", run_dir, id)
+}
+
+/// [`create_migration_dir`] under the base directory configured as `key` (`qemu.run_dir`,
+/// `qemu.image_dir`).
+pub fn create_migration_dir_in(key: &str, run_dir: &Path, id: &str) -> Result<PathBuf, Refusal> {
     validate_migration_id(id)?;
     use std::os::unix::fs::DirBuilderExt;
-    let fail = |e: io::Error| Refusal::Path { what: "qemu.run_dir".into(), path: run_dir.display().to_string(), why: e.to_string() };
+    let fail = |e: io::Error| Refusal::Path { what: key.into(), path: run_dir.display().to_string(), why: e.to_string() };
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(run_dir).map_err(fail)?;
     // Canonical, so that every path derived from it compares as it is on disk.
     let run_dir = run_dir.canonicalize().map_err(fail)?;
