@@ -43,7 +43,13 @@ pub fn man(cmd: Command) -> anyhow::Result<()> {
         let part = String::from_utf8_lossy(&part).replacen(".SH SYNOPSIS", ".SS Synopsis", 1).replacen(".SH OPTIONS", ".SS Options", 1);
         out.write_all(part.as_bytes())?;
         if let Some(after) = sub.get_after_long_help().or(sub.get_after_help()) {
-            writeln!(out, ".SS Examples\n.nf\n{}\n.fi", roff_escape(&after.to_string()))?;
+            // The help's own "Example(s):" heading is this subsection's title.
+            let after = after.to_string();
+            let body = match after.split_once('\n') {
+                Some((first, rest)) if first.starts_with("Example") => rest.to_string(),
+                _ => after,
+            };
+            writeln!(out, ".SS Examples\n.nf\n{}\n.fi", roff_escape(&body))?;
         }
     }
     man.render_version_section(&mut out)?;
