@@ -703,6 +703,16 @@ impl Health {
         self.peers.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_string()).or_insert(None);
     }
 
+    /// The configured peers are now `names` (a reload): others are dropped, new ones listed as
+    /// not tried, the outcomes of those that stay are kept.
+    pub fn peers_configured(&self, names: &[String]) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|name, _| names.contains(name));
+        for name in names {
+            peers.entry(name.clone()).or_insert(None);
+        }
+    }
+
     /// A connection to a configured peer (TLS or QUIC handshake included) succeeded or failed.
     /// Names that were not configured are ignored.
     pub fn peer_dialed(&self, name: &str, error: Option<&dyn std::fmt::Display>) {
@@ -805,6 +815,10 @@ mod health_tests {
         assert_eq!(v["peers"]["host-b"]["error"], "connection refused");
         assert!(v["peers"]["host-c"]["reachable"].is_null(), "never tried: {body}");
         assert!(v["peers"].get("stranger").is_none(), "only configured peers: {body}");
+        m.health.peers_configured(&["host-b".to_string(), "host-d".to_string()]);
+        let v: serde_json::Value = serde_json::from_str(&answer("/readyz", &m).2).unwrap();
+        assert_eq!(v["peers"]["host-b"]["reachable"], false, "a kept peer keeps its outcome");
+        assert!(v["peers"].get("host-c").is_none() && v["peers"]["host-d"]["reachable"].is_null());
         m.certificates_expire(Some(now - 1), Some(now + 7200));
         let (status, _, body) = answer("/readyz", &m);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
