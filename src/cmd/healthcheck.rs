@@ -49,13 +49,24 @@ pub fn run(target: Target<'_>, ready: bool) -> anyhow::Result<()> {
         addr_text.to_socket_addrs().with_context(|| format!("{addr_text}: not an address (host:port)"))?.collect();
     let Some(addr) = addrs.first() else { bail!("{addr_text}: no address") };
     let (status, body) = get(addr, &host, &path).with_context(|| format!("unhealthy: GET http://{host}{path}"))?;
-    let summary = body.trim();
+    let summary = summarize(&body);
     if status == 200 {
-        println!("healthy: http://{host}{path} answered 200 {summary}");
+        println!("healthy: http://{host}{path} answered 200: {summary}");
         Ok(())
     } else {
-        bail!("unhealthy: http://{host}{path} answered {status}\n{summary}")
+        bail!("unhealthy: http://{host}{path} answered {status}: {summary}")
     }
+}
+
+/// One line for a body: `/readyz`'s problems (or "ready"), else the text itself.
+fn summarize(body: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body) {
+        if let Some(problems) = v.get("problems").and_then(|p| p.as_array()) {
+            let texts: Vec<&str> = problems.iter().filter_map(|p| p.as_str()).collect();
+            return if texts.is_empty() { "ready".to_string() } else { texts.join("; ") };
+        }
+    }
+    body.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(512).collect()
 }
 
 /// One HTTP/1.1 GET with `Connection: close`; the status code and the body (lossy UTF-8).
@@ -94,5 +105,8 @@ mod tests {
         assert!(parse(b"SSH-2.0-OpenSSH\r\n").is_err());
         assert!(parse(b"HTTP/1.1 abc\r\n\r\n").is_err());
         assert!(parse(b"\xff\xfe\r\n\r\n").is_err());
+        assert_eq!(summarize("{\"problems\": [\"draining: no new streams are accepted\", \"x\"]}"), "draining: no new streams are accepted; x");
+        assert_eq!(summarize("{\"ready\": true, \"problems\": []}"), "ready");
+        assert_eq!(summarize("ok\n"), "ok");
     }
 }
