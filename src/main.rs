@@ -5,7 +5,7 @@ mod cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "migtun", version, about = "QEMU live migration over one encrypted, mutually authenticated port")]
@@ -116,6 +116,34 @@ enum Command {
         #[arg(long, value_enum)]
         guest_on: GuestOnArg,
     },
+    /// Ask the agent's metrics listener whether it is alive (`/healthz`) or ready (`/readyz`);
+    /// exits 0 on 200, 1 otherwise (for container HEALTHCHECKs: no curl needed).
+    #[command(after_help = "Examples:\n  migtun healthcheck --metrics 127.0.0.1:9477           # alive: /healthz\n  migtun healthcheck --metrics 127.0.0.1:9477 --ready   # ready: /readyz (503 while draining, certificate expired)\n  migtun healthcheck --config /etc/migtun/host-a.toml   # the config's `metrics` address\n  migtun healthcheck --url http://127.0.0.1:9477/readyz")]
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["url", "metrics", "config"])))]
+    Healthcheck {
+        /// The URL to GET (http:// only), path included.
+        #[arg(long)]
+        url: Option<String>,
+        /// The agent's metrics address (host:port, the config's `metrics` key).
+        #[arg(long)]
+        metrics: Option<String>,
+        /// The agent's config file: its `metrics` address.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Ask `/readyz` (serving, not draining, certificate valid) instead of `/healthz`.
+        #[arg(long, conflicts_with = "url")]
+        ready: bool,
+    },
+    /// A shell completion script on stdout.
+    #[command(after_help = "Examples:\n  migtun completions bash > /etc/bash_completion.d/migtun\n  migtun completions zsh > /usr/local/share/zsh/site-functions/_migtun\n  migtun completions fish > ~/.config/fish/completions/migtun.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The man page, migtun(1), in roff on stdout.
+    #[command(after_help = "Examples:\n  migtun man > /usr/local/share/man/man1/migtun.1\n  migtun man | man -l -")]
+    Man,
     /// Two agents and a tunnelled transfer on this machine, with no set-up.
     #[command(after_help = "Example:\n  migtun demo --size-mib 256")]
     Demo {
@@ -205,6 +233,18 @@ fn main() -> ExitCode {
             };
             cmd::migrate::resolve(&admin, &id, guest_on)
         }
+        Command::Healthcheck { url, metrics, config, ready } => {
+            let target = match (&url, &metrics, &config) {
+                (Some(u), _, _) => Ok(cmd::healthcheck::Target::Url(u)),
+                (_, Some(m), _) => Ok(cmd::healthcheck::Target::Metrics(m)),
+                (_, _, Some(c)) => Ok(cmd::healthcheck::Target::Config(c)),
+                // The argument group already requires one of them.
+                _ => Err(anyhow::anyhow!("healthcheck: give --url, --metrics or --config")),
+            };
+            target.and_then(|t| cmd::healthcheck::run(t, ready))
+        }
+        Command::Completions { shell } => cmd::manual::completions(Cli::command(), shell),
+        Command::Man => cmd::manual::man(Cli::command()),
         Command::Demo { size_mib } => cmd::logging::init_quiet(cli.log_format).and_then(|()| cmd::demo::run(size_mib)),
     };
     match result {

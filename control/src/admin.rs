@@ -378,7 +378,23 @@ pub async fn serve(
     starter: Starter,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = LocalListener::bind(&Endpoint::Unix(path.to_path_buf()), 0o600).await?;
+    serve_on(bind(path).await?, agent, registry, starter, stop).await
+}
+
+/// Binds the admin socket (mode 0600), so that `serve` can report a failure at start-up and
+/// tell systemd it is ready only once the socket accepts connections.
+pub async fn bind(path: &Path) -> std::io::Result<LocalListener> {
+    LocalListener::bind(&Endpoint::Unix(path.to_path_buf()), 0o600).await
+}
+
+/// Serves an admin socket bound by [`bind`] until `stop`.
+pub async fn serve_on(
+    listener: LocalListener,
+    agent: AgentHandle,
+    registry: Arc<Registry>,
+    starter: Starter,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     let mut accept = migtun_proxy::accept::AcceptLoop::new("admin", Some(agent.metrics()));
     loop {
         let conn = tokio::select! {

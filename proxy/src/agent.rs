@@ -436,16 +436,23 @@ impl Agent {
             endpoint.set_server_config(Some(crate::quic::server_config(&shared.tls, &[ALPN_DATA])?));
             tracker.spawn(crate::quic::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));
         }
+        let listen = self.port.local_addr().unwrap_or(self.config.listen);
         tracker.spawn(crate::port::serve(self.port, acceptor, expose_ctx, tracker.clone()));
         for (listener, ctx) in self.forwards {
             tracker.spawn(crate::forward::serve(listener, ctx, shared.draining.clone(), tracker.clone()));
         }
         info!(name = %self.config.name, listen = %self.config.listen, quic = shared.quic.is_some(), "agent serving");
+        shared.metrics.health.serving(listen);
+        // Every listener was bound before `run` (the admin socket too, by `serve`): systemd may
+        // start what depends on this agent.
+        crate::notify::ready(&format!("serving on {listen}"));
 
         shutdown.cancelled().await;
         let deadline = self.config.drain_timeout;
         info!(deadline_secs = deadline.as_secs(), "draining: no new streams; waiting for open ones");
         shared.draining.cancel();
+        shared.metrics.health.draining();
+        crate::notify::stopping(&format!("draining (up to {} s)", deadline.as_secs()));
         for p in shared.peers.values() {
             p.clear();
         }

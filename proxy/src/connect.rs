@@ -182,10 +182,13 @@ impl PeerConnector {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Arc<PeerConnector>, rustls::pki_types::InvalidDnsNameError> {
+        let server_name = ServerName::try_from(name.to_string())?;
+        // `/readyz` lists every configured peer with its last connection's outcome.
+        metrics.health.peer_configured(name);
         Ok(Arc::new(PeerConnector {
             name: name.to_string(),
             address: address.to_string(),
-            server_name: ServerName::try_from(name.to_string())?,
+            server_name,
             tls,
             metrics,
             pool: Mutex::new(VecDeque::new()),
@@ -358,6 +361,7 @@ impl PeerConnector {
             Err(ConnectError::Handshake { reason, .. }) => self.metrics.handshake_failed_on("quic", "client", &self.name, reason),
             Err(_) => {}
         }
+        self.metrics.health.peer_dialed(&self.name, result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
         Ok((result?, false))
     }
 
@@ -424,6 +428,9 @@ impl PeerConnector {
             Ok(s) => self.metrics.handshake_done("client", s.info().resumed),
             Err(ConnectError::Handshake { reason, .. }) => self.metrics.handshake_failed("client", &self.name, reason),
             Err(_) => {}
+        }
+        if !matches!(result, Err(ConnectError::ShuttingDown)) {
+            self.metrics.health.peer_dialed(&self.name, result.as_ref().err().map(|e| e as &dyn std::fmt::Display));
         }
         result
     }

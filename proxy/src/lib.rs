@@ -24,6 +24,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod limit;
 pub mod metrics;
+pub mod notify;
 pub mod port;
 pub mod preflight;
 pub mod quic;

@@ -1,4 +1,7 @@
-//! Prometheus metrics (prometheus-client) and the `/metrics` HTTP endpoint.
+//! Prometheus metrics (prometheus-client) and the HTTP endpoint that serves them: `/metrics`,
+//! and the health checks `/healthz` (the process answers) and `/readyz` (the agent serves:
+//! listening, not draining, its certificate valid; with what it knows of each peer) from
+//! [`Health`].
 //!
 //! Label values are bounded: peers are authenticated certificate names, routes are configured
 //! names (a route a peer asks for that does not exist is counted as `<unknown>`; the routes a
@@ -7,9 +10,11 @@
 //! [`crate::wire::ReplyCode::reason`] and [`crate::tls::failure_reason`]. Migrations have their
 //! own families ([`MigrationMetrics`]) whose labels are peers and fixed words.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -292,6 +297,8 @@ pub struct Metrics {
     pub control_refusals: Family<ControlRefusalLabels, Counter>,
     pub certificate_not_after: Family<CertificateLabels, Gauge>,
     pub migrations: MigrationMetrics,
+    /// What `/readyz` reports.
+    pub health: Health,
 }
 
 impl Default for Metrics {
@@ -391,6 +398,7 @@ impl Metrics {
             awaiting_preamble,
             control_refusals,
             certificate_not_after,
+            health: Health::default(),
         }
     }
 
@@ -401,6 +409,7 @@ impl Metrics {
                 self.certificate_not_after.get_or_create(&CertificateLabels { which }).set(at);
             }
         }
+        self.health.certificates(leaf, ca);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -558,7 +567,7 @@ const MAX_METRICS_CONNECTIONS: usize = 16;
 /// sends nothing must not keep a descriptor (or a slot) for good.
 const METRICS_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves `GET /metrics` until `shutdown`.
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     let mut accept = crate::accept::AcceptLoop::new("metrics", Some(metrics.clone()));
@@ -589,19 +598,239 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
 }
 
 fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
-    let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".to_string()),
-    };
+    let (status, ctype, body) = answer(req.uri().path(), metrics);
     Response::builder()
         .status(status)
         .header("content-type", ctype)
         .body(Full::new(Bytes::from(body)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+/// Status, content type and body for a request of `path`.
+fn answer(path: &str, metrics: &Metrics) -> (StatusCode, &'static str, String) {
+    match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        // Alive: the process answers HTTP. Nothing else is checked, so that a liveness probe
+        // never restarts an agent that is only draining or waiting for a peer.
+        "/healthz" => (StatusCode::OK, "text/plain; charset=utf-8", "ok\n".to_string()),
+        "/readyz" => {
+            let report = metrics.health.report(unix_now());
+            let status = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let mut body = serde_json::to_string_pretty(&report.json).unwrap_or_default();
+            body.push('\n');
+            (status, "application/json", body)
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A not-after that is not known (the certificate could not be parsed).
+const NOT_AFTER_UNKNOWN: i64 = i64::MIN;
+/// The longest error text kept for a peer: enough for "connect to ...: connection refused",
+/// bounded whatever an error's text holds.
+const PEER_ERROR_MAX: usize = 256;
+
+/// What `/readyz` reports: set by the agent (serving, draining, certificates) and by its peer
+/// connectors (the last dial to each configured peer).
+pub struct Health {
+    serving: AtomicBool,
+    draining: AtomicBool,
+    leaf_not_after: AtomicI64,
+    ca_not_after: AtomicI64,
+    listen: Mutex<Option<SocketAddr>>,
+    /// Configured peers only ([`Health::peer_configured`]), so the map is bounded by the config.
+    peers: Mutex<BTreeMap<String, Option<Dial>>>,
+}
+
+/// The outcome of the last connection this agent opened to a peer.
+#[derive(Clone)]
+struct Dial {
+    at: i64,
+    error: Option<String>,
+}
+
+/// `/readyz`'s answer: whether the agent is ready, and the JSON document.
+pub struct Readiness {
+    pub ready: bool,
+    pub json: serde_json::Value,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            serving: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            leaf_not_after: AtomicI64::new(NOT_AFTER_UNKNOWN),
+            ca_not_after: AtomicI64::new(NOT_AFTER_UNKNOWN),
+            listen: Mutex::new(None),
+            peers: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Health {
+    /// The port, forwards and QUIC are served (the agent's accept loops run).
+    pub fn serving(&self, listen: SocketAddr) {
+        *self.listen.lock().unwrap_or_else(|p| p.into_inner()) = Some(listen);
+        self.serving.store(true, Ordering::Relaxed);
+    }
+
+    /// The agent drains: not ready any more.
+    pub fn draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The not-after (unix seconds) of the agent's certificate and of its earliest CA (a reload
+    /// with new certificates calls this again through [`Metrics::certificates_expire`]).
+    pub fn certificates(&self, leaf: Option<i64>, ca: Option<i64>) {
+        self.leaf_not_after.store(leaf.unwrap_or(NOT_AFTER_UNKNOWN), Ordering::Relaxed);
+        self.ca_not_after.store(ca.unwrap_or(NOT_AFTER_UNKNOWN), Ordering::Relaxed);
+    }
+
+    /// A configured peer: listed (as not tried yet) until a connection to it is attempted.
+    pub fn peer_configured(&self, name: &str) {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_string()).or_insert(None);
+    }
+
+    /// The configured peers are now `names` (a reload): others are dropped, new ones listed as
+    /// not tried, the outcomes of those that stay are kept.
+    pub fn peers_configured(&self, names: &[String]) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|name, _| names.contains(name));
+        for name in names {
+            peers.entry(name.clone()).or_insert(None);
+        }
+    }
+
+    /// A connection to a configured peer (TLS or QUIC handshake included) succeeded or failed.
+    /// Names that were not configured are ignored.
+    pub fn peer_dialed(&self, name: &str, error: Option<&dyn std::fmt::Display>) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = peers.get_mut(name) {
+            let error = error.map(|e| {
+                let mut text = e.to_string();
+                if text.len() > PEER_ERROR_MAX {
+                    let mut end = PEER_ERROR_MAX;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    text.truncate(end);
+                }
+                text
+            });
+            *slot = Some(Dial { at: unix_now(), error });
+        }
+    }
+
+    /// Readiness at `now` (unix seconds): serving, not draining, certificates not expired.
+    /// Peers are reported but do not decide: a host is ready to serve whoever can reach it.
+    pub fn report(&self, now: i64) -> Readiness {
+        let serving = self.serving.load(Ordering::Relaxed);
+        let draining = self.draining.load(Ordering::Relaxed);
+        let listen = *self.listen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut problems = Vec::new();
+        if !serving {
+            problems.push("not serving yet".to_string());
+        }
+        if draining {
+            problems.push("draining: no new streams are accepted".to_string());
+        }
+        let cert = |which: &str, at: i64, problems: &mut Vec<String>| {
+            if at == NOT_AFTER_UNKNOWN {
+                return serde_json::json!({ "not_after": null, "valid": null });
+            }
+            let valid = now < at;
+            if !valid {
+                problems.push(format!("the {which} certificate expired at {at} (unix seconds)"));
+            }
+            serde_json::json!({ "not_after": at, "expires_in_secs": at - now, "valid": valid })
+        };
+        let leaf = cert("agent's", self.leaf_not_after.load(Ordering::Relaxed), &mut problems);
+        let ca = cert("CA", self.ca_not_after.load(Ordering::Relaxed), &mut problems);
+        let peers: serde_json::Map<String, serde_json::Value> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, dial)| {
+                let v = match dial {
+                    None => serde_json::json!({ "reachable": null, "last_connect": null }),
+                    Some(d) => serde_json::json!({
+                        "reachable": d.error.is_none(),
+                        "last_connect": d.at,
+                        "error": d.error,
+                    }),
+                };
+                (name.clone(), v)
+            })
+            .collect();
+        let ready = problems.is_empty();
+        let json = serde_json::json!({
+            "ready": ready,
+            "listening": serving && !draining,
+            "listen": listen.map(|a| a.to_string()),
+            "draining": draining,
+            "certificate": leaf,
+            "ca": ca,
+            "peers": peers,
+            "problems": problems,
+        });
+        Readiness { ready, json }
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    #[test]
+    fn readyz_is_503_until_serving_while_draining_and_with_an_expired_certificate() {
+        let m = Metrics::new();
+        let now = unix_now();
+        m.certificates_expire(Some(now + 3600), Some(now + 7200));
+        let (status, _, body) = answer("/readyz", &m);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        m.health.serving("127.0.0.1:7443".parse().unwrap());
+        m.health.peer_configured("host-b");
+        m.health.peer_configured("host-c");
+        m.health.peer_dialed("host-b", Some(&"connection refused"));
+        m.health.peer_dialed("stranger", None);
+        let (status, _, body) = answer("/readyz", &m);
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["certificate"]["valid"], true);
+        assert!(v["certificate"]["expires_in_secs"].as_i64().unwrap() > 3500);
+        assert_eq!(v["peers"]["host-b"]["reachable"], false);
+        assert_eq!(v["peers"]["host-b"]["error"], "connection refused");
+        assert!(v["peers"]["host-c"]["reachable"].is_null(), "never tried: {body}");
+        assert!(v["peers"].get("stranger").is_none(), "only configured peers: {body}");
+        m.health.peers_configured(&["host-b".to_string(), "host-d".to_string()]);
+        let v: serde_json::Value = serde_json::from_str(&answer("/readyz", &m).2).unwrap();
+        assert_eq!(v["peers"]["host-b"]["reachable"], false, "a kept peer keeps its outcome");
+        assert!(v["peers"].get("host-c").is_none() && v["peers"]["host-d"]["reachable"].is_null());
+        m.certificates_expire(Some(now - 1), Some(now + 7200));
+        let (status, _, body) = answer("/readyz", &m);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("expired"), "{body}");
+        m.certificates_expire(Some(now + 3600), Some(now + 7200));
+        m.health.draining();
+        let (status, _, body) = answer("/readyz", &m);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("draining"), "{body}");
+        assert_eq!(answer("/healthz", &m).0, StatusCode::OK);
+        assert_eq!(answer("/nothing", &m).0, StatusCode::NOT_FOUND);
+    }
 }
 
 /// Binds the metrics address (so a taken port is reported at start-up).

@@ -2,7 +2,9 @@
 
 pub mod certs;
 pub mod demo;
+pub mod healthcheck;
 pub mod logging;
+pub mod manual;
 pub mod migrate;
 pub mod serve;
 pub mod ui;

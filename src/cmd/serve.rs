@@ -71,10 +71,13 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
             migtun_control::recovery::recover(out.clone(), registry.clone());
         }
         if let Some(path) = admin_path {
+            // Bound before the agent runs: a failure stops the start-up, and systemd hears
+            // READY=1 (from `run`) only once this socket accepts connections too.
+            let listener = admin::bind(&path).await.with_context(|| format!("`admin`: cannot listen on {}", path.display()))?;
             let starter = starter(outgoing);
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = admin::serve(&path, handle, registry, starter, stop).await {
+                if let Err(e) = admin::serve_on(listener, handle, registry, starter, stop).await {
                     tracing::error!(path = %path.display(), error = %e, "admin socket failed; `migtun migrate` cannot reach this agent");
                 }
             });
