@@ -87,6 +87,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Per-migration routes for tooling that drives QEMU itself (libvirt): a socket pair on
+    /// this host and on the peer, under both hosts' `[tunnels] dir`.
+    #[command(after_help = "Example:\n  migtun tunnel open --admin /run/migtun/admin.sock --to host-b --name vm1\n  virsh migrate --live --copy-storage-all vm1 ... --migrateuri unix:///run/migtun/tunnels/vm1/migration.sock --disks-uri unix:///run/migtun/tunnels/vm1/nbd.sock\n  migtun tunnel close --admin /run/migtun/admin.sock --name vm1")]
+    Tunnel {
+        #[command(subcommand)]
+        command: TunnelCommand,
+    },
     /// Running migrations and open streams of the local agent.
     #[command(after_help = "Example:\n  migtun status --admin /run/migtun/admin.sock")]
     Status {
@@ -151,6 +158,70 @@ enum Command {
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum TunnelCommand {
+    /// Open a tunnel to a peer: this agent listens on `[tunnels] dir/<name>/<socket>.sock`, the
+    /// peer forwards each socket to the same path under its `[tunnels] dir`, where its QEMU
+    /// listens. Prints the `unix://` URIs to pass to libvirt.
+    #[command(after_help = "Examples:\n  migtun tunnel open --admin /run/migtun/admin.sock --to host-b --name vm1\n  migtun tunnel open ... --name vm1 --ttl 30m --socket migration   # RAM only (shared storage)\n  migtun tunnel open ... --json")]
+    Open {
+        /// The local agent's admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+        /// The peer (a configured `[[peer]]` whose `[tunnels] allow` names this host).
+        #[arg(long)]
+        to: String,
+        /// The tunnel's name (letters, digits, '-', '_'), e.g. the domain's name.
+        #[arg(long)]
+        name: String,
+        /// How long the tunnel accepts new connections: 90, 90s, 10m, 1h [default: 10m; at most the peer's tunnels.max_ttl_secs].
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<std::time::Duration>,
+        /// A socket of the tunnel (repeat for more) [default: migration and nbd].
+        #[arg(long = "socket")]
+        sockets: Vec<String>,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close a tunnel on both hosts (streams already open run on).
+    #[command(after_help = "Example:\n  migtun tunnel close --admin /run/migtun/admin.sock --name vm1")]
+    Close {
+        /// The local agent's admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+        /// The tunnel's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// The tunnels open on this host, both directions.
+    #[command(after_help = "Example:\n  migtun tunnel list --admin /run/migtun/admin.sock")]
+    List {
+        /// The local agent's admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `90`, `90s`, `10m`, `1h`.
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, ""));
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?}: expected a number of seconds, or N followed by s, m or h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m or h)")),
+    };
+    if secs == 0 {
+        return Err("the TTL must be at least 1 second".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -226,6 +297,13 @@ fn main() -> ExitCode {
             cmd::migrate::migrate(&admin, args, json)
         }),
         Command::Status { admin, json } => cmd::migrate::status(&admin, json),
+        Command::Tunnel { command } => match command {
+            TunnelCommand::Open { admin, to, name, ttl, sockets, json } => {
+                cmd::tunnel::open(&admin, &to, &name, sockets, ttl.unwrap_or(migtun_control::tunnels::DEFAULT_TTL), json)
+            }
+            TunnelCommand::Close { admin, name } => cmd::tunnel::close(&admin, &name),
+            TunnelCommand::List { admin, json } => cmd::tunnel::list(&admin, json),
+        },
         Command::Resolve { admin, id, guest_on } => {
             let guest_on = match guest_on {
                 GuestOnArg::Source => migtun_control::admin::GuestOn::Source,

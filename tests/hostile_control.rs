@@ -111,7 +111,8 @@ impl Fleet {
         let b = start_agent_serving(dir, "host-b", &b, pb, |h, c| {
             let journal = migtun_control::service::open_journal(c).expect("host-b's journal");
             let incoming = journal.and_then(|j| migtun_control::service::incoming(h, c, j));
-            Some(migtun_control::service::router(h, c, incoming.as_ref()).into_handler())
+            let tunnels = migtun_control::service::tunnels(h, c);
+            Some(migtun_control::service::router(h, c, incoming.as_ref(), &tunnels).into_handler())
         }).await;
         let a = start_agent(dir, "host-a", &a, pa).await;
         let c = start_agent(dir, "host-c", &c, pc).await;

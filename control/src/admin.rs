@@ -55,6 +55,12 @@ pub enum Request {
     Status,
     /// The operator's answer when the destination cannot say where the guest is.
     Resolve { id: String, guest_on: GuestOn },
+    /// `migtun tunnel open`: a per-migration pair of routes to `to` (see `tunnels.rs`).
+    TunnelOpen { to: String, name: String, sockets: Vec<String>, ttl_secs: u64 },
+    /// `migtun tunnel close`.
+    TunnelClose { name: String },
+    /// `migtun tunnel list`.
+    TunnelList,
 }
 
 /// Where the operator says the guest is (`migtun resolve`).
@@ -311,6 +317,8 @@ pub type Starter = Arc<dyn Fn(MigrateArgs, Arc<Tracked>) -> Pin<Box<dyn Future<O
 pub struct Registry {
     migrations: Mutex<HashMap<String, Arc<Tracked>>>,
     incoming: OnceLock<Arc<dyn IncomingStatus>>,
+    /// The tunnels `migtun tunnel` opens, closes and lists.
+    tunnels: OnceLock<Arc<crate::tunnels::Tunnels>>,
 }
 
 impl Registry {
@@ -337,6 +345,11 @@ impl Registry {
     /// The destination side, listed by `migtun status` with the outgoing migrations.
     pub fn set_incoming(&self, incoming: Arc<dyn IncomingStatus>) {
         let _ = self.incoming.set(incoming);
+    }
+
+    /// The agent's tunnels, for `migtun tunnel`.
+    pub fn set_tunnels(&self, tunnels: Arc<crate::tunnels::Tunnels>) {
+        let _ = self.tunnels.set(tunnels);
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Tracked>> {
@@ -452,6 +465,28 @@ async fn handle(conn: LocalStream, agent: AgentHandle, registry: Arc<Registry>, 
             Some(t) => stream_reports(&t, &mut write).await,
             None => send(&mut write, &serde_json::json!({ "error": format!("no migration {id}") })).await,
         },
+        Request::TunnelOpen { to, name, sockets, ttl_secs } => {
+            let Some(tunnels) = registry.tunnels.get().cloned() else {
+                return send(&mut write, &serde_json::json!({ "error": crate::tunnels::TunnelError::NotConfigured.to_string() })).await;
+            };
+            match tunnels.open(&to, &name, &sockets, std::time::Duration::from_secs(ttl_secs)).await {
+                Ok(info) => send(&mut write, &info).await,
+                Err(e) => send(&mut write, &serde_json::json!({ "error": e.to_string() })).await,
+            }
+        }
+        Request::TunnelClose { name } => {
+            let Some(tunnels) = registry.tunnels.get().cloned() else {
+                return send(&mut write, &serde_json::json!({ "error": crate::tunnels::TunnelError::NotConfigured.to_string() })).await;
+            };
+            match tunnels.close(&name).await {
+                Ok(()) => send(&mut write, &serde_json::json!({ "ok": true })).await,
+                Err(e) => send(&mut write, &serde_json::json!({ "error": e.to_string() })).await,
+            }
+        }
+        Request::TunnelList => {
+            let list = registry.tunnels.get().map(|t| t.list()).unwrap_or_default();
+            send(&mut write, &serde_json::json!({ "tunnels": list })).await
+        }
         Request::Migrate { args } => {
             let id = crate::messages::new_migration_id();
             let vm = args.qmp.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();

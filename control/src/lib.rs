@@ -17,6 +17,7 @@ pub mod teardown;
 pub mod process;
 pub mod authz;
 pub mod service;
+pub mod tunnels;
 pub mod destination;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
 #[doc(hidden)]

@@ -10,6 +10,7 @@ use crate::authz::SourcePolicy;
 use crate::incoming::{Incoming, IncomingLimits};
 use crate::journal::Journal;
 use crate::rpc::Router;
+use crate::tunnels::Tunnels;
 
 /// The destination side of this agent, when it has `[qemu]` (and so a journal).
 pub fn incoming(agent: &AgentHandle, config: &Config, journal: Arc<Journal>) -> Option<Arc<Incoming>> {
@@ -25,14 +26,27 @@ pub fn incoming(agent: &AgentHandle, config: &Config, journal: Arc<Journal>) -> 
 
 /// The router `migtun serve` registers as the agent's control handler. Every agent answers the
 /// hello; every other request must pass `[qemu] allow_sources`.
-pub fn router(agent: &AgentHandle, config: &Config, incoming: Option<&Arc<Incoming>>) -> Router {
-    let mut router = Router::new(agent.name())
-        .authorize(SourcePolicy::from_config(config).into_policy())
-        .count_refusals(agent.metrics(), agent.peer_names());
+/// `tunnel-*` requests must pass `[tunnels] allow` instead.
+pub fn router(agent: &AgentHandle, config: &Config, incoming: Option<&Arc<Incoming>>, tunnels: &Arc<Tunnels>) -> Router {
+    let sources = SourcePolicy::from_config(config);
+    let t = tunnels.clone();
+    let policy: crate::rpc::Policy = Arc::new(move |peer, method| {
+        if method.starts_with("tunnel-") {
+            t.check_peer(peer.name(), method)
+        } else {
+            sources.check(peer.name(), method)
+        }
+    });
+    let mut router = Router::new(agent.name()).authorize(policy).count_refusals(agent.metrics(), agent.peer_names());
     if let Some(incoming) = incoming {
         router = incoming.register(router);
     }
-    router
+    tunnels.register(router)
+}
+
+/// This agent's tunnels (`[tunnels]`; without it, every tunnel request is refused by name).
+pub fn tunnels(agent: &AgentHandle, config: &Config) -> Arc<Tunnels> {
+    Tunnels::new(agent.clone(), config.tunnels.clone())
 }
 
 /// The journal of an agent with `[qemu]` (`qemu.state_dir`), locked for this agent.

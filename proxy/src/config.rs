@@ -45,6 +45,8 @@ pub struct Config {
     pub forwards: Vec<Forward>,
     pub exposes: Vec<Expose>,
     pub qemu: Option<QemuConfig>,
+    /// `[tunnels]`: routes opened on demand for tooling that drives QEMU itself.
+    pub tunnels: Option<TunnelsConfig>,
 }
 
 /// `[tls]`: file paths and the material loaded from them.
@@ -139,6 +141,34 @@ pub const DEFAULT_MAX_DISK_BYTES: u64 = 4 << 40;
 
 /// Longest `qemu.run_as` user name (useradd's limit).
 const MAX_USER_NAME: usize = 32;
+
+/// `[tunnels]`: per-migration routes that tooling which drives QEMU itself (libvirt) asks the
+/// agent for (`migtun tunnel open`): a forward here and an expose on the peer, under `dir`.
+#[derive(Clone, Debug)]
+pub struct TunnelsConfig {
+    /// Tunnel `<name>`'s sockets are `dir/<name>/<socket>.sock` on both hosts: libvirt gives
+    /// the source and the destination QEMU the same path, so both hosts configure the same `dir`.
+    pub dir: PathBuf,
+    /// Configured peers that may open tunnels to this host. Empty: none may.
+    pub allow: Vec<String>,
+    /// Tunnels open at once on this host, in both directions.
+    pub max_open: usize,
+    /// Longest lifetime a tunnel may ask for; it closes then even if nobody closes it.
+    pub max_ttl: Duration,
+    /// User that gets tunnel directories and sockets (and its primary group): the QEMU that
+    /// listens or connects there (`libvirt-qemu` under Debian's libvirt). Default: the agent's.
+    pub owner: Option<String>,
+}
+
+/// Default for `tunnels.max_open`: a handful of concurrent migrations per host, with room.
+pub const DEFAULT_TUNNELS_MAX_OPEN: usize = 16;
+/// Largest `tunnels.max_open`: each tunnel is a few listeners and routes.
+const MAX_TUNNELS_LIMIT: usize = 1024;
+/// Default for `tunnels.max_ttl_secs` (1 hour): longer than a large storage migration takes
+/// to set up and run at 10 Gbit/s, short enough that a tunnel nobody closed does not linger.
+pub const DEFAULT_TUNNELS_MAX_TTL_SECS: u64 = 3600;
+/// Largest `tunnels.max_ttl_secs` (1 day).
+const MAX_TUNNEL_TTL_SECS: u64 = 86_400;
 
 /// `[qemu]`
 #[derive(Clone, Debug)]
@@ -441,6 +471,7 @@ struct RawConfig {
     #[serde(default)]
     expose: Vec<RawExpose>,
     qemu: Option<RawQemu>,
+    tunnels: Option<RawTunnels>,
 }
 
 #[derive(Deserialize)]
@@ -477,6 +508,16 @@ struct RawExpose {
     route: String,
     target: String,
     allow: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnels {
+    dir: String,
+    allow: Option<Vec<String>>,
+    max_open: Option<i64>,
+    max_ttl_secs: Option<i64>,
+    owner: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -815,6 +856,10 @@ impl Validator<'_> {
             None => None,
             Some(q) => Some(self.qemu(q, &peers)?),
         };
+        let tunnels = match raw.tunnels {
+            None => None,
+            Some(t) => Some(self.tunnels(t, &peers)?),
+        };
 
         Ok(Config {
             name: raw.name,
@@ -827,7 +872,41 @@ impl Validator<'_> {
             forwards,
             exposes,
             qemu,
+            tunnels,
         })
+    }
+
+    fn tunnels(&self, t: RawTunnels, peers: &[Peer]) -> Result<TunnelsConfig, Problem> {
+        let dir = self.path("tunnels.dir", &t.dir)?;
+        if dir.parent().is_none() {
+            return err("tunnels.dir", "must not be `/`: each tunnel gets a directory inside it");
+        }
+        let allow = t.allow.unwrap_or_default();
+        for (i, name) in allow.iter().enumerate() {
+            let key = format!("tunnels.allow[{i}]");
+            if !peers.iter().any(|p| &p.name == name) {
+                let known: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+                let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+                return err(key, format!("unknown peer {name:?}: only a configured [[peer]] may open tunnels to this host (known peers: {known})"));
+            }
+            if allow[..i].contains(name) {
+                return err(key, format!("{name:?} is listed twice"));
+            }
+        }
+        let max_open = match t.max_open {
+            None => DEFAULT_TUNNELS_MAX_OPEN,
+            Some(n) if (1..=MAX_TUNNELS_LIMIT as i64).contains(&n) => n as usize,
+            Some(n) => return err("tunnels.max_open", format!("must be between 1 and {MAX_TUNNELS_LIMIT}, got {n}")),
+        };
+        let max_ttl = match t.max_ttl_secs {
+            None => Duration::from_secs(DEFAULT_TUNNELS_MAX_TTL_SECS),
+            Some(n) if (1..=MAX_TUNNEL_TTL_SECS as i64).contains(&n) => Duration::from_secs(n as u64),
+            Some(n) => return err("tunnels.max_ttl_secs", format!("must be between 1 and {MAX_TUNNEL_TTL_SECS} seconds, got {n}")),
+        };
+        if let Some(user) = &t.owner {
+            check_user(user).or_else(|why| err("tunnels.owner", format!("{user:?}: {why}")))?;
+        }
+        Ok(TunnelsConfig { dir, allow, max_open, max_ttl, owner: t.owner })
     }
 
     fn qemu(&self, q: RawQemu, peers: &[Peer]) -> Result<QemuConfig, Problem> {

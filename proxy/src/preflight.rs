@@ -75,6 +75,11 @@ pub fn check(config: &Config, file: &str) -> Vec<ConfigError> {
             }
         }
     }
+    if let Some(t) = &config.tunnels {
+        if let Some(why) = creatable_dir_problem(&t.dir) {
+            problem("tunnels.dir", why);
+        }
+    }
     problems
 }
 

@@ -7,4 +7,5 @@ pub mod logging;
 pub mod manual;
 pub mod migrate;
 pub mod serve;
+pub mod tunnel;
 pub mod ui;

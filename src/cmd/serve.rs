@@ -52,12 +52,14 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         if let Some(incoming) = &incoming {
             incoming.recover().await;
         }
-        let router = migtun_control::service::router(&handle, agent.config(), incoming.as_ref());
+        let tunnels = migtun_control::service::tunnels(&handle, agent.config());
+        let router = migtun_control::service::router(&handle, agent.config(), incoming.as_ref(), &tunnels);
         agent.set_control_handler(router.into_handler());
 
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
         let registry = Arc::new(Registry::default());
+        registry.set_tunnels(tunnels);
         if let Some(incoming) = &incoming {
             // `migtun status` lists the incoming migrations with the outgoing ones.
             registry.set_incoming(incoming.clone());
