@@ -116,6 +116,18 @@ enum Command {
         #[arg(long, value_enum)]
         guest_on: GuestOnArg,
     },
+    /// Make the running agent re-read its config file and the certificate, key, CA and CRL files
+    /// (as SIGHUP does): new handshakes use them, routes come and go, open streams run on.
+    /// Exits non-zero, printing the problems, if the new config is refused (the agent keeps the
+    /// one it runs).
+    #[command(after_help = "Example:
+  migtun reload --admin /run/migtun/admin.sock
+  kill -HUP $(pidof migtun)                    # the same, without the admin socket")]
+    Reload {
+        /// The local agent's admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+    },
     /// Two agents and a tunnelled transfer on this machine, with no set-up.
     #[command(after_help = "Example:\n  migtun demo --size-mib 256")]
     Demo {
@@ -205,6 +217,7 @@ fn main() -> ExitCode {
             };
             cmd::migrate::resolve(&admin, &id, guest_on)
         }
+        Command::Reload { admin } => cmd::reload::reload(&admin),
         Command::Demo { size_mib } => cmd::logging::init_quiet(cli.log_format).and_then(|()| cmd::demo::run(size_mib)),
     };
     match result {

@@ -86,8 +86,13 @@ const UNKNOWN_ROUTE_LABEL: &str = "<unknown>";
 
 /// Serves one data stream on an authenticated connection; `transport` (`tls` or `quic`) labels
 /// its refusals.
-pub async fn serve<S>(mut conn: S, peer: PeerIdentity, transport: &'static str, ctx: &ExposeContext)
-where
+pub async fn serve<S>(
+    mut conn: S,
+    peer: PeerIdentity,
+    handshaked: &crate::tls::Handshaked,
+    transport: &'static str,
+    ctx: &ExposeContext,
+) where
     S: crate::relay::RelayStream + Reset,
 {
     let peer_name = peer.name().to_string();
@@ -131,6 +136,12 @@ where
 
     if ctx.draining.is_cancelled() {
         refuse(&mut conn, ctx, &peer_name, route_name, ReplyCode::Draining, "agent is shutting down").await;
+        return;
+    }
+    // A connection made before a reload: the peer's certificate must pass the new verifier.
+    if let Err(e) = handshaked.still_valid(&ctx.tls) {
+        let detail = format!("the certificate of {peer_name} is no longer accepted here: {e}");
+        refuse(&mut conn, ctx, &peer_name, UNKNOWN_ROUTE_LABEL, ReplyCode::Forbidden, &detail).await;
         return;
     }
     let route = match ctx.routes.authorize(route_name, request.migration.as_deref(), &peer) {

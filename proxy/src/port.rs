@@ -133,9 +133,9 @@ pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, c
             let conn = handshake(tcp, addr, &acceptor, &ctx).await;
             gauge.dec();
             drop((permit, address_permit));
-            let Some((conn, peer, alpn)) = conn else { return };
+            let Some((conn, peer, alpn, handshaked)) = conn else { return };
             match (alpn, &ctx.control) {
-                (Alpn::Data, _) => expose::serve(conn, peer, "tls", &ctx).await,
+                (Alpn::Data, _) => expose::serve(conn, peer, &handshaked, "tls", &ctx).await,
                 (Alpn::Control, Some(handler)) => {
                     let Some(_slot) = control_per_peer.try_acquire(peer.name().to_string()) else {
                         crate::socket::reset_on_drop(conn.tcp());
@@ -253,7 +253,7 @@ async fn handshake(
     addr: SocketAddr,
     acceptor: &Arc<rustls::ServerConfig>,
     ctx: &ExposeContext,
-) -> Option<(TlsSession, PeerIdentity, Alpn)> {
+) -> Option<(TlsSession, PeerIdentity, Alpn, crate::tls::Handshaked)> {
     crate::socket::tune(&tcp);
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let hello = tokio::select! {
@@ -325,7 +325,8 @@ async fn handshake(
         }
     };
     debug!(%addr, peer = peer.name(), ?alpn, "peer connected");
-    Some((conn, peer, alpn))
+    let handshaked = crate::tls::Handshaked::now(&ctx.tls, info.peer_certificates.clone());
+    Some((conn, peer, alpn, handshaked))
 }
 
 #[cfg(test)]

@@ -571,6 +571,7 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 
 async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<ExposeContext>, tracker: TaskTracker) {
     let addr = conn.remote_address();
+    let handshaked = crate::tls::Handshaked::now(&ctx.tls, peer_certificates(&conn));
     loop {
         let (send, recv) = tokio::select! {
             r = conn.accept_bi() => match r {
@@ -585,7 +586,10 @@ async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<
         };
         let ctx = ctx.clone();
         let peer = peer.clone();
-        tracker.spawn(async move { expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, "quic", &ctx).await });
+        let handshaked = handshaked.clone();
+        tracker.spawn(async move {
+            expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, &handshaked, "quic", &ctx).await
+        });
     }
 }
 

@@ -5,9 +5,10 @@ use std::path::Path;
 use anyhow::Context;
 use std::sync::Arc;
 
-use migtun_control::admin::{self, Registry, Starter};
+use migtun_control::admin::{self, Registry, Reloader, Starter};
 use migtun_control::driver::{self, Outgoing};
 use migtun_control::messages::{MigrateArgs, OutcomeKind, Report, Totals};
+use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -37,9 +38,20 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     }
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    let path = path.to_path_buf();
     rt.block_on(async move {
+        // SIGHUP reloads; installed first, since its default action would end the agent.
+        let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         let mut agent = Agent::bind(config).await?;
         let handle = agent.handle();
+        let reloader: Reloader = {
+            let (path, handle) = (path.clone(), handle.clone());
+            Arc::new(move || {
+                let (path, handle) = (path.clone(), handle.clone());
+                Box::pin(async move { reload(&path, &handle).await })
+            })
+        };
+        tokio::spawn(on_hangup(hangup, reloader.clone()));
         let qemu = agent.config().qemu.clone();
         let admin_path = agent.config().admin.clone();
 
@@ -58,6 +70,7 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(shutdown.clone()));
         let registry = Arc::new(Registry::default());
+        registry.set_reloader(reloader);
         if let Some(incoming) = &incoming {
             // `migtun status` lists the incoming migrations with the outgoing ones.
             registry.set_incoming(incoming.clone());
@@ -127,6 +140,42 @@ fn starter(outgoing: Option<Arc<Outgoing>>) -> Starter {
             driver::run(out, args, tracked).await
         })
     })
+}
+
+/// Re-reads the config file at `path` (and the `[tls]` files it names) and applies it to the
+/// running agent. Refused, with the running config kept, on the lines `migtun check` prints
+/// for the file, or on a key that needs a restart; otherwise the changes, one line each.
+pub async fn reload(path: &Path, handle: &AgentHandle) -> Result<Vec<String>, String> {
+    // systemd: RELOADING=1 here (the reload starts)
+    tracing::info!(config = %path.display(), "reloading");
+    let result = apply(path, handle).await;
+    match &result {
+        Ok(changes) => tracing::info!(changes = changes.len(), "reloaded"),
+        Err(e) => tracing::error!(config = %path.display(), error = %e, "reload refused; the running config stays"),
+    }
+    // systemd: READY=1 here (the reload has ended, applied or refused)
+    result
+}
+
+async fn apply(path: &Path, handle: &AgentHandle) -> Result<Vec<String>, String> {
+    let file = path.display().to_string();
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let problems = migtun_proxy::preflight::check_reload(&config, &file);
+    if !problems.is_empty() {
+        return Err(problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"));
+    }
+    handle
+        .reload(config)
+        .await
+        .map_err(|e| e.lines().iter().map(|l| format!("{file}: {l}")).collect::<Vec<_>>().join("\n"))
+}
+
+/// Every SIGHUP reloads (one at a time; a SIGHUP during a reload runs another one after it).
+async fn on_hangup(mut hangup: tokio::signal::unix::Signal, reload: Reloader) {
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        let _ = reload().await;
+    }
 }
 
 /// First SIGTERM/SIGINT: drain. A second one: exit at once.
