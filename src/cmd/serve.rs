@@ -87,8 +87,24 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
             let starter = starter(outgoing);
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = admin::serve(&path, handle, registry, starter, stop).await {
-                    tracing::error!(path = %path.display(), error = %e, "admin socket failed; `migtun migrate` cannot reach this agent");
+                // A live socket there is the agent this one replaces, still draining: take the
+                // path over once it has let go.
+                let mut waited = false;
+                loop {
+                    match admin::serve(&path, handle.clone(), registry.clone(), starter.clone(), stop.clone()).await {
+                        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !stop.is_cancelled() => {
+                            if !waited {
+                                tracing::warn!(path = %path.display(), "admin socket held by another agent (draining?); waiting for it");
+                                waited = true;
+                            }
+                            tokio::time::sleep(ADMIN_RETRY).await;
+                        }
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), error = %e, "admin socket failed; `migtun migrate` cannot reach this agent");
+                            return;
+                        }
+                        Ok(()) => return,
+                    }
                 }
             });
         }
@@ -96,6 +112,9 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// How often a new agent tries to take the admin socket from the agent draining there.
+const ADMIN_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit and logs what the
 /// agent got. Every stream costs descriptors (the port's connection, the local one, during the
