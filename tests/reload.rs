@@ -334,6 +334,18 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_takes_over_while_the_first_drains() {
+    hand_over("tls").await;
+}
+
+/// The same with the source on `auto`, its open stream on QUIC: the new agent leaves the old
+/// one's UDP socket (and so its QUIC connection) alone until it is gone, new streams go over
+/// TLS meanwhile, and the new agent serves QUIC afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_takes_over_while_the_first_drains_a_quic_stream() {
+    hand_over("auto").await;
+}
+
+async fn hand_over(transport: &str) {
     let pki = Pki::new();
     let _target = spawn_hash_target(pki.path("hash.sock"));
     let port_a = bind_port().await;
@@ -352,7 +364,7 @@ async fn a_second_agent_takes_over_while_the_first_drains() {
     let config = pki.path("host-b.toml");
     std::fs::write(&config, &b_text).unwrap();
     let a_text = format!(
-        "name = \"host-a\"\nlisten = \"{addr_a}\"\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\n\n\
+        "name = \"host-a\"\nlisten = \"{addr_a}\"\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\ntransport = \"{transport}\"\n\n\
          [[forward]]\nlisten = \"unix:{}\"\npeer = \"host-b\"\nroute = \"bulk\"\n",
         tls_table(&pki.pki(), "host-a"),
         pki.path("in.sock").display()
@@ -363,6 +375,8 @@ async fn a_second_agent_takes_over_while_the_first_drains() {
     let mut old = Serve::spawn(&config, pki.path("old.log"));
     old.wait_log("agent serving").await;
     assert!(stream_works(&input, 1).await);
+    let expected = if transport == "auto" { "quic" } else { "tls" };
+    assert_eq!(a.handle.peer_transport("host-b"), Some(expected));
     let mut open = HalfStream::open(&input, 2).await;
     open.send(1 << 20).await;
 
@@ -382,6 +396,15 @@ async fn a_second_agent_takes_over_while_the_first_drains() {
     open.finish().await;
     assert!(old.wait_exit(Duration::from_secs(30)).await.success(), "{}", old.log_text());
     new.wait_log("UDP port taken over").await;
+    if transport == "auto" {
+        // QUIC gets through again, to the new agent.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while a.handle.peer_transport("host-b") != Some("quic") {
+            assert!(Instant::now() < deadline, "auto never went back to QUIC");
+            assert!(stream_works(&input, 99).await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     wait_for("the new agent's admin socket", || pki.path("b.admin").exists()).await;
     let (ok, out, err) = migtun_reload(&pki.path("b.admin"));
     assert!(ok && out.contains("nothing changed"), "the new agent answers on the admin socket: {out}{err}");
