@@ -312,13 +312,19 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
 
     // A re-issued certificate: presented on the next handshake, no restart.
     let before = presented_certificate(&pki.pki(), addr_b).await;
-    migtun_certs::issue_with(&pki.pki(), "host-b", &migtun_certs::IssueOptions::default(), true).expect("re-issue host-b");
+    // Valid for 100 days (the first one: the default 730), so the expiry gauge must move too.
+    let not_after = migtun_certs::time::OffsetDateTime::now_utc() + migtun_certs::time::Duration::days(100);
+    let opts = migtun_certs::IssueOptions { not_after: Some(not_after), ..Default::default() };
+    migtun_certs::issue_with(&pki.pki(), "host-b", &opts, true).expect("re-issue host-b");
+    let leaf_expiry = || b.sample("migtun_certificate_not_after_seconds", &[("which", "leaf")]);
+    assert!(leaf_expiry() > not_after.unix_timestamp() as f64 + 86400.0, "the first certificate's expiry");
     let reissued = leaf_der(&pki.pki().join("host-b.pem"));
     assert_ne!(before, reissued);
     assert_eq!(presented_certificate(&pki.pki(), addr_b).await, before, "not before the reload");
     let changes = reload_b(host_b_config(&pki, addr_a, addr_b, &["two"], "")).await.expect("reload");
     assert!(changes.iter().any(|c| c.starts_with("tls: new handshakes use")), "{changes:?}");
     assert_eq!(presented_certificate(&pki.pki(), addr_b).await, reissued, "the re-issued certificate after the reload");
+    assert_eq!(leaf_expiry(), not_after.unix_timestamp() as f64, "migtun_certificate_not_after_seconds follows the reload");
     assert!(stream_works(&two, 7).await, "host-a still connects (same CA)");
 
     // A CRL that revokes host-a: its new streams are refused at once, on fresh, resumed and

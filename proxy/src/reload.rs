@@ -104,6 +104,11 @@ impl AgentHandle {
         }
         let tls_changed = tls_differs(&old.tls, &new.tls);
         if tls_changed {
+            let ca_chain = new.tls.cert_chain.iter().skip(1).chain(&new.tls.ca_certs);
+            shared.metrics.certificates_expire(
+                new.tls.cert_chain.first().and_then(crate::identity::not_after),
+                ca_chain.filter_map(crate::identity::not_after).min(),
+            );
             // Idle connections made under the old material are not used for new streams.
             for p in shared.peers.values() {
                 p.clear();
