@@ -248,6 +248,18 @@ async fn sighup_and_migtun_reload_move_forwards_and_refuse_bad_configs() {
     b.stop().await;
 }
 
+/// Whether the control connection still echoes "ping".
+async fn echoes(control: &mut migtun_proxy::agent::ControlStream) -> bool {
+    let exchange = async {
+        control.write_all(b"ping").await?;
+        control.flush().await?;
+        let mut back = [0u8; 4];
+        control.read_exact(&mut back).await?;
+        Ok::<_, std::io::Error>(back)
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(5), exchange).await, Ok(Ok(b)) if &b == b"ping")
+}
+
 /// The DER of the certificate host-b's port presents to a fresh client now.
 async fn presented_certificate(pki: &Path, addr: SocketAddr) -> Vec<u8> {
     let cert = std::fs::read_to_string(pki.join("host-a.pem")).unwrap();
@@ -274,7 +286,14 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
     let (port_a, port_b) = (bind_port().await, bind_port().await);
     let (addr_a, addr_b) = (port_a.local_addr().unwrap(), port_b.local_addr().unwrap());
     let b_text = host_b_config(&pki, addr_a, addr_b, &["one"], "");
-    let b = start_agent(pki.dir.path(), "host-b", &b_text, port_b).await;
+    // Control connections echo: one stays open across the reloads.
+    let echo: migtun_proxy::agent::ControlHandler = Arc::new(|io, _peer| {
+        Box::pin(async move {
+            let (mut r, mut w) = tokio::io::split(io);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+    });
+    let b = start_agent_with(pki.dir.path(), "host-b", &b_text, port_b, Some(echo)).await;
     let mut a_text = format!(
         "name = \"host-a\"\nlisten = \"{addr_a}\"\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\n",
         tls_table(&pki.pki(), "host-a")
@@ -294,6 +313,8 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
 
     assert!(stream_works(&one, 1).await);
     assert!(!stream_works(&two, 2).await, "route two is not exposed yet");
+    let mut control = a.handle.connect_control("host-b").await.expect("control connection");
+    assert!(echoes(&mut control).await);
     // A stream open across the reload that removes its route.
     let mut open = HalfStream::open(&one, 3).await;
     open.send(1 << 20).await;
@@ -326,6 +347,7 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
     assert_eq!(presented_certificate(&pki.pki(), addr_b).await, reissued, "the re-issued certificate after the reload");
     assert_eq!(leaf_expiry(), not_after.unix_timestamp() as f64, "migtun_certificate_not_after_seconds follows the reload");
     assert!(stream_works(&two, 7).await, "host-a still connects (same CA)");
+    assert!(echoes(&mut control).await, "the control connection lives through reloads");
 
     // A CRL that revokes host-a: its new streams are refused at once, on fresh, resumed and
     // already open (warm) connections alike.
@@ -334,6 +356,7 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
     for seed in 8..12 {
         assert!(!stream_works(&two, seed).await, "a revoked peer's stream {seed} is refused");
     }
+    assert!(!echoes(&mut control).await, "a revoked peer's control connection is closed");
     a.stop().await;
     b.stop().await;
 }

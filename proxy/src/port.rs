@@ -147,10 +147,15 @@ pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, c
                         return;
                     };
                     // Control connections live as long as the control plane wants them; only
-                    // the drain deadline cuts them.
+                    // the drain deadline cuts them, or a reload after which the peer's
+                    // certificate is refused (revoked): its migrations then roll back.
+                    let name = peer.name().to_string();
                     tokio::select! {
                         _ = handler(Box::new(conn), peer) => {}
                         _ = ctx.abort.cancelled() => {}
+                        e = handshaked.revoked(&ctx.tls) => {
+                            warn!(%addr, peer = %name, error = %e, "control connection closed: the peer's certificate is no longer accepted");
+                        }
                     }
                 }
                 (Alpn::Control, None) => {}

@@ -151,6 +151,8 @@ pub struct TlsContext {
     /// Bumped by every [`TlsContext::replace`]: connections made under an older generation have
     /// their peer's certificate checked again before they carry a new stream.
     generation: AtomicU64,
+    /// Told each new generation, for connections that live long (control connections).
+    replaced: tokio::sync::watch::Sender<u64>,
     refused: Arc<RefusedCertificates>,
     /// `tls.record_layer`: whether rustls hands the keys over to our record layer.
     record_layer: RecordLayer,
@@ -170,6 +172,7 @@ impl TlsContext {
             provider,
             live: Live(Arc::new(RwLock::new(Arc::new(material)))),
             generation: AtomicU64::new(0),
+            replaced: tokio::sync::watch::Sender::new(0),
             refused: Arc::new(RefusedCertificates::default()),
             record_layer: tls.record_layer,
         }))
@@ -181,8 +184,14 @@ impl TlsContext {
     pub fn replace(&self, tls: &TlsConfig) -> Result<(), TlsSetupError> {
         let material = Arc::new(Material::new(tls, &self.provider)?);
         *self.live.0.write().unwrap_or_else(|p| p.into_inner()) = material;
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.replaced.send_replace(generation);
         Ok(())
+    }
+
+    /// Changes whenever [`TlsContext::replace`] ran.
+    pub fn replaced(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.replaced.subscribe()
     }
 
     /// How many times the material was replaced.
@@ -265,6 +274,20 @@ impl Handshaked {
     /// The client certificates of a connection handshaked under `tls`'s current material.
     pub fn now(tls: &TlsContext, certs: Option<Vec<CertificateDer<'static>>>) -> Handshaked {
         Handshaked { generation: tls.generation(), certs }
+    }
+
+    /// Resolves once a reload has made the peer's certificate unacceptable (never otherwise):
+    /// a long-lived connection (control) is closed then.
+    pub async fn revoked(&self, tls: &TlsContext) -> rustls::Error {
+        let mut replaced = tls.replaced();
+        loop {
+            if replaced.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Err(e) = self.still_valid(tls) {
+                return e;
+            }
+        }
     }
 
     /// Whether the connection may carry a new stream: always under the material it was
