@@ -1600,6 +1600,32 @@ address = "192.0.2.2:7443"
         }
     }
 
+    /// What a reload may change live and what it refuses, naming the key.
+    #[test]
+    fn restart_needed_names_each_key_a_reload_cannot_change() {
+        let pki = Pki::new();
+        let base = pki.load(&pki.valid("")).unwrap();
+        let live = pki
+            .load(&format!(
+                "drain_timeout_secs = 5\n{}",
+                pki.valid("[[expose]]\nroute = \"r\"\ntarget = \"tcp:127.0.0.1:22\"\nallow = [\"host-b\"]\n")
+            ))
+            .unwrap();
+        assert!(base.restart_needed(&live).is_empty(), "{:?}", base.restart_needed(&live));
+        let text = pki.valid("").replace("0.0.0.0:7443", "0.0.0.0:7444").replace("192.0.2.2:7443", "192.0.2.3:7443");
+        let other = pki.load(&format!("metrics = \"127.0.0.1:9477\"\n{text}")).unwrap();
+        let lines = base.restart_needed(&other);
+        for key in ["`listen`", "`metrics`", "`peer[0].address`"] {
+            assert!(lines.iter().any(|l| l.starts_with(key) && l.ends_with("needs a restart")), "{key}: {lines:?}");
+        }
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        let qemu = pki.load(&pki.valid("[qemu]\nrun_dir = \"/run/x\"\n")).unwrap();
+        assert_eq!(base.restart_needed(&qemu), ["`qemu`: changed from no [qemu] section to a [qemu] section; needs a restart"]);
+        let qemu2 = pki.load(&pki.valid("[qemu]\nrun_dir = \"/run/y\"\nsandbox = false\n")).unwrap();
+        let lines = qemu.restart_needed(&qemu2);
+        assert!(lines.iter().any(|l| l.starts_with("`qemu.run_dir`")) && lines.iter().any(|l| l.starts_with("`qemu.sandbox`")), "{lines:?}");
+    }
+
     /// Found by the `config` fuzz target: a quoted key with a newline made a two-line error
     /// naming a key that does not exist (`a\nb.a`).
     #[test]
