@@ -150,8 +150,14 @@ async fn open(ctx: &ForwardContext, my_turn: Option<oneshot::Receiver<()>>) -> R
         // `auto` falls back to TLS while the old one still holds the UDP port).
         debug!(peer = %ctx.peer.name, route = %ctx.route, transport = conn.transport(), "peer is draining; trying a fresh connection");
         ctx.peer.retire_quic();
-        conn = ctx.peer.connect().await?;
-        reply = exchange(&mut conn, &request).await;
+        match ctx.peer.connect().await {
+            Ok(fresh) => {
+                conn = fresh;
+                reply = exchange(&mut conn, &request).await;
+            }
+            // Nobody else serves the port: the stream stays refused `draining`.
+            Err(e) => debug!(peer = %ctx.peer.name, route = %ctx.route, error = %e, "no other agent on the peer's port"),
+        }
     }
     let (reply, early) = reply?;
     if !pooled {
