@@ -236,6 +236,13 @@ async fn sighup_and_migtun_reload_move_forwards_and_refuse_bad_configs() {
     assert!(err.contains("`listen`") && err.contains("needs a restart"), "{err}");
     assert!(stream_works(&two, 5).await);
 
+    // A peer's address changes live: the forward to it uses the new connector.
+    let nowhere = bind_port().await.local_addr().unwrap();
+    std::fs::write(&config, host_a_config(&pki, addr_a, nowhere, &[("two", "two.sock")], "")).unwrap();
+    let (ok, out, err) = migtun_reload(&admin);
+    assert!(ok && out.contains("peer host-b:"), "{out}{err}");
+    assert!(!stream_works(&two, 50).await, "host-b is not at {nowhere}");
+
     // Back to a valid config: `migtun reload` succeeds and prints what changed.
     std::fs::write(&config, host_a_config(&pki, addr_a, addr_b, &[("two", "two.sock"), ("one", "one.sock")], "")).unwrap();
     let (ok, out, err) = migtun_reload(&admin);
@@ -326,10 +333,34 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
     assert!(stream_works(&two, 4).await, "the added route carries bytes");
     assert!(!stream_works(&one, 5).await, "the removed route refuses");
 
-    // Refused reloads change nothing: a peer list that changed, a forward that cannot listen.
-    let e = reload_b(format!("{b_text}\n[[peer]]\nname = \"host-c\"\naddress = \"127.0.0.1:9\"\n")).await.unwrap_err();
-    assert!(e.to_string().contains("`peer`") && e.to_string().contains("needs a restart"), "{e}");
-    assert!(stream_works(&two, 6).await);
+    // A refused reload changes nothing.
+    let e = reload_b(format!("metrics = \"127.0.0.1:0\"\n{}", host_b_config(&pki, addr_a, addr_b, &["one"], ""))).await.unwrap_err();
+    assert!(e.to_string().contains("`metrics`") && e.to_string().contains("needs a restart"), "{e}");
+    assert!(stream_works(&two, 6).await && !stream_works(&one, 6).await);
+
+    // A new peer, host-c, and a route for it: refused before (not a peer), carried after.
+    let port_c = bind_port().await;
+    let addr_c = port_c.local_addr().unwrap();
+    let c_text = format!(
+        "name = \"host-c\"\nlisten = \"{addr_c}\"\n{}\n[[peer]]\nname = \"host-b\"\naddress = \"{addr_b}\"\n\n\
+         [[forward]]\nlisten = \"unix:{}\"\npeer = \"host-b\"\nroute = \"three\"\n",
+        tls_table(&pki.pki(), "host-c"),
+        pki.path("three.sock").display()
+    );
+    let c = start_agent(pki.dir.path(), "host-c", &c_text, port_c).await;
+    let three = pki.path("three.sock");
+    assert!(!stream_works(&three, 20).await, "host-c is not a peer of host-b yet");
+    let with_c = |tls_extra: &str| {
+        format!(
+            "{}\n[[peer]]\nname = \"host-c\"\naddress = \"{addr_c}\"\n\n[[expose]]\nroute = \"three\"\ntarget = \"unix:{}\"\nallow = [\"host-c\"]\n",
+            host_b_config(&pki, addr_a, addr_b, &["two"], tls_extra),
+            pki.path("hash.sock").display()
+        )
+    };
+    let changes = reload_b(with_c("")).await.expect("reload adding a peer");
+    assert!(changes.iter().any(|c| c.starts_with("peer host-c: added")), "{changes:?}");
+    assert!(stream_works(&three, 21).await, "the new peer's route carries bytes");
+    assert_eq!(b.handle.peer_names(), ["host-a", "host-c"]);
 
     // A re-issued certificate: presented on the next handshake, no restart.
     let before = presented_certificate(&pki.pki(), addr_b).await;
@@ -342,7 +373,7 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
     let reissued = leaf_der(&pki.pki().join("host-b.pem"));
     assert_ne!(before, reissued);
     assert_eq!(presented_certificate(&pki.pki(), addr_b).await, before, "not before the reload");
-    let changes = reload_b(host_b_config(&pki, addr_a, addr_b, &["two"], "")).await.expect("reload");
+    let changes = reload_b(with_c("")).await.expect("reload");
     assert!(changes.iter().any(|c| c.starts_with("tls: new handshakes use")), "{changes:?}");
     assert_eq!(presented_certificate(&pki.pki(), addr_b).await, reissued, "the re-issued certificate after the reload");
     assert_eq!(leaf_expiry(), not_after.unix_timestamp() as f64, "migtun_certificate_not_after_seconds follows the reload");
@@ -352,11 +383,18 @@ async fn reload_swaps_routes_a_reissued_certificate_and_a_crl_for_new_handshakes
     // A CRL that revokes host-a: its new streams are refused at once, on fresh, resumed and
     // already open (warm) connections alike.
     let crl = migtun_certs::revoke(&pki.pki(), "host-a").expect("revoke host-a");
-    reload_b(host_b_config(&pki, addr_a, addr_b, &["two"], &format!("crl = \"{}\"\n", crl.display()))).await.expect("reload");
+    reload_b(with_c(&format!("crl = \"{}\"\n", crl.display()))).await.expect("reload");
     for seed in 8..12 {
         assert!(!stream_works(&two, seed).await, "a revoked peer's stream {seed} is refused");
     }
     assert!(!echoes(&mut control).await, "a revoked peer's control connection is closed");
+    assert!(stream_works(&three, 22).await, "a peer the CRL does not name goes on");
+
+    // The peer removed again: refused.
+    let changes = reload_b(host_b_config(&pki, addr_a, addr_b, &["two"], &format!("crl = \"{}\"\n", crl.display()))).await.expect("reload");
+    assert!(changes.iter().any(|c| c.starts_with("peer host-c: removed")), "{changes:?}");
+    assert!(!stream_works(&three, 23).await, "a removed peer gets nothing");
+    c.stop().await;
     a.stop().await;
     b.stop().await;
 }

@@ -77,13 +77,20 @@ pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) routes: Arc<RouteTable>,
-    pub(crate) peers: HashMap<String, Arc<PeerConnector>>,
+    /// The configured peers' connectors; a reload adds, replaces and removes them (streams
+    /// that hold a replaced one keep it).
+    pub(crate) peers: std::sync::RwLock<HashMap<String, Arc<PeerConnector>>>,
+    /// What new peers' connectors are made from (a reload).
+    pub(crate) data_connector: TlsConnector,
+    pub(crate) quic_client: std::sync::Mutex<Option<(quinn::ClientConfig, TlsConnector)>>,
+    /// The receiving side's context, once the agent runs: its list of configured peers.
+    pub(crate) expose: std::sync::OnceLock<Arc<ExposeContext>>,
     control_connector: TlsConnector,
     /// Verifiers and identity every rustls configuration is made from; a reload replaces what
     /// is inside it ([`TlsContext::replace`]).
     pub(crate) tls: Arc<TlsContext>,
     /// The QUIC endpoint on the port number, when UDP could be bound.
-    quic: Option<quinn::Endpoint>,
+    pub(crate) quic: Option<quinn::Endpoint>,
     /// The port's UDP address while another agent (draining) still holds it: the endpoint runs
     /// on a temporary socket (outgoing QUIC only) until it can take the port.
     udp_wait: Option<SocketAddr>,
@@ -108,6 +115,39 @@ pub(crate) struct Running {
 pub(crate) struct StaticForward {
     pub(crate) spec: crate::config::Forward,
     pub(crate) guard: ForwardGuard,
+}
+
+impl Shared {
+    pub(crate) fn peer_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<PeerConnector>>> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn peer(&self, name: &str) -> Option<Arc<PeerConnector>> {
+        self.peer_map().get(name).cloned()
+    }
+}
+
+/// The QUIC client configuration for peers on `quic` or `auto`, and the TLS side it wraps.
+pub(crate) fn quic_client_config(tls: &Arc<TlsContext>) -> Result<(quinn::ClientConfig, TlsConnector), AgentError> {
+    let side = tls.client_config(&[ALPN_DATA])?;
+    Ok((crate::quic::client_config(&side)?, side))
+}
+
+/// The connector of one `[[peer]]`.
+pub(crate) fn connector(
+    p: &crate::config::Peer,
+    data: &TlsConnector,
+    quic: Option<&quinn::Endpoint>,
+    quic_client: Option<&(quinn::ClientConfig, TlsConnector)>,
+    metrics: &Arc<Metrics>,
+    draining: &CancellationToken,
+) -> Result<Arc<PeerConnector>, AgentError> {
+    let quic = match (quic, quic_client, p.transport) {
+        (Some(e), Some((c, side)), Transport::Quic | Transport::Auto) => Some(QuicClient::new(e.clone(), c.clone(), side.clone())),
+        _ => None,
+    };
+    PeerConnector::with_transport(&p.name, &p.address, data.clone(), p.transport, quic, metrics.clone(), draining.clone())
+        .map_err(|_| AgentError::PeerName { name: p.name.clone() })
 }
 
 /// A cheap, cloneable handle on a bound or running agent.
@@ -206,7 +246,7 @@ impl AgentHandle {
 
     /// Configured peers, by name.
     pub fn peer_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.shared.peers.keys().cloned().collect();
+        let mut v: Vec<String> = self.shared.peer_map().keys().cloned().collect();
         v.sort();
         v
     }
@@ -224,7 +264,7 @@ impl AgentHandle {
     /// The transport new streams to `peer` take now: `tls` or `quic` (for `auto`, whichever it
     /// currently uses). `None` for an unknown peer.
     pub fn peer_transport(&self, peer: &str) -> Option<&'static str> {
-        self.shared.peers.get(peer).map(|p| match p.choice() {
+        self.shared.peer(peer).map(|p| match p.choice() {
             crate::transport::Choice::Quic => "quic",
             crate::transport::Choice::Tls => "tls",
         })
@@ -235,12 +275,7 @@ impl AgentHandle {
         if self.is_draining() {
             return Err(AgentError::Draining);
         }
-        let peer = self
-            .shared
-            .peers
-            .get(&spec.peer)
-            .cloned()
-            .ok_or_else(|| AgentError::UnknownPeer { name: spec.peer.clone() })?;
+        let peer = self.shared.peer(&spec.peer).ok_or_else(|| AgentError::UnknownPeer { name: spec.peer.clone() })?;
         for name in std::iter::once(&spec.route).chain(spec.migration.as_ref()) {
             crate::wire::validate_name(name)
                 .map_err(|why| AgentError::Route(RouteError::BadName { name: name.clone(), why }))?;
@@ -271,7 +306,7 @@ impl AgentHandle {
 
     /// Opens a control connection (ALPN `h2`) to a configured peer.
     pub async fn connect_control(&self, peer: &str) -> Result<ControlStream, AgentError> {
-        let p = self.shared.peers.get(peer).ok_or_else(|| AgentError::UnknownPeer { name: peer.to_string() })?;
+        let p = self.shared.peer(peer).ok_or_else(|| AgentError::UnknownPeer { name: peer.to_string() })?;
         p.connect_with(&self.shared.control_connector)
             .await
             .map(|s| Box::new(s) as ControlStream)
@@ -366,30 +401,12 @@ impl Agent {
         );
 
         let quic_client = match &quic {
-            Some(_) if config.peers.iter().any(|p| p.transport != Transport::Tls) => {
-                let side = tls.client_config(&[ALPN_DATA])?;
-                Some((crate::quic::client_config(&side)?, side))
-            }
+            Some(_) if config.peers.iter().any(|p| p.transport != Transport::Tls) => Some(quic_client_config(&tls)?),
             _ => None,
         };
         let mut peers = HashMap::new();
         for p in &config.peers {
-            let quic = match (&quic, &quic_client, p.transport) {
-                (Some(e), Some((c, side)), Transport::Quic | Transport::Auto) => {
-                    Some(QuicClient::new(e.clone(), c.clone(), side.clone()))
-                }
-                _ => None,
-            };
-            let c = PeerConnector::with_transport(
-                &p.name,
-                &p.address,
-                data_connector.clone(),
-                p.transport,
-                quic,
-                metrics.clone(),
-                draining.clone(),
-            )
-            .map_err(|_| AgentError::PeerName { name: p.name.clone() })?;
+            let c = connector(p, &data_connector, quic.as_ref(), quic_client.as_ref(), &metrics, &draining)?;
             peers.insert(p.name.clone(), c);
         }
 
@@ -428,7 +445,10 @@ impl Agent {
             name: config.name.clone(),
             metrics,
             routes,
-            peers,
+            peers: std::sync::RwLock::new(peers),
+            data_connector,
+            quic_client: std::sync::Mutex::new(quic_client),
+            expose: std::sync::OnceLock::new(),
             control_connector,
             tls,
             quic,
@@ -497,6 +517,7 @@ impl Agent {
             self.config.peers.iter().map(|p| p.name.clone()).collect(),
             shared.tls.clone(),
         ));
+        let _ = shared.expose.set(expose_ctx.clone());
         if let Some(endpoint) = &shared.quic {
             let server = crate::quic::server_config(&shared.tls, &[ALPN_DATA])?;
             match shared.udp_wait {
@@ -522,7 +543,7 @@ impl Agent {
         let deadline = *shared.drain_timeout.lock().unwrap_or_else(|p| p.into_inner());
         info!(deadline_secs = deadline.as_secs(), "draining: no new streams; waiting for open ones");
         shared.draining.cancel();
-        for p in shared.peers.values() {
+        for p in shared.peer_map().values() {
             p.clear();
         }
         tracker.close();

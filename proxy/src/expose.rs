@@ -48,7 +48,7 @@ pub struct ExposeContext {
     /// Serves control connections, when the control plane runs in this agent.
     pub control: Option<crate::agent::ControlHandler>,
     /// The configured `[[peer]]` names: any other certificate gets nothing past the handshake.
-    pub peers: Vec<String>,
+    pub peers: std::sync::RwLock<Vec<String>>,
     /// Connections awaiting their preamble, per peer ([`MAX_AWAITING_PREAMBLE_PER_PEER`]).
     pub awaiting_preamble: Arc<KeyedLimit<String>>,
     /// Rate-limited log lines of the port.
@@ -73,7 +73,7 @@ impl ExposeContext {
             draining,
             abort,
             control,
-            peers,
+            peers: std::sync::RwLock::new(peers),
             awaiting_preamble: KeyedLimit::new(MAX_AWAITING_PREAMBLE_PER_PEER),
             log: PortLog::default(),
             tls,

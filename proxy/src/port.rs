@@ -167,7 +167,7 @@ pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, c
 /// Whether a handshaked peer is one of the configured `[[peer]]`s; if not, the refusal is
 /// counted and logged (rate-limited) and the caller closes the connection.
 pub fn is_configured_peer(ctx: &ExposeContext, transport: &'static str, addr: SocketAddr, peer: &PeerIdentity) -> bool {
-    if peer.is_any_of(&ctx.peers) {
+    if peer.is_any_of(&ctx.peers.read().unwrap_or_else(|p| p.into_inner())) {
         return true;
     }
     ctx.metrics.port_refused(transport, "not-a-peer");

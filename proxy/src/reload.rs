@@ -1,8 +1,9 @@
 //! Reloading a running agent: a new, already validated [`Config`] replaces the running one.
 //!
 //! What a reload applies: the `[tls]` files (certificate, key, CA, CRL: new handshakes use
-//! them, see [`crate::tls::TlsContext::replace`]), the `[[expose]]` routes, the `[[forward]]`
-//! listeners and `drain_timeout_secs`. Open streams, warm-pool and QUIC connections and the
+//! them, see [`crate::tls::TlsContext::replace`]), the `[[peer]]`s (added, removed, a changed
+//! address or transport: a new connector, and the forwards to that peer listen again), the
+//! `[[expose]]` routes, the `[[forward]]` listeners and `drain_timeout_secs`. Open streams, warm-pool and QUIC connections and the
 //! control plane's migrations go on untouched. What it cannot apply (the port, the peers,
 //! `[qemu]`, ...) is refused, naming each key, and nothing changes: a reload is all or
 //! nothing, except that a changed forward (same listen endpoint, another peer, route or mode)
@@ -12,8 +13,10 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::agent::{AgentHandle, ForwardGuard, Running, StaticForward};
-use crate::config::{Config, Forward};
+use std::collections::{HashMap, HashSet};
+
+use crate::agent::{AgentError, AgentHandle, ForwardGuard, Running, StaticForward};
+use crate::config::{Config, Forward, Transport};
 use crate::endpoint::{Endpoint, LocalListener};
 use crate::forward::ForwardContext;
 use crate::routes::{ExposeRoute, RouteError};
@@ -30,6 +33,10 @@ pub enum ReloadError {
     Forward { index: usize, endpoint: Endpoint, source: std::io::Error },
     #[error("`expose`: {0}")]
     Route(#[from] RouteError),
+    #[error("`peer[{index}].transport`: QUIC needs the UDP port, which this agent could not bind at start; needs a restart")]
+    NoQuic { index: usize },
+    #[error("`peer[{index}]`: {source}")]
+    Peer { index: usize, source: AgentError },
     #[error("the agent is not serving yet (or any more); nothing reloaded")]
     NotRunning,
 }
@@ -73,6 +80,36 @@ impl AgentHandle {
         // Everything that can fail, before anything changes: the TLS material, and the
         // listeners of forwards on endpoints nothing listens on yet.
         TlsContext::new(&new.tls)?;
+        // Peers added, or whose address or transport changed: their new connectors.
+        let mut connectors: HashMap<String, Arc<crate::connect::PeerConnector>> = HashMap::new();
+        let mut peer_changes = Vec::new();
+        for (index, p) in new.peers.iter().enumerate() {
+            let was = old.peers.iter().find(|o| o.name == p.name);
+            if was.is_some_and(|o| o.address == p.address && o.transport == p.transport) {
+                continue;
+            }
+            let mut quic_client = shared.quic_client.lock().unwrap_or_else(|e| e.into_inner());
+            if p.transport != Transport::Tls {
+                if shared.quic.is_none() {
+                    return Err(ReloadError::NoQuic { index });
+                }
+                if quic_client.is_none() {
+                    *quic_client = Some(crate::agent::quic_client_config(&shared.tls).map_err(|source| ReloadError::Peer { index, source })?);
+                }
+            }
+            let c = crate::agent::connector(p, &shared.data_connector, shared.quic.as_ref(), quic_client.as_ref(), &shared.metrics, &shared.draining)
+                .map_err(|source| ReloadError::Peer { index, source })?;
+            connectors.insert(p.name.clone(), c);
+            peer_changes.push(match was {
+                None => format!("peer {}: added ({}, {:?})", p.name, p.address, p.transport),
+                Some(o) => format!("peer {}: {} {:?} -> {} {:?} (its open streams keep the old connection)", p.name, o.address, o.transport, p.address, p.transport),
+            });
+        }
+        let removed_peers: Vec<String> =
+            old.peers.iter().filter(|o| !new.peers.iter().any(|p| p.name == o.name)).map(|o| o.name.clone()).collect();
+        // Forwards to a peer whose connector changes listen again with the new one.
+        let renewed: HashSet<String> = connectors.keys().cloned().collect();
+        let same_forward = |a: &Forward, b: &Forward| same_forward(a, b) && !renewed.contains(&a.peer);
         let mut bound: Vec<(usize, LocalListener)> = Vec::new();
         for (index, f) in new.forwards.iter().enumerate() {
             if forwards.iter().any(|o| o.spec.listen == f.listen) {
@@ -102,6 +139,24 @@ impl AgentHandle {
             let _ = shared.routes.replace_static(back);
             return Err(e.into());
         }
+        {
+            let mut peers = shared.peers.write().unwrap_or_else(|p| p.into_inner());
+            for name in &removed_peers {
+                if let Some(p) = peers.remove(name) {
+                    p.clear();
+                }
+                changes.push(format!("peer {name}: removed (its open streams finish)"));
+            }
+            for (name, c) in connectors {
+                if let Some(old) = peers.insert(name, c) {
+                    old.clear();
+                }
+            }
+            changes.extend(peer_changes);
+        }
+        if let Some(expose) = shared.expose.get() {
+            *expose.peers.write().unwrap_or_else(|p| p.into_inner()) = new.peers.iter().map(|p| p.name.clone()).collect();
+        }
         let tls_changed = tls_differs(&old.tls, &new.tls);
         if tls_changed {
             let ca_chain = new.tls.cert_chain.iter().skip(1).chain(&new.tls.ca_certs);
@@ -110,7 +165,7 @@ impl AgentHandle {
                 ca_chain.filter_map(crate::identity::not_after).min(),
             );
             // Idle connections made under the old material are not used for new streams.
-            for p in shared.peers.values() {
+            for p in shared.peer_map().values() {
                 p.clear();
             }
             changes.push(format!(
@@ -166,8 +221,8 @@ impl AgentHandle {
                     }
                 },
             };
-            let Some(peer) = shared.peers.get(&f.peer).cloned() else {
-                continue; // config validation: forwards name configured peers, which cannot change
+            let Some(peer) = shared.peer(&f.peer) else {
+                continue; // config validation: forwards name configured peers, all in the map now
             };
             let ctx = Arc::new(ForwardContext {
                 metrics: shared.metrics.clone(),
