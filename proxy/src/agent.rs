@@ -12,7 +12,7 @@
 //! A running agent can be reloaded ([`AgentHandle::reload`], in `crate::reload`), and a new
 //! agent can take over the port of one that drains: the TCP port and the metrics listener are
 //! bound with `SO_REUSEPORT`, the UDP (QUIC) port only once the old agent has let it go
-//! (docs/DESIGN.md, "Reload and restart").
+//! (docs/DESIGN.md, "Restart hand-over").
 
 use std::collections::HashMap;
 use std::future::Future;
