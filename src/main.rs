@@ -151,6 +151,18 @@ enum Command {
     /// The man page, migtun(1), in roff on stdout.
     #[command(after_help = "Examples:\n  migtun man > /usr/local/share/man/man1/migtun.1\n  migtun man | man -l -")]
     Man,
+    /// Make the running agent re-read its config file and the certificate, key, CA and CRL files
+    /// (as SIGHUP does): new handshakes use them, routes come and go, open streams run on.
+    /// Exits non-zero, printing the problems, if the new config is refused (the agent keeps the
+    /// one it runs).
+    #[command(after_help = "Example:
+  migtun reload --admin /run/migtun/admin.sock
+  kill -HUP $(pidof migtun)                    # the same, without the admin socket")]
+    Reload {
+        /// The local agent's admin socket.
+        #[arg(long)]
+        admin: PathBuf,
+    },
     /// Two agents and a tunnelled transfer on this machine, with no set-up.
     #[command(after_help = "Example:\n  migtun demo --size-mib 256")]
     Demo {
@@ -323,6 +335,7 @@ fn main() -> ExitCode {
         }
         Command::Completions { shell } => cmd::manual::completions(Cli::command(), shell),
         Command::Man => cmd::manual::man(Cli::command()),
+        Command::Reload { admin } => cmd::reload::reload(&admin),
         Command::Demo { size_mib } => cmd::logging::init_quiet(cli.log_format).and_then(|()| cmd::demo::run(size_mib)),
     };
     match result {

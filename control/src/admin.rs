@@ -61,6 +61,9 @@ pub enum Request {
     TunnelClose { name: String },
     /// `migtun tunnel list`.
     TunnelList,
+    /// Re-read the config file and the `[tls]` files (`migtun reload`, like SIGHUP). Answered
+    /// with `{"ok": true, "changes": [...]}` or `{"error": "..."}`.
+    Reload,
 }
 
 /// Where the operator says the guest is (`migtun resolve`).
@@ -312,6 +315,10 @@ impl Tracked {
 /// Starts a migration: given the args and its tracker, runs it to the end.
 pub type Starter = Arc<dyn Fn(MigrateArgs, Arc<Tracked>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
+/// Reloads the agent (`serve` provides it): the changes, one line each, or the problems, one
+/// line each naming the file and the key.
+pub type Reloader = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send>> + Send + Sync>;
+
 /// The migrations this agent runs, and the last [`HISTORY`] it ran (since it started).
 #[derive(Default)]
 pub struct Registry {
@@ -319,9 +326,15 @@ pub struct Registry {
     incoming: OnceLock<Arc<dyn IncomingStatus>>,
     /// The tunnels `migtun tunnel` opens, closes and lists.
     tunnels: OnceLock<Arc<crate::tunnels::Tunnels>>,
+    reloader: OnceLock<Reloader>,
 }
 
 impl Registry {
+    /// What the admin op `reload` runs.
+    pub fn set_reloader(&self, reloader: Reloader) {
+        let _ = self.reloader.set(reloader);
+    }
+
     pub fn track(&self, id: &str, vm: &str, to: &str) -> Arc<Tracked> {
         let (events, _) = broadcast::channel(WATCH_CAPACITY);
         let t = Arc::new(Tracked {
@@ -460,6 +473,13 @@ async fn handle(conn: LocalStream, agent: AgentHandle, registry: Arc<Registry>, 
                 send(&mut write, &serde_json::json!({ "ok": true })).await
             }
             Err(e) => send(&mut write, &serde_json::json!({ "error": e })).await,
+        },
+        Request::Reload => match registry.reloader.get().cloned() {
+            Some(reload) => match reload().await {
+                Ok(changes) => send(&mut write, &serde_json::json!({ "ok": true, "changes": changes })).await,
+                Err(e) => send(&mut write, &serde_json::json!({ "error": e })).await,
+            },
+            None => send(&mut write, &serde_json::json!({ "error": "this agent cannot reload" })).await,
         },
         Request::Watch { id } => match registry.get(&id) {
             Some(t) => stream_reports(&t, &mut write).await,

@@ -8,6 +8,11 @@
 //! one migration (scoped to one peer and one migration id) and opens control connections to
 //! peers. The data plane never depends on the control plane; the control plane registers a
 //! [`ControlHandler`] for the control connections the port accepts.
+//!
+//! A running agent can be reloaded ([`AgentHandle::reload`], in `crate::reload`), and a new
+//! agent can take over the port of one that drains: the TCP port and the metrics listener are
+//! bound with `SO_REUSEPORT`, the UDP (QUIC) port only once the old agent has let it go
+//! (docs/DESIGN.md, "Restart hand-over").
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -68,26 +73,87 @@ pub type ControlHandler =
     Arc<dyn Fn(ControlStream, PeerIdentity) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// What the running agent shares with its tasks and with the control plane.
-struct Shared {
-    name: String,
-    metrics: Arc<Metrics>,
-    routes: Arc<RouteTable>,
-    peers: HashMap<String, Arc<PeerConnector>>,
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) routes: Arc<RouteTable>,
+    /// The configured peers' connectors; a reload adds, replaces and removes them (streams
+    /// that hold a replaced one keep it).
+    pub(crate) peers: std::sync::RwLock<HashMap<String, Arc<PeerConnector>>>,
+    /// What new peers' connectors are made from (a reload).
+    pub(crate) data_connector: TlsConnector,
+    pub(crate) quic_client: std::sync::Mutex<Option<(quinn::ClientConfig, TlsConnector)>>,
+    /// The receiving side's context, once the agent runs: its list of configured peers.
+    pub(crate) expose: std::sync::OnceLock<Arc<ExposeContext>>,
     control_connector: TlsConnector,
-    /// Verifiers and identity every rustls configuration is made from (one value, so that a
-    /// reload can replace it).
-    tls: Arc<TlsContext>,
+    /// Verifiers and identity every rustls configuration is made from; a reload replaces what
+    /// is inside it ([`TlsContext::replace`]).
+    pub(crate) tls: Arc<TlsContext>,
     /// The QUIC endpoint on the port number, when UDP could be bound.
-    quic: Option<quinn::Endpoint>,
-    tracker: TaskTracker,
-    draining: CancellationToken,
-    abort: CancellationToken,
+    pub(crate) quic: Option<quinn::Endpoint>,
+    /// The port's UDP address while another agent (draining) still holds it: the endpoint runs
+    /// on a temporary socket (outgoing QUIC only) until it can take the port.
+    udp_wait: Option<SocketAddr>,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) draining: CancellationToken,
+    pub(crate) abort: CancellationToken,
+    /// `drain_timeout_secs`, which a reload may change.
+    pub(crate) drain_timeout: std::sync::Mutex<std::time::Duration>,
+    /// The config and static forwards of the running agent (`None` until it runs). Its lock is
+    /// also what keeps two reloads from running at once.
+    pub(crate) running: tokio::sync::Mutex<Option<Running>>,
+}
+
+/// What a reload compares the new config with and changes.
+pub(crate) struct Running {
+    pub(crate) config: Config,
+    /// The `[[forward]]`s that listen now, in config order.
+    pub(crate) forwards: Vec<StaticForward>,
+}
+
+/// One `[[forward]]` of the config, listening.
+pub(crate) struct StaticForward {
+    pub(crate) spec: crate::config::Forward,
+    pub(crate) guard: ForwardGuard,
+}
+
+impl Shared {
+    pub(crate) fn peer_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<PeerConnector>>> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn peer(&self, name: &str) -> Option<Arc<PeerConnector>> {
+        self.peer_map().get(name).cloned()
+    }
+}
+
+/// The QUIC client configuration for peers on `quic` or `auto`, and the TLS side it wraps.
+pub(crate) fn quic_client_config(tls: &Arc<TlsContext>) -> Result<(quinn::ClientConfig, TlsConnector), AgentError> {
+    let side = tls.client_config(&[ALPN_DATA])?;
+    Ok((crate::quic::client_config(&side)?, side))
+}
+
+/// The connector of one `[[peer]]`.
+pub(crate) fn connector(
+    p: &crate::config::Peer,
+    data: &TlsConnector,
+    quic: Option<&quinn::Endpoint>,
+    quic_client: Option<&(quinn::ClientConfig, TlsConnector)>,
+    metrics: &Arc<Metrics>,
+    draining: &CancellationToken,
+) -> Result<Arc<PeerConnector>, AgentError> {
+    let quic = match (quic, quic_client, p.transport) {
+        (Some(e), Some((c, side)), Transport::Quic | Transport::Auto) => Some(QuicClient::new(e.clone(), c.clone(), side.clone())),
+        _ => None,
+    };
+    PeerConnector::with_transport(&p.name, &p.address, data.clone(), p.transport, quic, metrics.clone(), draining.clone())
+        .map_err(|_| AgentError::PeerName { name: p.name.clone() })
 }
 
 /// A cheap, cloneable handle on a bound or running agent.
 #[derive(Clone)]
 pub struct AgentHandle {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// A dynamic forward: a local listener whose connections go to `route` on `peer`, naming
@@ -112,6 +178,14 @@ pub struct ForwardGuard {
 }
 
 impl ForwardGuard {
+    /// Serves `listener` with `ctx` until the guard is dropped or closed, or the agent drains.
+    pub(crate) fn spawn(shared: &Shared, listener: LocalListener, ctx: Arc<ForwardContext>, endpoint: Endpoint) -> ForwardGuard {
+        let abort = ctx.abort.clone();
+        let stop = shared.draining.child_token();
+        let task = shared.tracker.spawn(crate::forward::serve(listener, ctx, stop.clone(), shared.tracker.clone()));
+        ForwardGuard { stop, task: Some(task), endpoint, abort }
+    }
+
     /// Where the forward listens (with the real port for `tcp:...:0`).
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
@@ -172,7 +246,7 @@ impl AgentHandle {
 
     /// Configured peers, by name.
     pub fn peer_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.shared.peers.keys().cloned().collect();
+        let mut v: Vec<String> = self.shared.peer_map().keys().cloned().collect();
         v.sort();
         v
     }
@@ -190,7 +264,7 @@ impl AgentHandle {
     /// The transport new streams to `peer` take now: `tls` or `quic` (for `auto`, whichever it
     /// currently uses). `None` for an unknown peer.
     pub fn peer_transport(&self, peer: &str) -> Option<&'static str> {
-        self.shared.peers.get(peer).map(|p| match p.choice() {
+        self.shared.peer(peer).map(|p| match p.choice() {
             crate::transport::Choice::Quic => "quic",
             crate::transport::Choice::Tls => "tls",
         })
@@ -201,12 +275,7 @@ impl AgentHandle {
         if self.is_draining() {
             return Err(AgentError::Draining);
         }
-        let peer = self
-            .shared
-            .peers
-            .get(&spec.peer)
-            .cloned()
-            .ok_or_else(|| AgentError::UnknownPeer { name: spec.peer.clone() })?;
+        let peer = self.shared.peer(&spec.peer).ok_or_else(|| AgentError::UnknownPeer { name: spec.peer.clone() })?;
         for name in std::iter::once(&spec.route).chain(spec.migration.as_ref()) {
             crate::wire::validate_name(name)
                 .map_err(|why| AgentError::Route(RouteError::BadName { name: name.clone(), why }))?;
@@ -215,17 +284,14 @@ impl AgentHandle {
             AgentError::DynamicForward { route: spec.route.clone(), endpoint: spec.listen.clone(), source }
         })?;
         let endpoint = listener.endpoint().unwrap_or_else(|_| spec.listen.clone());
-        let abort = self.shared.abort.child_token();
         let ctx = Arc::new(ForwardContext {
             metrics: self.shared.metrics.clone(),
             peer,
             route: spec.route,
             migration: spec.migration,
-            abort: abort.clone(),
+            abort: self.shared.abort.child_token(),
         });
-        let stop = self.shared.draining.child_token();
-        let task = self.shared.tracker.spawn(crate::forward::serve(listener, ctx, stop.clone(), self.shared.tracker.clone()));
-        Ok(ForwardGuard { stop, task: Some(task), endpoint, abort })
+        Ok(ForwardGuard::spawn(&self.shared, listener, ctx, endpoint))
     }
 
     /// Exposes a dynamic route until the guard is dropped.
@@ -240,7 +306,7 @@ impl AgentHandle {
 
     /// Opens a control connection (ALPN `h2`) to a configured peer.
     pub async fn connect_control(&self, peer: &str) -> Result<ControlStream, AgentError> {
-        let p = self.shared.peers.get(peer).ok_or_else(|| AgentError::UnknownPeer { name: peer.to_string() })?;
+        let p = self.shared.peer(peer).ok_or_else(|| AgentError::UnknownPeer { name: peer.to_string() })?;
         p.connect_with(&self.shared.control_connector)
             .await
             .map(|s| Box::new(s) as ControlStream)
@@ -259,12 +325,37 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Binds the port, the forward listeners and the metrics endpoint.
+    /// Binds the port, the forward listeners and the metrics endpoint, as `migtun serve` does:
+    /// the TCP port with `SO_REUSEPORT`, so that it starts while an agent of the previous run
+    /// drains there, and the UDP port as soon as that agent has let it go (see
+    /// [`Agent::with_port`] for what happens when UDP is taken by anything else).
     pub async fn bind(config: Config) -> Result<Agent, AgentError> {
-        let port = TcpListener::bind(config.listen)
-            .await
+        let port = crate::socket::listen_reuseport(config.listen)
             .map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-        Agent::with_port(config, port).await
+        let addr = port.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
+        let quic = match crate::quic::bind_udp(addr).and_then(crate::quic::endpoint) {
+            Ok(endpoint) => Some((endpoint, None)),
+            // Taken: by the agent this one replaces, while it drains (preflight refuses a port
+            // held by another user's process). Outgoing QUIC runs on a temporary socket until
+            // the port is free.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                let temporary = SocketAddr::new(addr.ip(), 0);
+                let endpoint = crate::quic::bind_udp(temporary)
+                    .and_then(crate::quic::endpoint)
+                    .map_err(|source| AgentError::Listen { addr: temporary, source })?;
+                warn!(udp = %addr, "UDP port held by another process (an agent draining?): QUIC is served once it is free; \
+                    peers with transport \"auto\" use TLS meanwhile");
+                Some((endpoint, Some(addr)))
+            }
+            Err(source) => {
+                if let Some(peer) = config.peers.iter().position(|p| p.transport != Transport::Tls) {
+                    return Err(AgentError::ListenUdp { addr, peer, source });
+                }
+                warn!(udp = %addr, error = %source, "cannot listen on UDP: QUIC is not served, only TLS over TCP");
+                None
+            }
+        };
+        Agent::with_sockets(config, port, quic).await
     }
 
     /// Like [`Agent::bind`] with the TCP port already bound (tests bind port 0 first and tell
@@ -284,10 +375,19 @@ impl Agent {
                 None
             }
         };
-        Agent::with_sockets(config, port, quic).await
+        Agent::with_sockets(config, port, quic.map(|e| (e, None))).await
     }
 
-    async fn with_sockets(config: Config, port: TcpListener, quic: Option<quinn::Endpoint>) -> Result<Agent, AgentError> {
+    /// `quic`: the endpoint, and the port's UDP address if the endpoint still waits for it.
+    async fn with_sockets(
+        config: Config,
+        port: TcpListener,
+        quic: Option<(quinn::Endpoint, Option<SocketAddr>)>,
+    ) -> Result<Agent, AgentError> {
+        let (quic, udp_wait) = match quic {
+            Some((e, wait)) => (Some(e), wait),
+            None => (None, None),
+        };
         let metrics = Arc::new(Metrics::new());
         let draining = CancellationToken::new();
         let abort = CancellationToken::new();
@@ -301,30 +401,12 @@ impl Agent {
         );
 
         let quic_client = match &quic {
-            Some(_) if config.peers.iter().any(|p| p.transport != Transport::Tls) => {
-                let side = tls.client_config(&[ALPN_DATA])?;
-                Some((crate::quic::client_config(&side)?, side))
-            }
+            Some(_) if config.peers.iter().any(|p| p.transport != Transport::Tls) => Some(quic_client_config(&tls)?),
             _ => None,
         };
         let mut peers = HashMap::new();
         for p in &config.peers {
-            let quic = match (&quic, &quic_client, p.transport) {
-                (Some(e), Some((c, side)), Transport::Quic | Transport::Auto) => {
-                    Some(QuicClient::new(e.clone(), c.clone(), side.clone()))
-                }
-                _ => None,
-            };
-            let c = PeerConnector::with_transport(
-                &p.name,
-                &p.address,
-                data_connector.clone(),
-                p.transport,
-                quic,
-                metrics.clone(),
-                draining.clone(),
-            )
-            .map_err(|_| AgentError::PeerName { name: p.name.clone() })?;
+            let c = connector(p, &data_connector, quic.as_ref(), quic_client.as_ref(), &metrics, &draining)?;
             peers.insert(p.name.clone(), c);
         }
 
@@ -338,7 +420,7 @@ impl Agent {
 
         let mut forwards = Vec::new();
         for (index, f) in config.forwards.iter().enumerate() {
-            let listener = LocalListener::bind(&f.listen, f.mode)
+            let listener = LocalListener::bind_owned(&f.listen, f.mode, f.owner)
                 .await
                 .map_err(|source| AgentError::Forward { index, endpoint: f.listen.clone(), source })?;
             // Config validation guarantees the peer exists.
@@ -354,11 +436,8 @@ impl Agent {
         }
 
         let metrics_listener = match config.metrics {
-            Some(addr) => Some(
-                crate::metrics::bind(addr)
-                    .await
-                    .map_err(|source| AgentError::Metrics { addr, source })?,
-            ),
+            // SO_REUSEPORT like the port: a new agent binds while the old one drains.
+            Some(addr) => Some(crate::socket::listen_reuseport(addr).map_err(|source| AgentError::Metrics { addr, source })?),
             None => None,
         };
 
@@ -366,13 +445,19 @@ impl Agent {
             name: config.name.clone(),
             metrics,
             routes,
-            peers,
+            peers: std::sync::RwLock::new(peers),
+            data_connector,
+            quic_client: std::sync::Mutex::new(quic_client),
+            expose: std::sync::OnceLock::new(),
             control_connector,
             tls,
             quic,
+            udp_wait,
             tracker: TaskTracker::new(),
             draining,
             abort,
+            drain_timeout: std::sync::Mutex::new(config.drain_timeout),
+            running: tokio::sync::Mutex::new(None),
         };
         let handle = AgentHandle { shared: Arc::new(shared) };
         Ok(Agent { config, handle, port, forwards, metrics_listener, control: None })
@@ -432,28 +517,40 @@ impl Agent {
             self.config.peers.iter().map(|p| p.name.clone()).collect(),
             shared.tls.clone(),
         ));
+        let _ = shared.expose.set(expose_ctx.clone());
         if let Some(endpoint) = &shared.quic {
-            endpoint.set_server_config(Some(crate::quic::server_config(&shared.tls, &[ALPN_DATA])?));
+            let server = crate::quic::server_config(&shared.tls, &[ALPN_DATA])?;
+            match shared.udp_wait {
+                None => endpoint.set_server_config(Some(server)),
+                Some(addr) => {
+                    tokio::spawn(take_udp_port(endpoint.clone(), addr, server, shared.draining.clone()));
+                }
+            }
             tracker.spawn(crate::quic::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));
         }
         let listen = self.port.local_addr().unwrap_or(self.config.listen);
         tracker.spawn(crate::port::serve(self.port, acceptor, expose_ctx, tracker.clone()));
-        for (listener, ctx) in self.forwards {
-            tracker.spawn(crate::forward::serve(listener, ctx, shared.draining.clone(), tracker.clone()));
+        let mut forwards = Vec::new();
+        for ((listener, ctx), spec) in self.forwards.into_iter().zip(&self.config.forwards) {
+            let endpoint = listener.endpoint().unwrap_or_else(|_| spec.listen.clone());
+            forwards.push(StaticForward { spec: spec.clone(), guard: ForwardGuard::spawn(&shared, listener, ctx, endpoint) });
         }
         info!(name = %self.config.name, listen = %self.config.listen, quic = shared.quic.is_some(), "agent serving");
+        *shared.running.lock().await = Some(Running { config: self.config, forwards });
         shared.metrics.health.serving(listen);
         // Every listener was bound before `run` (the admin socket too, by `serve`): systemd may
         // start what depends on this agent.
         crate::notify::ready(&format!("serving on {listen}"));
 
         shutdown.cancelled().await;
-        let deadline = self.config.drain_timeout;
+        // A reload in progress finishes first; none starts after this.
+        let running = shared.running.lock().await.take();
+        let deadline = *shared.drain_timeout.lock().unwrap_or_else(|p| p.into_inner());
         info!(deadline_secs = deadline.as_secs(), "draining: no new streams; waiting for open ones");
         shared.draining.cancel();
         shared.metrics.health.draining();
         crate::notify::stopping(&format!("draining (up to {} s)", deadline.as_secs()));
-        for p in shared.peers.values() {
+        for p in shared.peer_map().values() {
             p.clear();
         }
         tracker.close();
@@ -469,7 +566,45 @@ impl Agent {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         }
         stop_metrics.cancel();
+        drop(running);
         info!("agent stopped");
         Ok(())
+    }
+}
+
+/// How often a new agent tries to take the UDP port from the agent draining there. Its QUIC
+/// peers wait at most this long beyond the old agent's exit; binding is cheap.
+const UDP_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+/// How often the wait for the UDP port is logged.
+const UDP_WAIT_LOG: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds the port's UDP address once nobody holds it, moves the QUIC endpoint onto it and
+/// starts serving QUIC there. Until then the old agent keeps its QUIC connections: with
+/// `SO_REUSEPORT` on UDP the kernel would hash their packets to either agent's socket, and the
+/// new agent, knowing none of those connections, would reset them.
+async fn take_udp_port(endpoint: quinn::Endpoint, addr: SocketAddr, server: quinn::ServerConfig, draining: CancellationToken) {
+    let started = tokio::time::Instant::now();
+    let mut logged = started;
+    loop {
+        match crate::quic::bind_udp(addr) {
+            Ok(socket) => match endpoint.rebind(socket) {
+                Ok(()) => {
+                    endpoint.set_server_config(Some(server));
+                    info!(udp = %addr, waited_ms = started.elapsed().as_millis() as u64, "UDP port taken over: QUIC served");
+                    return;
+                }
+                Err(e) => warn!(udp = %addr, error = %e, "cannot move the QUIC endpoint onto the UDP port; retrying"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => warn!(udp = %addr, error = %e, "cannot bind the UDP port; retrying"),
+        }
+        if logged.elapsed() >= UDP_WAIT_LOG {
+            logged = tokio::time::Instant::now();
+            info!(udp = %addr, waited_secs = started.elapsed().as_secs(), "still waiting for the UDP port (QUIC not served yet)");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(UDP_RETRY) => {}
+            _ = draining.cancelled() => return,
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::Deserialize;
 
-use crate::endpoint::{Endpoint, DEFAULT_SOCKET_MODE};
+use crate::endpoint::{Endpoint, Ownership, DEFAULT_SOCKET_MODE};
 use crate::identity::{dns_sans, load_certs, load_crls, load_key};
 
 /// Default for `drain_timeout_secs`: how long open streams may run on after SIGTERM.
@@ -112,6 +112,8 @@ pub struct Forward {
     pub route: String,
     /// Permission bits of a UNIX listen socket (key `mode`, an octal string such as "0660").
     pub mode: u32,
+    /// Owner and group of a UNIX listen socket (keys `owner`, `group`: names or numeric ids).
+    pub owner: Ownership,
 }
 
 /// `[[expose]]`
@@ -354,7 +356,14 @@ impl Config {
             let _ = writeln!(out, "forwards (local listener → peer route):");
             for f in &self.forwards {
                 let mode = match f.listen {
-                    Endpoint::Unix(_) => format!(" (mode {:04o})", f.mode),
+                    Endpoint::Unix(_) => {
+                        let id = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "the agent's".into());
+                        if f.owner == Ownership::default() {
+                            format!(" (mode {:04o})", f.mode)
+                        } else {
+                            format!(" (mode {:04o}, uid {}, gid {})", f.mode, id(f.owner.uid), id(f.owner.gid))
+                        }
+                    }
                     Endpoint::Tcp(_) => String::new(),
                 };
                 let _ = writeln!(
@@ -450,6 +459,56 @@ impl Config {
     pub fn peer(&self, name: &str) -> Option<&Peer> {
         self.peers.iter().find(|p| p.name == name)
     }
+
+    /// The keys whose value in `new` differs from this (running) config and that a running
+    /// agent cannot take without a restart, each as a line naming the key. Everything else
+    /// (`[tls]` files, `[[peer]]`, `[[forward]]`, `[[expose]]`, `drain_timeout_secs`) a reload
+    /// applies.
+    pub fn restart_needed(&self, new: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut differ = |key: &str, old: String, new: String| {
+            if old != new {
+                out.push(format!("`{key}`: changed from {old} to {new}; needs a restart"));
+            }
+        };
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "(none)".into());
+        differ("name", format!("{:?}", self.name), format!("{:?}", new.name));
+        differ("listen", self.listen.to_string(), new.listen.to_string());
+        differ("admin", opt(self.admin.as_ref().map(|p| p.display().to_string())), opt(new.admin.as_ref().map(|p| p.display().to_string())));
+        differ("metrics", opt(self.metrics.map(|m| m.to_string())), opt(new.metrics.map(|m| m.to_string())));
+        differ("tls.record_layer", self.tls.record_layer.name().into(), new.tls.record_layer.name().into());
+        match (&self.qemu, &new.qemu) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                let has = |q: &Option<QemuConfig>| if q.is_some() { "a [qemu] section" } else { "no [qemu] section" }.to_string();
+                differ("qemu", has(&self.qemu), has(&new.qemu));
+            }
+            (Some(a), Some(b)) => {
+                let path = |p: &Path| p.display().to_string();
+                let paths = |v: &[PathBuf]| format!("[{}]", v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+                differ("qemu.run_dir", path(&a.run_dir), path(&b.run_dir));
+                differ("qemu.state_dir", path(&a.state_dir), path(&b.state_dir));
+                differ("qemu.image_dir", path(&a.image_dir), path(&b.image_dir));
+                differ("qemu.prepare_hook", opt(a.prepare_hook.as_deref().map(path)), opt(b.prepare_hook.as_deref().map(path)));
+                differ("qemu.emulator", path(&a.emulator), path(&b.emulator));
+                differ("qemu.shared_storage", paths(&a.shared_storage), paths(&b.shared_storage));
+                differ("qemu.max_disk_bytes", a.max_disk_bytes.to_string(), b.max_disk_bytes.to_string());
+                differ("qemu.run_as", opt(a.run_as.clone()), opt(b.run_as.clone()));
+                differ("qemu.sandbox", a.sandbox.to_string(), b.sandbox.to_string());
+                differ("qemu.allow_sources", format!("{:?}", a.allow_sources), format!("{:?}", b.allow_sources));
+                differ("qemu.max_incoming", a.max_incoming.to_string(), b.max_incoming.to_string());
+                differ("qemu.max_incoming_per_peer", a.max_incoming_per_peer.to_string(), b.max_incoming_per_peer.to_string());
+                differ("qemu.max_upload_bytes", a.max_upload_bytes.to_string(), b.max_upload_bytes.to_string());
+            }
+        }
+        // The tunnels' limits and directory are read once, when the control plane is built.
+        let tunnels = |t: &Option<TunnelsConfig>| match t {
+            None => "no [tunnels] section".to_string(),
+            Some(t) => format!("dir {}, allow {:?}, max_open {}, max_ttl_secs {}, owner {:?}", t.dir.display(), t.allow, t.max_open, t.max_ttl.as_secs(), t.owner),
+        };
+        differ("tunnels", tunnels(&self.tunnels), tunnels(&new.tunnels));
+        out
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -500,6 +559,10 @@ struct RawForward {
     route: String,
     /// A string ("0660"); an integer is caught to explain how to write it.
     mode: Option<toml::Value>,
+    /// A user name or a numeric uid.
+    owner: Option<toml::Value>,
+    /// A group name or a numeric gid.
+    group: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -1231,11 +1294,25 @@ impl Validator<'_> {
                     parse_mode(&v).or_else(|e| err(k("mode"), e))?
                 }
             };
+            let mut owner = Ownership::default();
+            for (key, value, user) in [("owner", &f.owner, true), ("group", &f.group, false)] {
+                let Some(v) = value else { continue };
+                if !matches!(listen, Endpoint::Unix(_)) {
+                    return err(k(key), format!("{key} only applies to a unix: listen endpoint"));
+                }
+                let id = resolve_id(v, user).or_else(|e| err(k(key), e))?;
+                if user {
+                    owner.uid = Some(id);
+                } else {
+                    owner.gid = Some(id);
+                }
+            }
             forwards.push(Forward {
                 listen,
                 peer: f.peer,
                 route: f.route,
                 mode,
+                owner,
             });
         }
         Ok(forwards)
@@ -1469,6 +1546,47 @@ fn parse_mode(v: &toml::Value) -> Result<u32, String> {
     Ok(mode)
 }
 
+/// The id of a user (`user`) or group named by `v`: a name that must exist on this host, or a
+/// numeric id (as an integer or a string of digits), taken as it is.
+fn resolve_id(v: &toml::Value, user: bool) -> Result<u32, String> {
+    let what = if user { "user" } else { "group" };
+    let text = match v {
+        toml::Value::Integer(i) => return u32::try_from(*i).map_err(|_| format!("{i} is not a {what} id")),
+        toml::Value::String(s) => s.as_str(),
+        other => return Err(format!("expected a {what} name or a numeric id, got {}", other.type_str())),
+    };
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse::<u32>().map_err(|_| format!("{text:?} is not a {what} id"));
+    }
+    let ok = !text.is_empty()
+        && text.len() <= MAX_USER_NAME
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if !ok {
+        return Err(format!("{text:?} is not a {what} name (letters, digits, '_', '-', '.'; at most {MAX_USER_NAME})"));
+    }
+    let name = std::ffi::CString::new(text).map_err(|_| "contains NUL".to_string())?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let found = if user {
+        let mut pwd = std::mem::MaybeUninit::<libc::passwd>::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: as in `user_ids`: `name` is NUL-terminated, `pwd` and `buf` (with its true
+        // length) are writable and outlive the call, `result` is a local out-pointer; only
+        // `pw_uid` is read, and only when getpwnam_r reported a match.
+        let rc = unsafe { libc::getpwnam_r(name.as_ptr(), pwd.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut result) };
+        // SAFETY: on success `result` points to `pwd`, which getpwnam_r filled in.
+        (rc == 0 && !result.is_null()).then(|| unsafe { (*result).pw_uid })
+    } else {
+        let mut grp = std::mem::MaybeUninit::<libc::group>::zeroed();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: the same contract for getgrnam_r with a `group` record; only `gr_gid` is read,
+        // and only when it reported a match.
+        let rc = unsafe { libc::getgrnam_r(name.as_ptr(), grp.as_mut_ptr(), buf.as_mut_ptr(), buf.len(), &mut result) };
+        // SAFETY: on success `result` points to `grp`, which getgrnam_r filled in.
+        (rc == 0 && !result.is_null()).then(|| unsafe { (*result).gr_gid })
+    };
+    found.ok_or_else(|| format!("no {what} {text:?} on this host"))
+}
+
 fn transport_name(t: Transport) -> &'static str {
     match t {
         Transport::Tls => "TLS/TCP",
@@ -1577,6 +1695,32 @@ address = "192.0.2.2:7443"
             assert!(!e.to_string().contains('\n'), "one line: {e}");
             e
         }
+    }
+
+    /// What a reload may change live and what it refuses, naming the key.
+    #[test]
+    fn restart_needed_names_each_key_a_reload_cannot_change() {
+        let pki = Pki::new();
+        let base = pki.load(&pki.valid("")).unwrap();
+        let live = pki
+            .load(&format!(
+                "drain_timeout_secs = 5\n{}",
+                pki.valid("[[expose]]\nroute = \"r\"\ntarget = \"tcp:127.0.0.1:22\"\nallow = [\"host-b\"]\n")
+            ))
+            .unwrap();
+        assert!(base.restart_needed(&live).is_empty(), "{:?}", base.restart_needed(&live));
+        let text = pki.valid("").replace("0.0.0.0:7443", "0.0.0.0:7444").replace("192.0.2.2:7443", "192.0.2.3:7443");
+        let other = pki.load(&format!("metrics = \"127.0.0.1:9477\"\n{text}")).unwrap();
+        let lines = base.restart_needed(&other);
+        for key in ["`listen`", "`metrics`"] {
+            assert!(lines.iter().any(|l| l.starts_with(key) && l.ends_with("needs a restart")), "{key}: {lines:?}");
+        }
+        assert_eq!(lines.len(), 2, "a peer's address changes live: {lines:?}");
+        let qemu = pki.load(&pki.valid("[qemu]\nrun_dir = \"/run/x\"\n")).unwrap();
+        assert_eq!(base.restart_needed(&qemu), ["`qemu`: changed from no [qemu] section to a [qemu] section; needs a restart"]);
+        let qemu2 = pki.load(&pki.valid("[qemu]\nrun_dir = \"/run/y\"\nsandbox = false\n")).unwrap();
+        let lines = qemu.restart_needed(&qemu2);
+        assert!(lines.iter().any(|l| l.starts_with("`qemu.run_dir`")) && lines.iter().any(|l| l.starts_with("`qemu.sandbox`")), "{lines:?}");
     }
 
     /// Found by the `config` fuzz target: a quoted key with a newline made a two-line error

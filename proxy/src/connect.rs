@@ -556,6 +556,14 @@ impl PeerConnector {
         });
     }
 
+    /// New streams no longer go on the current QUIC connection (its open streams go on): the
+    /// next stream dials again. For a peer that answered `draining` on it.
+    pub fn retire_quic(&self) {
+        if let Some(q) = &self.quic {
+            q.opened.store(QUIC_STREAMS_PER_CONNECTION, Ordering::Relaxed);
+        }
+    }
+
     /// Closes the idle connections (on shutdown).
     pub fn clear(&self) {
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();

@@ -20,6 +20,24 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 /// user QEMU runs as when the agent runs as that user) may open a stream through the tunnel.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
+/// Who owns a UNIX socket the agent creates (`owner`, `group`; resolved to ids when the config
+/// is validated). `None` leaves that id as the agent's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Ownership {
+    /// Gives `path` (not following a symlink) this owner and group.
+    pub fn apply(&self, path: &Path) -> io::Result<()> {
+        if self.uid.is_none() && self.gid.is_none() {
+            return Ok(());
+        }
+        std::os::unix::fs::lchown(path, self.uid, self.gid)
+    }
+}
+
 /// Where a local stream starts or ends.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Endpoint {
@@ -104,14 +122,23 @@ impl LocalListener {
     /// accepts on it) is replaced; a live one, or a file that is not a socket, is an error:
     /// we never steal another process's socket.
     pub async fn bind(endpoint: &Endpoint, mode: u32) -> io::Result<LocalListener> {
+        LocalListener::bind_owned(endpoint, mode, Ownership::default()).await
+    }
+
+    /// [`LocalListener::bind`], and a UNIX socket gets `owner`'s owner and group (before its
+    /// mode, so that the mode's group bits are for that group from the start).
+    pub async fn bind_owned(endpoint: &Endpoint, mode: u32, owner: Ownership) -> io::Result<LocalListener> {
         match endpoint {
             Endpoint::Tcp(addr) => Ok(LocalListener::Tcp(TcpListener::bind(addr).await?)),
             Endpoint::Unix(path) => {
                 remove_stale_socket(path).await?;
                 let listener = UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
                 let ino = std::fs::metadata(path)?.ino();
-                Ok(LocalListener::Unix { listener, path: path.clone(), ino })
+                // From here the file is ours: dropping the listener removes it on any error.
+                let listener = LocalListener::Unix { listener, path: path.clone(), ino };
+                owner.apply(path).map_err(|e| io::Error::new(e.kind(), format!("chown {}: {e}", path.display())))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+                Ok(listener)
             }
         }
     }

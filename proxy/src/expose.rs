@@ -48,7 +48,7 @@ pub struct ExposeContext {
     /// Serves control connections, when the control plane runs in this agent.
     pub control: Option<crate::agent::ControlHandler>,
     /// The configured `[[peer]]` names: any other certificate gets nothing past the handshake.
-    pub peers: Vec<String>,
+    pub peers: std::sync::RwLock<Vec<String>>,
     /// Connections awaiting their preamble, per peer ([`MAX_AWAITING_PREAMBLE_PER_PEER`]).
     pub awaiting_preamble: Arc<KeyedLimit<String>>,
     /// Rate-limited log lines of the port.
@@ -73,7 +73,7 @@ impl ExposeContext {
             draining,
             abort,
             control,
-            peers,
+            peers: std::sync::RwLock::new(peers),
             awaiting_preamble: KeyedLimit::new(MAX_AWAITING_PREAMBLE_PER_PEER),
             log: PortLog::default(),
             tls,
@@ -86,8 +86,13 @@ const UNKNOWN_ROUTE_LABEL: &str = "<unknown>";
 
 /// Serves one data stream on an authenticated connection; `transport` (`tls` or `quic`) labels
 /// its refusals.
-pub async fn serve<S>(mut conn: S, peer: PeerIdentity, transport: &'static str, ctx: &ExposeContext)
-where
+pub async fn serve<S>(
+    mut conn: S,
+    peer: PeerIdentity,
+    handshaked: &crate::tls::Handshaked,
+    transport: &'static str,
+    ctx: &ExposeContext,
+) where
     S: crate::relay::RelayStream + Reset,
 {
     let peer_name = peer.name().to_string();
@@ -131,6 +136,12 @@ where
 
     if ctx.draining.is_cancelled() {
         refuse(&mut conn, ctx, &peer_name, route_name, ReplyCode::Draining, "agent is shutting down").await;
+        return;
+    }
+    // A connection made before a reload: the peer's certificate must pass the new verifier.
+    if let Err(e) = handshaked.still_valid(&ctx.tls) {
+        let detail = format!("the certificate of {peer_name} is no longer accepted here: {e}");
+        refuse(&mut conn, ctx, &peer_name, UNKNOWN_ROUTE_LABEL, ReplyCode::Forbidden, &detail).await;
         return;
     }
     let route = match ctx.routes.authorize(route_name, request.migration.as_deref(), &peer) {

@@ -143,6 +143,22 @@ async fn open(ctx: &ForwardContext, my_turn: Option<oneshot::Receiver<()>>) -> R
         conn = ctx.peer.connect().await?;
         reply = exchange(&mut conn, &request).await;
     }
+    if matches!(&reply, Ok((r, _)) if r.code == ReplyCode::Draining) {
+        // The agent there drains (a restart: its successor may already serve the port). Nothing
+        // reached the target, so a fresh connection is safe; a QUIC connection to the draining
+        // agent is not used for new streams again (the next dial finds the new agent, or
+        // `auto` falls back to TLS while the old one still holds the UDP port).
+        debug!(peer = %ctx.peer.name, route = %ctx.route, transport = conn.transport(), "peer is draining; trying a fresh connection");
+        ctx.peer.retire_quic();
+        match ctx.peer.connect().await {
+            Ok(fresh) => {
+                conn = fresh;
+                reply = exchange(&mut conn, &request).await;
+            }
+            // Nobody else serves the port: the stream stays refused `draining`.
+            Err(e) => debug!(peer = %ctx.peer.name, route = %ctx.route, error = %e, "no other agent on the peer's port"),
+        }
+    }
     let (reply, early) = reply?;
     if !pooled {
         ctx.peer.refill();

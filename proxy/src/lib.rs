@@ -30,6 +30,7 @@ pub mod preflight;
 pub mod quic;
 pub mod record;
 pub mod relay;
+pub mod reload;
 pub mod routes;
 pub mod session;
 pub mod socket;

@@ -133,9 +133,9 @@ pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, c
             let conn = handshake(tcp, addr, &acceptor, &ctx).await;
             gauge.dec();
             drop((permit, address_permit));
-            let Some((conn, peer, alpn)) = conn else { return };
+            let Some((conn, peer, alpn, handshaked)) = conn else { return };
             match (alpn, &ctx.control) {
-                (Alpn::Data, _) => expose::serve(conn, peer, "tls", &ctx).await,
+                (Alpn::Data, _) => expose::serve(conn, peer, &handshaked, "tls", &ctx).await,
                 (Alpn::Control, Some(handler)) => {
                     let Some(_slot) = control_per_peer.try_acquire(peer.name().to_string()) else {
                         crate::socket::reset_on_drop(conn.tcp());
@@ -147,10 +147,15 @@ pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, c
                         return;
                     };
                     // Control connections live as long as the control plane wants them; only
-                    // the drain deadline cuts them.
+                    // the drain deadline cuts them, or a reload after which the peer's
+                    // certificate is refused (revoked): its migrations then roll back.
+                    let name = peer.name().to_string();
                     tokio::select! {
                         _ = handler(Box::new(conn), peer) => {}
                         _ = ctx.abort.cancelled() => {}
+                        e = handshaked.revoked(&ctx.tls) => {
+                            warn!(%addr, peer = %name, error = %e, "control connection closed: the peer's certificate is no longer accepted");
+                        }
                     }
                 }
                 (Alpn::Control, None) => {}
@@ -162,7 +167,7 @@ pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, c
 /// Whether a handshaked peer is one of the configured `[[peer]]`s; if not, the refusal is
 /// counted and logged (rate-limited) and the caller closes the connection.
 pub fn is_configured_peer(ctx: &ExposeContext, transport: &'static str, addr: SocketAddr, peer: &PeerIdentity) -> bool {
-    if peer.is_any_of(&ctx.peers) {
+    if peer.is_any_of(&ctx.peers.read().unwrap_or_else(|p| p.into_inner())) {
         return true;
     }
     ctx.metrics.port_refused(transport, "not-a-peer");
@@ -253,7 +258,7 @@ async fn handshake(
     addr: SocketAddr,
     acceptor: &Arc<rustls::ServerConfig>,
     ctx: &ExposeContext,
-) -> Option<(TlsSession, PeerIdentity, Alpn)> {
+) -> Option<(TlsSession, PeerIdentity, Alpn, crate::tls::Handshaked)> {
     crate::socket::tune(&tcp);
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let hello = tokio::select! {
@@ -325,7 +330,8 @@ async fn handshake(
         }
     };
     debug!(%addr, peer = peer.name(), ?alpn, "peer connected");
-    Some((conn, peer, alpn))
+    let handshaked = crate::tls::Handshaked::now(&ctx.tls, info.peer_certificates.clone());
+    Some((conn, peer, alpn, handshaked))
 }
 
 #[cfg(test)]

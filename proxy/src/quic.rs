@@ -571,6 +571,13 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 
 async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<ExposeContext>, tracker: TaskTracker) {
     let addr = conn.remote_address();
+    let handshaked = crate::tls::Handshaked::now(&ctx.tls, peer_certificates(&conn));
+    // Streams of this connection still open. Once the agent drains, the connection is closed as
+    // soon as none is: the peer dials again, finds the port refusing QUIC (or, after a restart,
+    // the new agent), and a peer on `auto` carries its new streams over TLS meanwhile instead
+    // of having them refused `draining` on a connection that has nothing left to carry.
+    let open = Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let mut count = open.subscribe();
     loop {
         let (send, recv) = tokio::select! {
             r = conn.accept_bi() => match r {
@@ -582,10 +589,21 @@ async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<
             },
             // Past the drain deadline nothing is served any more.
             _ = ctx.abort.cancelled() => return,
+            _ = count.wait_for(|n| *n == 0), if ctx.draining.is_cancelled() => {
+                conn.close(codes::SHUTDOWN, b"agent draining");
+                return;
+            }
+            _ = ctx.draining.cancelled(), if !ctx.draining.is_cancelled() => continue,
         };
         let ctx = ctx.clone();
         let peer = peer.clone();
-        tracker.spawn(async move { expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, "quic", &ctx).await });
+        let handshaked = handshaked.clone();
+        let open = open.clone();
+        open.send_modify(|n| *n += 1);
+        tracker.spawn(async move {
+            expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, &handshaked, "quic", &ctx).await;
+            open.send_modify(|n| *n -= 1);
+        });
     }
 }
 

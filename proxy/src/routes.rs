@@ -1,7 +1,11 @@
 //! The table of exposed routes: the static `[[expose]]` entries and the dynamic ones the
 //! control plane adds for a single migration (scoped to one peer and one migration id).
+//!
+//! A reload replaces the static entries ([`RouteTable::replace_static`]) in one step; the
+//! dynamic ones are the control plane's and never touched by it. Streams hold their route, so
+//! a stream open on a route that a reload removes or changes runs on as it began.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -62,34 +66,84 @@ pub struct Refusal {
 
 #[derive(Default)]
 pub struct RouteTable {
-    routes: RwLock<HashMap<String, Arc<ExposeRoute>>>,
+    routes: RwLock<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    routes: HashMap<String, Arc<ExposeRoute>>,
+    /// The names of the config's `[[expose]]` routes (the rest are dynamic).
+    statics: BTreeSet<String>,
+}
+
+/// What [`RouteTable::replace_static`] changed, by route name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RouteChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Same name, another target or `allow`.
+    pub changed: Vec<String>,
 }
 
 impl RouteTable {
+    /// A table of the config's routes (static: [`RouteTable::replace_static`] replaces them).
     pub fn new(routes: impl IntoIterator<Item = ExposeRoute>) -> Result<RouteTable, RouteError> {
         let table = RouteTable::default();
         for r in routes {
+            let name = r.name.clone();
             table.add(r)?;
+            table.routes.write().unwrap_or_else(|p| p.into_inner()).statics.insert(name);
         }
         Ok(table)
     }
 
+    /// Adds a dynamic route.
     pub fn add(&self, route: ExposeRoute) -> Result<(), RouteError> {
         crate::wire::validate_name(&route.name).map_err(|why| RouteError::BadName { name: route.name.clone(), why })?;
-        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        if routes.contains_key(&route.name) {
+        let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if table.routes.contains_key(&route.name) {
             return Err(RouteError::Duplicate(route.name));
         }
-        routes.insert(route.name.clone(), Arc::new(route));
+        table.routes.insert(route.name.clone(), Arc::new(route));
         Ok(())
     }
 
     pub fn remove(&self, name: &str) -> Option<Arc<ExposeRoute>> {
-        self.routes.write().unwrap_or_else(|p| p.into_inner()).remove(name)
+        let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        table.statics.remove(name);
+        table.routes.remove(name)
+    }
+
+    /// Makes `routes` the static routes, all at once: the others go, new ones come, changed ones
+    /// are replaced. Nothing changes if a new route's name is bad or taken by a dynamic route.
+    pub fn replace_static(&self, routes: Vec<ExposeRoute>) -> Result<RouteChanges, RouteError> {
+        let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        for r in &routes {
+            crate::wire::validate_name(&r.name).map_err(|why| RouteError::BadName { name: r.name.clone(), why })?;
+            if table.routes.contains_key(&r.name) && !table.statics.contains(&r.name) {
+                return Err(RouteError::Duplicate(r.name.clone()));
+            }
+        }
+        let mut changes = RouteChanges::default();
+        let new: BTreeSet<String> = routes.iter().map(|r| r.name.clone()).collect();
+        for gone in table.statics.difference(&new).cloned().collect::<Vec<_>>() {
+            table.routes.remove(&gone);
+            changes.removed.push(gone);
+        }
+        for r in routes {
+            match table.routes.get(&r.name) {
+                Some(old) if **old == r => continue,
+                Some(_) => changes.changed.push(r.name.clone()),
+                None => changes.added.push(r.name.clone()),
+            }
+            table.routes.insert(r.name.clone(), Arc::new(r));
+        }
+        table.statics = new;
+        Ok(changes)
     }
 
     pub fn list(&self) -> Vec<Arc<ExposeRoute>> {
-        let mut v: Vec<_> = self.routes.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut v: Vec<_> = self.routes.read().unwrap_or_else(|p| p.into_inner()).routes.values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -101,7 +155,7 @@ impl RouteTable {
         migration: Option<&str>,
         peer: &crate::tls::PeerIdentity,
     ) -> Result<Arc<ExposeRoute>, Refusal> {
-        let found = self.routes.read().unwrap_or_else(|p| p.into_inner()).get(route).cloned();
+        let found = self.routes.read().unwrap_or_else(|p| p.into_inner()).routes.get(route).cloned();
         let Some(r) = found else {
             return Err(Refusal { code: ReplyCode::UnknownRoute, detail: format!("no route {route:?} on this host") });
         };
@@ -148,5 +202,21 @@ mod tests {
         assert_eq!(t.add(route("migration", &[], None)), Err(RouteError::Duplicate("migration".into())));
         assert!(t.remove("m1.ram").is_some());
         assert_eq!(t.authorize("m1.ram", Some("m1"), &a).unwrap_err().code, ReplyCode::UnknownRoute);
+    }
+
+    #[test]
+    fn replacing_static_routes_leaves_dynamic_ones() {
+        let t = RouteTable::new([route("keep", &["host-a"], None), route("gone", &["host-a"], None), route("moved", &["host-a"], None)]).unwrap();
+        t.add(route("m1.ram", &["host-a"], Some("m1"))).unwrap();
+        // A static route may not take a dynamic route's name: nothing changes.
+        assert_eq!(t.replace_static(vec![route("m1.ram", &["host-a"], None)]), Err(RouteError::Duplicate("m1.ram".into())));
+        assert_eq!(t.list().len(), 4);
+        let changes = t
+            .replace_static(vec![route("keep", &["host-a"], None), route("moved", &["host-b"], None), route("new", &["host-a"], None)])
+            .unwrap();
+        assert_eq!(changes, RouteChanges { added: vec!["new".into()], removed: vec!["gone".into()], changed: vec!["moved".into()] });
+        let names: Vec<String> = t.list().iter().map(|r| r.name.clone()).collect();
+        assert_eq!(names, ["keep", "m1.ram", "moved", "new"]);
+        assert_eq!(t.list()[2].allow, ["host-b"]);
     }
 }

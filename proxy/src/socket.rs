@@ -1,4 +1,4 @@
-//! TCP sockets on the port: options and abortive close.
+//! TCP sockets on the port: options, abortive close, and listeners another agent can share.
 
 use std::time::Duration;
 
@@ -27,6 +27,24 @@ pub fn tune(tcp: &TcpStream) {
         .with_retries(KEEPALIVE_RETRIES);
     let _ = sock.set_tcp_keepalive(&keepalive);
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
+/// Backlog of the port and metrics listeners (tokio's own default for `TcpListener::bind`).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// A TCP listener with `SO_REUSEADDR` (connections of a previous run in TIME_WAIT do not keep a
+/// restarted agent from its port) and `SO_REUSEPORT`: a new agent binds while the old one still
+/// drains, and the kernel gives new connections to the listeners in the group. The old agent
+/// closes its listener as it starts draining, so from then on all go to the new one. Linux only
+/// lets sockets of the same user share a port this way.
+pub fn listen_reuseport(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// SO_LINGER 0: dropping the socket sends a TCP RST instead of a FIN.

@@ -10,17 +10,29 @@
 //! verifiers, so that the port and the connector check a resumed session's certificates again
 //! with [`TlsContext::recheck_client`] / [`TlsContext::recheck_server`] (validity now, the CRL),
 //! and a session that fails is refused and never resumed again.
+//!
+//! A reload ([`TlsContext::replace`]) swaps the identity and the verifiers behind every rustls
+//! configuration already made (TLS and QUIC, server and client): the configurations hold a
+//! resolver and verifiers that read the current [`Material`] at each handshake, so new
+//! handshakes use the new files, while established connections, the session caches and the
+//! configurations themselves stay as they are.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use rustls::client::danger::ServerCertVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::server::danger::ClientCertVerified;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, WebPkiServerVerifier};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::config::{RecordLayer, TlsConfig};
 use crate::identity::dns_sans;
@@ -95,16 +107,52 @@ pub fn verifiers(
     Ok((client, server))
 }
 
-/// Everything TLS the agent derives from its `[tls]` config: identity, verifiers, and the
-/// certificates it will no longer resume sessions of. Every rustls configuration (TLS and QUIC,
-/// server and client) is made from one `TlsContext`, so that a reload of certificates or CRL
-/// builds a new context and swaps it whole.
-pub struct TlsContext {
-    provider: Arc<CryptoProvider>,
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+/// What a reload replaces: this host's certificate and key, and the verifiers of peers'
+/// certificates (`tls.ca`, `tls.crl`).
+struct Material {
+    identity: Arc<CertifiedKey>,
     client_verifier: Arc<dyn ClientCertVerifier>,
     server_verifier: Arc<WebPkiServerVerifier>,
+}
+
+impl Material {
+    fn new(tls: &TlsConfig, provider: &Arc<CryptoProvider>) -> Result<Material, TlsSetupError> {
+        let (client_verifier, server_verifier) = verifiers(tls, provider.clone())?;
+        let identity = CertifiedKey::from_der(tls.cert_chain.clone(), tls.key.clone_key(), provider)
+            .map_err(TlsSetupError::Identity)?;
+        Ok(Material { identity: Arc::new(identity), client_verifier, server_verifier })
+    }
+}
+
+/// The current [`Material`], shared by the context and the resolvers and verifiers inside every
+/// rustls configuration made from it.
+#[derive(Clone)]
+struct Live(Arc<RwLock<Arc<Material>>>);
+
+impl Live {
+    fn get(&self) -> Arc<Material> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+/// Everything TLS the agent derives from its `[tls]` config: identity, verifiers, and the
+/// certificates it will no longer resume sessions of. Every rustls configuration (TLS and QUIC,
+/// server and client) is made from one `TlsContext`; [`TlsContext::replace`] swaps the identity
+/// and verifiers under all of them (a reload of certificates, key, CA or CRL).
+pub struct TlsContext {
+    provider: Arc<CryptoProvider>,
+    live: Live,
+    /// Bumped by every [`TlsContext::replace`]: connections made under an older generation have
+    /// their peer's certificate checked again before they carry a new stream.
+    generation: AtomicU64,
+    /// Told each new generation, for connections that live long (control connections).
+    replaced: tokio::sync::watch::Sender<u64>,
     refused: Arc<RefusedCertificates>,
     /// `tls.record_layer`: whether rustls hands the keys over to our record layer.
     record_layer: RecordLayer,
@@ -112,23 +160,43 @@ pub struct TlsContext {
 
 impl std::fmt::Debug for TlsContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsContext").field("cert_chain", &self.cert_chain.len()).finish_non_exhaustive()
+        f.debug_struct("TlsContext").field("generation", &self.generation()).finish_non_exhaustive()
     }
 }
 
 impl TlsContext {
     pub fn new(tls: &TlsConfig) -> Result<Arc<TlsContext>, TlsSetupError> {
         let provider = provider();
-        let (client_verifier, server_verifier) = verifiers(tls, provider.clone())?;
+        let material = Material::new(tls, &provider)?;
         Ok(Arc::new(TlsContext {
             provider,
-            cert_chain: tls.cert_chain.clone(),
-            key: tls.key.clone_key(),
-            client_verifier,
-            server_verifier,
+            live: Live(Arc::new(RwLock::new(Arc::new(material)))),
+            generation: AtomicU64::new(0),
+            replaced: tokio::sync::watch::Sender::new(0),
             refused: Arc::new(RefusedCertificates::default()),
             record_layer: tls.record_layer,
         }))
+    }
+
+    /// Makes every configuration made from this context use `tls`'s certificate, key, CA and
+    /// CRL for the handshakes that start from now on. Nothing changes if `tls` is unusable.
+    /// `tls.record_layer` is fixed for the life of the context (it shapes the configurations).
+    pub fn replace(&self, tls: &TlsConfig) -> Result<(), TlsSetupError> {
+        let material = Arc::new(Material::new(tls, &self.provider)?);
+        *self.live.0.write().unwrap_or_else(|p| p.into_inner()) = material;
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.replaced.send_replace(generation);
+        Ok(())
+    }
+
+    /// Changes whenever [`TlsContext::replace`] ran.
+    pub fn replaced(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.replaced.subscribe()
+    }
+
+    /// How many times the material was replaced.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The port's server side: requires a client certificate from the CA.
@@ -136,9 +204,8 @@ impl TlsContext {
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsSetupError::Protocol)?
-            .with_client_cert_verifier(self.client_verifier.clone())
-            .with_single_cert(self.cert_chain.clone(), self.key.clone_key())
-            .map_err(TlsSetupError::Identity)?;
+            .with_client_cert_verifier(Arc::new(LiveClientVerifier(self.live.clone())))
+            .with_cert_resolver(Arc::new(LiveIdentity(self.live.clone())));
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config.ignore_client_order = true;
         config.send_tls13_tickets = TLS13_TICKETS;
@@ -159,9 +226,8 @@ impl TlsContext {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(TlsSetupError::Protocol)?
             .dangerous()
-            .with_custom_certificate_verifier(self.server_verifier.clone())
-            .with_client_auth_cert(self.cert_chain.clone(), self.key.clone_key())
-            .map_err(TlsSetupError::Identity)?;
+            .with_custom_certificate_verifier(Arc::new(LiveServerVerifier(self.live.clone())))
+            .with_client_cert_resolver(Arc::new(LiveIdentity(self.live.clone())));
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config.resumption = rustls::client::Resumption::store(sessions.clone());
         // As for the server: the record layer follows this flag (crate::session).
@@ -170,13 +236,14 @@ impl TlsContext {
     }
 
     /// Checks a client's certificates again, now: for a resumed session, whose certificates
-    /// rustls took from the session rather than verifying them. On failure the leaf's sessions
-    /// are not resumed again (the next handshake is a full one, refused by the verifier).
+    /// rustls took from the session rather than verifying them, and for a connection made
+    /// before a reload. On failure the leaf's sessions are not resumed again (the next
+    /// handshake is a full one, refused by the verifier).
     pub fn recheck_client(&self, certs: Option<&[CertificateDer<'static>]>) -> Result<(), rustls::Error> {
         let Some((leaf, intermediates)) = certs.and_then(<[_]>::split_first) else {
             return Err(rustls::Error::NoCertificatesPresented);
         };
-        let result = self.client_verifier.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ());
+        let result = self.live.get().client_verifier.verify_client_cert(leaf, intermediates, UnixTime::now()).map(|_| ());
         if result.is_err() {
             self.refused.add(leaf);
         }
@@ -189,7 +256,153 @@ impl TlsContext {
         let Some((leaf, intermediates)) = certs.and_then(<[_]>::split_first) else {
             return Err(rustls::Error::NoCertificatesPresented);
         };
-        self.server_verifier.verify_server_cert(leaf, intermediates, name, &[], UnixTime::now()).map(|_| ())
+        self.live.get().server_verifier.verify_server_cert(leaf, intermediates, name, &[], UnixTime::now()).map(|_| ())
+    }
+}
+
+/// What a connection's handshake established about the client, kept for the streams that
+/// connection carries later: a stream that arrives after a reload on a connection made before
+/// it is served only if the peer's certificate passes the new verifier (a CRL that now revokes
+/// it, a CA that no longer signs it).
+#[derive(Clone, Debug)]
+pub struct Handshaked {
+    generation: u64,
+    certs: Option<Vec<CertificateDer<'static>>>,
+}
+
+impl Handshaked {
+    /// The client certificates of a connection handshaked under `tls`'s current material.
+    pub fn now(tls: &TlsContext, certs: Option<Vec<CertificateDer<'static>>>) -> Handshaked {
+        Handshaked { generation: tls.generation(), certs }
+    }
+
+    /// Resolves once a reload has made the peer's certificate unacceptable (never otherwise):
+    /// a long-lived connection (control) is closed then.
+    pub async fn revoked(&self, tls: &TlsContext) -> rustls::Error {
+        let mut replaced = tls.replaced();
+        loop {
+            if replaced.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if let Err(e) = self.still_valid(tls) {
+                return e;
+            }
+        }
+    }
+
+    /// Whether the connection may carry a new stream: always under the material it was
+    /// handshaked with, else if its client certificate verifies under the current one.
+    pub fn still_valid(&self, tls: &TlsContext) -> Result<(), rustls::Error> {
+        if self.generation == tls.generation() {
+            return Ok(());
+        }
+        tls.recheck_client(self.certs.as_deref())
+    }
+}
+
+/// This host's certificate and key as they are now, for both sides of a handshake.
+#[derive(Debug)]
+struct LiveIdentity(Live);
+
+impl ResolvesServerCert for LiveIdentity {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.get().identity.clone())
+    }
+}
+
+impl ResolvesClientCert for LiveIdentity {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.get().identity.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The server's verifier of client certificates as it is now.
+#[derive(Debug)]
+struct LiveClientVerifier(Live);
+
+impl ClientCertVerifier for LiveClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    /// No CA names in the CertificateRequest (they would have to outlive a reload); migtun
+    /// clients have one certificate and send it whatever the hints.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0.get().client_verifier.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().client_verifier.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().client_verifier.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.get().client_verifier.supported_verify_schemes()
+    }
+}
+
+/// The client's verifier of server certificates as it is now.
+#[derive(Debug)]
+struct LiveServerVerifier(Live);
+
+impl ServerCertVerifier for LiveServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0.get().server_verifier.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().server_verifier.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().server_verifier.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.get().server_verifier.supported_verify_schemes()
     }
 }
 

@@ -5,9 +5,10 @@ use std::path::Path;
 use anyhow::Context;
 use std::sync::Arc;
 
-use migtun_control::admin::{self, Registry, Starter};
+use migtun_control::admin::{self, Registry, Reloader, Starter};
 use migtun_control::driver::{self, Outgoing};
 use migtun_control::messages::{MigrateArgs, OutcomeKind, Report, Totals};
+use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -37,9 +38,20 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     }
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    let path = path.to_path_buf();
     rt.block_on(async move {
+        // SIGHUP reloads; installed first, since its default action would end the agent.
+        let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         let mut agent = Agent::bind(config).await?;
         let handle = agent.handle();
+        let reloader: Reloader = {
+            let (path, handle) = (path.clone(), handle.clone());
+            Arc::new(move || {
+                let (path, handle) = (path.clone(), handle.clone());
+                Box::pin(async move { reload(&path, &handle).await })
+            })
+        };
+        tokio::spawn(on_hangup(hangup, reloader.clone()));
         let qemu = agent.config().qemu.clone();
         let admin_path = agent.config().admin.clone();
 
@@ -60,6 +72,7 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         tokio::spawn(on_signals(shutdown.clone()));
         let registry = Arc::new(Registry::default());
         registry.set_tunnels(tunnels);
+        registry.set_reloader(reloader);
         if let Some(incoming) = &incoming {
             // `migtun status` lists the incoming migrations with the outgoing ones.
             registry.set_incoming(incoming.clone());
@@ -74,11 +87,37 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         }
         if let Some(path) = admin_path {
             // Bound before the agent runs: a failure stops the start-up, and systemd hears
-            // READY=1 (from `run`) only once this socket accepts connections too.
-            let listener = admin::bind(&path).await.with_context(|| format!("`admin`: cannot listen on {}", path.display()))?;
+            // READY=1 (from `run`) only once this socket accepts connections too. A live socket
+            // there is the agent this one replaces, still draining: the path is taken over once
+            // it has let go (READY=1 then comes first).
+            let first = match admin::bind(&path).await {
+                Ok(listener) => Some(listener),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    tracing::warn!(path = %path.display(), "admin socket held by another agent (draining?); waiting for it");
+                    None
+                }
+                Err(e) => return Err(e).with_context(|| format!("`admin`: cannot listen on {}", path.display())),
+            };
             let starter = starter(outgoing);
             let stop = shutdown.clone();
             tokio::spawn(async move {
+                let listener = match first {
+                    Some(listener) => listener,
+                    None => loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(ADMIN_RETRY) => {}
+                        }
+                        match admin::bind(&path).await {
+                            Ok(listener) => break listener,
+                            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                            Err(e) => {
+                                tracing::error!(path = %path.display(), error = %e, "admin socket failed; `migtun migrate` cannot reach this agent");
+                                return;
+                            }
+                        }
+                    },
+                };
                 if let Err(e) = admin::serve_on(listener, handle, registry, starter, stop).await {
                     tracing::error!(path = %path.display(), error = %e, "admin socket failed; `migtun migrate` cannot reach this agent");
                 }
@@ -88,6 +127,9 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// How often a new agent tries to take the admin socket from the agent draining there.
+const ADMIN_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Raises the soft limit on open files (`RLIMIT_NOFILE`) to the hard limit and logs what the
 /// agent got. Every stream costs descriptors (the port's connection, the local one, during the
@@ -132,6 +174,47 @@ fn starter(outgoing: Option<Arc<Outgoing>>) -> Starter {
             driver::run(out, args, tracked).await
         })
     })
+}
+
+/// Re-reads the config file at `path` (and the `[tls]` files it names) and applies it to the
+/// running agent. Refused, with the running config kept, on the lines `migtun check` prints
+/// for the file, or on a key that needs a restart; otherwise the changes, one line each.
+pub async fn reload(path: &Path, handle: &AgentHandle) -> Result<Vec<String>, String> {
+    migtun_proxy::notify::reloading(&format!("reloading {}", path.display()));
+    tracing::info!(config = %path.display(), "reloading");
+    let result = apply(path, handle).await;
+    match &result {
+        Ok(changes) => tracing::info!(changes = changes.len(), "reloaded"),
+        Err(e) => tracing::error!(config = %path.display(), error = %e, "reload refused; the running config stays"),
+    }
+    // Applied or refused, the agent serves (a refused reload keeps the running config).
+    migtun_proxy::notify::ready(if result.is_ok() { "serving; config reloaded" } else { "serving; the last reload was refused" });
+    result
+}
+
+async fn apply(path: &Path, handle: &AgentHandle) -> Result<Vec<String>, String> {
+    let file = path.display().to_string();
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let problems = migtun_proxy::preflight::check_reload(&config, &file);
+    if !problems.is_empty() {
+        return Err(problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"));
+    }
+    let peers: Vec<String> = config.peers.iter().map(|p| p.name.clone()).collect();
+    let changes = handle
+        .reload(config)
+        .await
+        .map_err(|e| e.lines().iter().map(|l| format!("{file}: {l}")).collect::<Vec<_>>().join("\n"))?;
+    // `/readyz` lists the peers of the config that runs now.
+    handle.metrics().health.peers_configured(&peers);
+    Ok(changes)
+}
+
+/// Every SIGHUP reloads (one at a time; a SIGHUP during a reload runs another one after it).
+async fn on_hangup(mut hangup: tokio::signal::unix::Signal, reload: Reloader) {
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        let _ = reload().await;
+    }
 }
 
 /// First SIGTERM/SIGINT: drain. A second one: exit at once.
