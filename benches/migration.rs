@@ -99,7 +99,7 @@ fn parse_args() -> Args {
                 eprintln!(
                     "usage: cargo bench --bench migration -- [--reps 3] [--ram-mib 1024] [--disk-mib 1024] \
                      [--max-bandwidth BYTES_PER_S (0, the default: no limit, what migtun migrate does without the flag)] \
-                     [--running (a running guest; default paused)] [--parallel N (multifd channels on every path; default: migtun's default)] [--only {}] [--json FILE]",
+                     [--running (a running guest; default paused)] [--parallel N (multifd channels on every path, 1: one stream; default: migtun migrate's default)] [--only {}] [--json FILE]",
                     all.join(",")
                 );
                 std::process::exit(2)
@@ -214,8 +214,11 @@ struct Ctx {
     /// The guest runs (no `-S`); then the RAM is compared above the first MiB only, where the
     /// firmware of a guest with no bootable disk keeps writing on the destination.
     running: bool,
-    /// multifd channels on every path (`None`: one migration stream).
+    /// multifd channels of the QMP-driven paths: `--parallel`, else what `migtun migrate`
+    /// picks by default on this host, so that every path migrates with the same settings.
     parallel: Option<u8>,
+    /// `--parallel` as given, passed to `migtun migrate` (`None`: its default).
+    migtun_parallel: Option<u8>,
 }
 
 fn random_file(path: &Path, mib: u64, seed: u64) -> Result<(), String> {
@@ -560,7 +563,7 @@ fn migtun_rep(c: &Ctx, tunnel: &Tunnel, run_dir: &Path, extra: &[&str]) -> Resul
     if c.max_bandwidth > 0 {
         cmd.args(["--max-bandwidth", &c.max_bandwidth.to_string()]);
     }
-    if let Some(n) = c.parallel {
+    if let Some(n) = c.migtun_parallel {
         cmd.args(["--parallel", &n.to_string()]);
     }
     cmd.args(extra);
@@ -717,7 +720,12 @@ fn main() {
         disk_mib: args.disk_mib,
         max_bandwidth: args.max_bandwidth,
         running: args.running,
-        parallel: args.parallel,
+        parallel: args.parallel.or_else(|| {
+            let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            migtun_control::machine::default_parallel(cpus, false)
+        })
+        .filter(|n| *n > 1),
+        migtun_parallel: args.parallel,
     };
     eprintln!(
         "migration: {} guest, {} MiB random RAM, {} MiB random raw disk, {accel}, {} reps, max-bandwidth {}, multifd {}, paths {}, work dir {}",
@@ -726,7 +734,7 @@ fn main() {
         args.disk_mib,
         args.reps,
         if args.max_bandwidth > 0 { args.max_bandwidth.to_string() } else { "default (no limit)".into() },
-        args.parallel.map(|n| format!("{n} channels")).unwrap_or_else(|| "off".into()),
+        c.parallel.map(|n| format!("{n} channels")).unwrap_or_else(|| "off".into()),
         args.only.join(","),
         work.display()
     );
@@ -892,7 +900,11 @@ fn main() {
         args.ram_mib,
         args.disk_mib,
         if args.max_bandwidth > 0 { format!("{} B/s", args.max_bandwidth) } else { "migtun's default (no limit)".into() },
-        args.parallel.map(|n| format!("{n} channels on every path")).unwrap_or_else(|| "off (one stream)".into()),
+        match (args.parallel, c.parallel) {
+            (_, None) => "off (one stream)".to_string(),
+            (Some(n), _) => format!("{n} channels on every path"),
+            (None, Some(n)) => format!("{n} channels on every path (migtun migrate's default)"),
+        },
         args.reps
     ));
     out.push_str("| path | total s (median) | reps total s | mirror s | RAM s | path / direct | migtun / path | notes |\n|---|---:|---|---:|---:|---:|---:|---|\n");
@@ -938,6 +950,6 @@ fn main() {
     write_json(
         &args.json,
         &json!({"machine": mj, "ram_mib": args.ram_mib, "disk_mib": args.disk_mib, "accel": accel, "qemu": qemu_version,
-                "max_bandwidth": args.max_bandwidth, "running": args.running, "parallel": args.parallel, "reps": args.reps, "paths": results}),
+                "max_bandwidth": args.max_bandwidth, "running": args.running, "parallel": c.parallel, "reps": args.reps, "paths": results}),
     );
 }

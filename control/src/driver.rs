@@ -134,7 +134,7 @@ async fn drive(
     };
     if let (None, Some(n)) = (args.parallel, options.parallel) {
         tracked.report(Report::Log {
-            message: format!("multifd with {n} channels: the default on a host with this many CPUs (--parallel 1 for one stream)"),
+            message: format!("multifd with {n} channels, the default (--parallel 1 for one stream)"),
         });
     }
     let mut exec = Executor {

@@ -220,25 +220,24 @@ pub struct MigrationSettings {
 /// below `i64::MAX`, which QEMU's rate limiter (an `int64_t`) must hold.
 pub const UNLIMITED_BANDWIDTH: u64 = (i64::MAX as u64 / (1 << 20)) << 20;
 
-/// Online CPUs from which `migtun migrate` uses multifd without `--parallel`. Each channel is a
-/// QEMU send thread on the source, a receive thread on the destination, and a TLS connection
-/// that migtun encrypts on its own core: the channels only add bandwidth when those threads
-/// find idle cores beside the guest's vCPUs. On the 2-CPU machine migtun is developed on, 2 and
-/// 4 channels were slower than one stream (README, "Defaults of `migtun migrate`").
-pub const MULTIFD_MIN_CPUS: usize = 8;
+/// multifd channels `migtun migrate` uses without `--parallel`. Each channel is a QEMU thread
+/// on each side and a TLS connection migtun encrypts on its own core, so the RAM copy spreads
+/// over cores instead of one migration thread and one stream. Measured on the 2-CPU development
+/// machine (`benches/migration.rs --parallel N`, 1 GiB RAM and disk, medians of 3): RAM copy
+/// 1.67 s with one stream, 1.45 s with 2 channels, 1.27 s with 4 for a paused guest, and 3.99 /
+/// 3.14 / 2.45 s for a running one. More channels than that add connections and threads for
+/// less each (and QEMU's default is 2).
+pub const MULTIFD_DEFAULT_CHANNELS: u8 = 4;
 
-/// Most channels the default picks: the RAM stream of one migration rarely outruns 4 TLS
-/// streams (about 1.3 GB/s each), and every channel is a connection and two threads.
-pub const MULTIFD_MAX_DEFAULT_CHANNELS: usize = 4;
+/// Online CPUs below which one stream is the default: with a single CPU the channel threads
+/// only take turns.
+pub const MULTIFD_MIN_CPUS: usize = 2;
 
-/// multifd channels when `--parallel` is not given, on a host with `cpus` online CPUs: none
-/// below [`MULTIFD_MIN_CPUS`], then one channel per 4 CPUs up to
-/// [`MULTIFD_MAX_DEFAULT_CHANNELS`]. Never with postcopy, which QEMU 7.2 refuses with multifd.
+/// multifd channels when `--parallel` is not given, on a host with `cpus` online CPUs:
+/// [`MULTIFD_DEFAULT_CHANNELS`] from [`MULTIFD_MIN_CPUS`] on. Never with postcopy, which
+/// QEMU 7.2 refuses with multifd.
 pub fn default_parallel(cpus: usize, postcopy: bool) -> Option<u8> {
-    if postcopy || cpus < MULTIFD_MIN_CPUS {
-        return None;
-    }
-    u8::try_from((cpus / 4).min(MULTIFD_MAX_DEFAULT_CHANNELS)).ok()
+    (!postcopy && cpus >= MULTIFD_MIN_CPUS).then_some(MULTIFD_DEFAULT_CHANNELS)
 }
 
 /// QEMU's migration status (the `MIGRATION` event, `query-migrate`).
@@ -3513,14 +3512,11 @@ mod tests {
     }
 
     #[test]
-    fn multifd_is_the_default_only_where_there_are_cores_for_it() {
-        // The 2-CPU machine the project is measured on: one stream (multifd was slower there).
-        for cpus in [1, 2, 4, 7] {
-            assert_eq!(default_parallel(cpus, false), None, "{cpus} CPUs");
+    fn multifd_is_the_default_where_there_is_more_than_one_cpu() {
+        assert_eq!(default_parallel(1, false), None, "one CPU: one stream");
+        for cpus in [2, 8, 64] {
+            assert_eq!(default_parallel(cpus, false), Some(MULTIFD_DEFAULT_CHANNELS), "{cpus} CPUs");
         }
-        assert_eq!(default_parallel(8, false), Some(2));
-        assert_eq!(default_parallel(12, false), Some(3));
-        assert_eq!(default_parallel(64, false), Some(4), "at most MULTIFD_MAX_DEFAULT_CHANNELS");
         assert_eq!(default_parallel(64, true), None, "QEMU 7.2 refuses multifd with postcopy");
     }
 
