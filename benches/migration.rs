@@ -680,6 +680,14 @@ fn qemu_tls_dirs(work: &Path) -> Result<(PathBuf, PathBuf), String> {
     Ok((server, client))
 }
 
+/// QEMU's major version, from `qemu-system-x86_64 --version` ("QEMU emulator version 7.2.22 ...").
+fn qemu_major(qemu: &Path) -> Option<u64> {
+    let out = Command::new(qemu).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split("version ").nth(1)?;
+    version.split('.').next()?.trim().parse().ok()
+}
+
 fn main() {
     let args = parse_args();
     install_signal_handlers();
@@ -722,7 +730,7 @@ fn main() {
         running: args.running,
         parallel: args.parallel.or_else(|| {
             let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            migtun_control::machine::default_parallel(cpus, false)
+            migtun_control::machine::default_parallel(cpus, false, qemu_major(&qemu))
         })
         .filter(|n| *n > 1),
         migtun_parallel: args.parallel,

@@ -64,7 +64,7 @@ enum Command {
         /// Copy no disk: both hosts see the same storage.
         #[arg(long)]
         shared_storage: bool,
-        /// Parallel RAM streams: 1 is one stream, N > 1 multifd with N channels [default: 4, one stream with --postcopy or on a 1-CPU host].
+        /// Parallel RAM streams: 1 is one stream, N > 1 multifd with N channels [default: 4 with QEMU 8.0+, one stream with QEMU 7.2, --postcopy or a 1-CPU host].
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
         parallel: Option<u8>,
         /// Switch to postcopy once RAM has been copied once (the guest runs on the destination

@@ -318,13 +318,20 @@ fn attempt_cell(qemu: &std::path::Path, cell: Cell) -> bool {
         assert!(matches!(r["state"].as_str(), Some("kept" | "abandoned")), "{name}: host-b's journal keeps an unfinished record: {r}");
     }
     assert!(records(&hosts, "host-a", "incoming").is_empty() && records(&hosts, "host-b", "outgoing").is_empty());
-    next_migration_is_exact(&hosts, qemu, &mut guest, outcome == "succeeded" || stays_on_source_postmigrate, cell.running);
+    next_migration_is_exact(&hosts, qemu, &mut guest, outcome == "succeeded" || stays_on_source_postmigrate, cell.running, cell.parallel);
     true
 }
 
+/// What QEMU 7.2 sometimes does after a multifd migration whose source agent was killed: the
+/// migration's cleanup never finishes (its yank instance stays), so the guest, which runs on
+/// the source as it should, cannot start another migration until its QEMU restarts. migtun
+/// reports it with this message and refuses; README ("Defaults") and `machine::
+/// MULTIFD_DEFAULT_FROM_QEMU` say why multifd is not the default with QEMU 7.2 because of it.
+const QEMU_72_MULTIFD_CLEANUP_HANG: &str = "QEMU has not finished cleaning up the migration";
+
 /// The agents still migrate, byte-exact: the same guest if it stayed on the source, else a
 /// fresh paused one.
-fn next_migration_is_exact(hosts: &Hosts, qemu: &std::path::Path, guest: &mut Guest, moved: bool, running: bool) {
+fn next_migration_is_exact(hosts: &Hosts, qemu: &std::path::Path, guest: &mut Guest, moved: bool, running: bool, parallel: bool) {
     let fresh;
     let (g, paused) = if moved {
         fresh = start_guest_with(hosts, qemu, &GuestOpts { name: "fmnext", running: false, ram_mib: 64, raw_mib: 16 });
@@ -334,6 +341,16 @@ fn next_migration_is_exact(hosts: &Hosts, qemu: &std::path::Path, guest: &mut Gu
     };
     let (ok, events) = migrate(hosts, g, &[]);
     let qemu_log = std::fs::read_to_string(hosts.path(&format!("qemu-{}.log", if moved { "fmnext" } else if running { "fmrun" } else { "fmpaused" }))).unwrap_or_default();
+    let error = events.last().and_then(|e| e["error"].as_str()).unwrap_or_default().to_string();
+    if !ok && parallel && !moved && error.contains(QEMU_72_MULTIFD_CLEANUP_HANG) {
+        // Only this QEMU limitation, only after a --parallel migration, and only if the guest
+        // is still whole and in its run state on the source: the promise holds, the next
+        // migration of this QEMU cannot happen.
+        eprintln!("\n*** KNOWN QEMU 7.2 LIMITATION: the multifd migration's cleanup never finished; the guest runs on the source and cannot migrate again until its QEMU restarts ***\n");
+        assert_eq!(source_status(g)["running"], running, "the guest is in its run state on the source");
+        destination_is_clean(hosts);
+        return;
+    }
     assert!(ok, "the next migration succeeds: {:?}\nsource QEMU: {qemu_log}", events.last());
     let dir = dest_dir(hosts, &events);
     let _dest = PidFile(dir.join("qemu.pid"));

@@ -128,7 +128,7 @@ fn exchange(mut s: UnixStream, out: Vec<u8>) -> Vec<u8> {
 }
 
 fn random(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[(i % 4)] ^ seed).collect()
+    (0..n).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[i % 4] ^ seed).collect()
 }
 
 /// A stream through each socket of a tunnel arrives exactly, EOF in each direction; `list`

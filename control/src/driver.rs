@@ -118,10 +118,14 @@ async fn drive(
         } else {
             DiskSelection::All
         },
-        parallel: args.parallel.or_else(|| {
-            let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            crate::machine::default_parallel(cpus, args.postcopy)
-        }),
+        parallel: match args.parallel {
+            Some(n) => Some(n),
+            None => {
+                let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                let major = qmp.execute("query-version", serde_json::json!({})).await.ok().and_then(|v| v["qemu"]["major"].as_u64());
+                crate::machine::default_parallel(cpus, args.postcopy, major)
+            }
+        },
         postcopy: args.postcopy,
         max_bandwidth: args.max_bandwidth,
         downtime_ms: args.downtime_ms,

@@ -27,9 +27,16 @@ use tracing::{info, warn};
 
 use crate::rpc::{MethodError, RpcClient, Router, Session};
 
-/// Longest tunnel name: it becomes a directory and part of route names and socket paths
-/// (which must stay under 108 bytes).
-pub const MAX_NAME: usize = 48;
+/// Longest tunnel name: it becomes a directory and part of route names (at most
+/// `wire::MAX_NAME_LEN`, 64 bytes, with the `t-` prefix, the `.` and a socket name) and of
+/// socket paths (which must stay under 108 bytes).
+pub const MAX_NAME: usize = 32;
+
+/// Longest socket name (`migration`, `nbd`, ...).
+pub const MAX_SOCKET_NAME: usize = 16;
+
+// `t-<name>.<socket>` is a valid route name at the longest.
+const _: () = assert!(2 + MAX_NAME + 1 + MAX_SOCKET_NAME <= migtun_proxy::wire::MAX_NAME_LEN);
 
 /// Most sockets one tunnel carries: libvirt needs two (migration, disks).
 pub const MAX_SOCKETS: usize = 8;
@@ -126,8 +133,9 @@ impl TunnelError {
 /// Tunnel and socket names: what a directory, a route and a path may carry.
 pub fn validate_name(what: &str, name: &str) -> Result<(), TunnelError> {
     let bad = |why: &str| Err(TunnelError::BadName { name: name.to_string(), why: format!("{what}: {why}") });
-    if name.is_empty() || name.len() > MAX_NAME {
-        return bad(&format!("must have 1 to {MAX_NAME} characters"));
+    let max = if what == "socket" { MAX_SOCKET_NAME } else { MAX_NAME };
+    if name.is_empty() || name.len() > max {
+        return bad(&format!("must have 1 to {max} characters"));
     }
     if !name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric()) {
         return bad("must start with a letter or digit");
@@ -535,5 +543,7 @@ mod tests {
         assert_eq!(validate_sockets(&[]).unwrap(), ["migration", "nbd"]);
         assert!(validate_sockets(&["a".into(), "a".into()]).is_err());
         assert!(validate_sockets(&(0..9).map(|i| format!("s{i}")).collect::<Vec<_>>()).is_err());
+        assert!(validate_sockets(&["x".repeat(MAX_SOCKET_NAME + 1)]).is_err());
+        validate_name("tunnel", &"x".repeat(MAX_NAME)).unwrap();
     }
 }
