@@ -79,41 +79,20 @@ struct State {
 
 /// `migtun resolve`: the operator's decision for a migration whose outcome is unknown.
 pub fn resolve(admin_socket: &Path, id: &str, guest_on: admin::GuestOn) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-    rt.block_on(async move {
-        let mut answer = None;
-        admin::request(admin_socket, &Request::Resolve { id: id.to_string(), guest_on }, |line| {
-            answer = Some(line);
-            false
-        })
-        .await?;
-        let line = answer.context("no answer from the agent")?;
-        if let Some(e) = line.get("error").and_then(|e| e.as_str()) {
-            anyhow::bail!("{e}");
-        }
-        println!("{id}: resolved (guest on the {}); `migtun status` shows the migration's end", guest_on.as_str());
-        Ok(())
-    })
+    super::ask_agent(admin_socket, &Request::Resolve { id: id.to_string(), guest_on })?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{id}: resolved (guest on the {}); `migtun status` shows the migration's end", guest_on.as_str());
+    Ok(())
 }
 
 pub fn status(admin_socket: &Path, json: bool) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-    rt.block_on(async move {
-        let mut answer = None;
-        admin::request(admin_socket, &Request::Status, |line| {
-            answer = Some(line);
-            false
-        })
-        .await?;
-        let line = answer.context("no answer from the agent")?;
-        if json {
-            println!("{line}");
-            return Ok(());
-        }
-        let status: Status = serde_json::from_value(line).context("unexpected answer")?;
-        print!("{}", render_status(&status));
-        Ok(())
-    })
+    let line = super::ask_agent(admin_socket, &Request::Status)?.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if json {
+        println!("{line}");
+        return Ok(());
+    }
+    let status: Status = serde_json::from_value(line).context("unexpected answer")?;
+    print!("{}", render_status(&status));
+    Ok(())
 }
 
 /// `migtun status` for people: running migrations with their progress, then the ended ones.

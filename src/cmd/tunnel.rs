@@ -6,25 +6,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use migtun_control::admin::{self, Request};
+use migtun_control::admin::Request;
 use migtun_control::tunnels::TunnelInfo;
 
 /// One request, one answer; an `error` answer becomes the command's error.
 fn ask(admin_socket: &Path, request: Request) -> anyhow::Result<serde_json::Value> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")?;
-    rt.block_on(async move {
-        let mut answer = None;
-        admin::request(admin_socket, &request, |line| {
-            answer = Some(line);
-            false
-        })
-        .await?;
-        let line = answer.context("no answer from the agent")?;
-        if let Some(e) = line.get("error").and_then(|e| e.as_str()) {
-            anyhow::bail!("{e}");
-        }
-        Ok(line)
-    })
+    super::ask_agent(admin_socket, &request)?.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 pub fn open(admin_socket: &Path, to: &str, name: &str, sockets: Vec<String>, ttl: Duration, json: bool) -> anyhow::Result<()> {
