@@ -40,8 +40,14 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
     let path = path.to_path_buf();
     rt.block_on(async move {
-        // SIGHUP reloads; installed first, since its default action would end the agent.
+        // SIGHUP reloads; SIGTERM and SIGINT drain. Installed first, before anything is bound:
+        // their default action would end the agent mid-start, leaving its sockets behind (a
+        // signal that arrives during start-up drains the agent as soon as it runs).
         let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+        let term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signals(term, int, shutdown.clone()));
         let mut agent = Agent::bind(config).await?;
         let handle = agent.handle();
         let reloader: Reloader = {
@@ -68,8 +74,6 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let router = migtun_control::service::router(&handle, agent.config(), incoming.as_ref(), &tunnels);
         agent.set_control_handler(router.into_handler());
 
-        let shutdown = CancellationToken::new();
-        tokio::spawn(on_signals(shutdown.clone()));
         let registry = Arc::new(Registry::default());
         registry.set_tunnels(tunnels);
         registry.set_reloader(reloader);
@@ -218,11 +222,7 @@ async fn on_hangup(mut hangup: tokio::signal::unix::Signal, reload: Reloader) {
 }
 
 /// First SIGTERM/SIGINT: drain. A second one: exit at once.
-async fn on_signals(shutdown: CancellationToken) {
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; SIGTERM will not drain");
-        return;
-    };
+async fn on_signals(mut term: tokio::signal::unix::Signal, mut int: tokio::signal::unix::Signal, shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::info!("signal received: draining (send again to stop at once)");
     shutdown.cancel();
