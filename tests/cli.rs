@@ -222,7 +222,7 @@ fn check_finds_what_serve_would_refuse_one_line_each() {
 /// Every subcommand's `--help` shows an example, and every option says what it is for.
 #[test]
 fn every_subcommand_has_an_example_and_described_options() {
-    for sub in [&["serve"][..], &["check"], &["certs"], &["certs", "issue"], &["migrate"], &["status"], &["resolve"], &["demo"], &["tunnel"], &["tunnel", "open"], &["tunnel", "close"], &["tunnel", "list"]] {
+    for sub in [&["serve"][..], &["check"], &["certs"], &["certs", "issue"], &["migrate"], &["status"], &["resolve"], &["demo"], &["tunnel"], &["tunnel", "open"], &["tunnel", "close"], &["tunnel", "list"], &["reload"], &["healthcheck"], &["completions"], &["man"]] {
         let mut args = sub.to_vec();
         args.push("--help");
         let out = migtun(&args);

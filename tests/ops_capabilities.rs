@@ -61,7 +61,7 @@ fn start_hosts(setpriv: &Path, caps: &[String]) -> Hosts {
     for (i, (name, me, other, peer)) in [("host-a", pa, pb, "host-b"), ("host-b", pb, pa, "host-a")].into_iter().enumerate() {
         let run_as = if name == "host-b" { "run_as = \"nobody\"\n" } else { "" };
         let config = format!(
-            "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"tls\"\n\n[qemu]\nrun_dir = \"{d}/run-{name}\"\nstate_dir = \"{d}/state-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n{run_as}",
+            "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"tls\"\n\n[qemu]\nrun_dir = \"{d}/run-{name}\"\nstate_dir = \"{d}/state-{name}\"\nimage_dir = \"{d}/images-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n{run_as}",
             m = metrics[i],
             d = dir.path().display(),
             p = pki.display(),
