@@ -266,13 +266,20 @@ impl MigrationMetrics {
     }
 }
 
-/// The route label of a stream: the route's name, except for the routes a migration opens for
-/// itself (`m-<16 hex digits>.<kind>`), counted together as `migration.<kind>`.
+/// The route label of a stream: the route's name, except for the routes that come and go at
+/// run time, whose names would make one series per migration: the routes a migration opens for
+/// itself (`m-<16 hex digits>.<kind>`), counted together as `migration.<kind>`, and a tunnel's
+/// (`t-<name>.<socket>`, names chosen by the tooling or by the peer), counted together as
+/// `tunnel.migration`, `tunnel.nbd` or, for any other socket name, `tunnel.other`.
 pub fn route_label(route: &str) -> String {
     if let Some((id, kind)) = route.split_once('.') {
         let hex = id.strip_prefix("m-").unwrap_or_default();
         if hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return format!("migration.{kind}");
+        }
+        if id.len() > 2 && id.starts_with("t-") {
+            let kind = if matches!(kind, "migration" | "nbd") { kind } else { "other" };
+            return format!("tunnel.{kind}");
         }
     }
     route.to_string()
@@ -533,6 +540,11 @@ mod route_label_tests {
         assert_eq!(route_label("m-0123456789abcdef.nbd"), "migration.nbd");
         assert_eq!(route_label("libvirt"), "libvirt");
         assert_eq!(route_label("m-short.ram"), "m-short.ram");
+        // A tunnel's routes: one series per socket kind, whatever the tunnels are called.
+        assert_eq!(route_label("t-vm1.migration"), "tunnel.migration");
+        assert_eq!(route_label("t-vm-2.nbd"), "tunnel.nbd");
+        assert_eq!(route_label("t-vm3.peer-chosen-name"), "tunnel.other");
+        assert_eq!(route_label("t-"), "t-");
         let m = Metrics::new();
         for id in ["m-0000000000000001", "m-0000000000000002"] {
             drop(m.stream("host-b", &format!("{id}.ram"), Side::Source));
