@@ -81,6 +81,16 @@ pub fn run(cmd: &mut Command) {
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Sum of the samples of `name` with all `labels` on the agent whose metrics listen at `addr`.
+pub fn metric_at(addr: std::net::SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    migtun_proxy::metrics::sum_samples(&text, name, labels)
+}
+
 pub struct Hosts {
     pub dir: tempfile::TempDir,
     pub agents: Procs,
@@ -155,12 +165,7 @@ impl Hosts {
 
     /// Sum of the samples of `name` with all `labels` on agent `i` (0: host-a, 1: host-b).
     pub fn metric(&self, i: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.metrics[i]).expect("metrics endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        migtun_proxy::metrics::sum_samples(&text, name, labels)
+        metric_at(self.metrics[i], name, labels)
     }
 
     pub fn logs(&self) -> String {
