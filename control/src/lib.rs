@@ -19,6 +19,7 @@ pub mod authz;
 pub mod service;
 pub mod tunnels;
 pub mod destination;
+pub mod qemu_command;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
+use migtun_control::qemu_command::{Accel, DiskFormat, QemuCommand};
 use migtun_proxy::metrics::sum_samples;
 use rand::{RngCore, SeedableRng};
 use xxhash_rust::xxh3::Xxh3;
@@ -332,22 +333,15 @@ fn migrate_vm(root: &Path, qemu: &Path, admin: &Path) -> anyhow::Result<()> {
     random_file(&raw, VM_RAW_MIB, 2)?;
     random_file(&qcow_content, VM_QCOW2_MIB, 3)?;
     command_ok(Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&qcow_content).arg(&qcow))?;
-    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let kvm = Accel::detect() == Accel::Kvm;
     let qmp = root.join("vm.qmp");
-    let child = Command::new(qemu)
-        .args(["-name", "guest=demo-vm", "-S", "-nodefaults", "-display", "none", "-machine", "pc,memory-backend=ram0"])
-        .args(["-accel", if kvm { "kvm" } else { "tcg" }, "-m"])
-        .arg(format!("{VM_RAM_MIB}M"))
-        .arg("-object")
-        .arg(format!("memory-backend-file,id=ram0,size={VM_RAM_MIB}M,mem-path={},share=on", ram.display()))
-        .arg("-blockdev")
-        .arg(format!("driver=file,filename={},node-name=f0", raw.display()))
-        .args(["-blockdev", "driver=raw,file=f0,node-name=d0", "-device", "virtio-blk-pci,drive=d0,id=vd0"])
-        .arg("-blockdev")
-        .arg(format!("driver=file,filename={},node-name=f1", qcow.display()))
-        .args(["-blockdev", "driver=qcow2,file=f1,node-name=d1", "-device", "virtio-blk-pci,drive=d1,id=vd1"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    let child = QemuCommand::new(qemu, "demo-vm", VM_RAM_MIB)
+        .paused(true)
+        .ram_file(&ram)
+        .disk(&raw, DiskFormat::Raw)
+        .disk(&qcow, DiskFormat::Qcow2)
+        .qmp(&qmp)
+        .command()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(root.join("qemu-source.log"))?)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use migtun_control::qemu_command::{Accel, DiskFormat, QemuCommand};
 use rand::{RngCore, SeedableRng};
 
 pub const MIGTUN: &str = env!("CARGO_BIN_EXE_migtun");
@@ -28,11 +29,7 @@ pub fn qemu() -> Option<PathBuf> {
 }
 
 pub fn accel() -> &'static str {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
-        "kvm"
-    } else {
-        "tcg"
-    }
+    Accel::detect().as_str()
 }
 
 /// Kills what it holds on drop.
@@ -222,28 +219,15 @@ pub fn start_guest_with(hosts: &Hosts, qemu: &Path, o: &GuestOpts) -> Guest {
     let qmp = file("src.qmp");
     let monitor = file("mon.qmp");
     let vm = if o.name.is_empty() { "testvm" } else { o.name };
-    let mut cmd = Command::new(qemu);
-    cmd.arg("-name")
-        .arg(format!("guest={vm}"))
-        .args(["-machine", "pc,memory-backend=ram0", "-accel", accel(), "-m"])
-        .arg(format!("{}M", o.ram_mib))
-        .args(["-nodefaults", "-display", "none", "-object"])
-        .arg(format!("memory-backend-file,id=ram0,size={}M,mem-path={},share=on", o.ram_mib, ram.display()))
-        .arg("-blockdev")
-        .arg(format!("driver=file,filename={},node-name=f0", raw.display()))
-        .args(["-blockdev", "driver=raw,file=f0,node-name=d0", "-device", "virtio-blk-pci,drive=d0,id=vd0"])
-        .arg("-blockdev")
-        .arg(format!("driver=file,filename={},node-name=f1", qcow.display()))
-        .args(["-blockdev", "driver=qcow2,file=f1,node-name=d1", "-device", "virtio-blk-pci,drive=d1,id=vd1"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", monitor.display()));
-    if !o.running {
-        cmd.arg("-S");
-    }
+    let cmd = QemuCommand::new(qemu, vm, o.ram_mib)
+        .paused(!o.running)
+        .ram_file(&ram)
+        .disk(&raw, DiskFormat::Raw)
+        .disk(&qcow, DiskFormat::Qcow2)
+        .qmp(&qmp)
+        .qmp(&monitor);
     let log = if o.name.is_empty() { "qemu-src.log".to_string() } else { format!("qemu-{}.log", o.name) };
-    let child = cmd.stderr(std::fs::File::create(hosts.path(&log)).unwrap()).spawn().unwrap();
+    let child = cmd.command().stderr(std::fs::File::create(hosts.path(&log)).unwrap()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !(qmp.exists() && monitor.exists()) {
         assert!(Instant::now() < deadline, "source QEMU did not start");
