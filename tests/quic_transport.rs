@@ -11,58 +11,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use migtun_proxy::quic::quinn;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A raw QUIC client presenting exactly the certificate it is given (or none), asking for route
 /// `bulk` on `addr`. Returns what it could read back, or the error.
-async fn raw_quic_client(
-    pki: &std::path::Path,
-    identity: Option<(String, String)>,
-    addr: SocketAddr,
-) -> Result<Vec<u8>, String> {
-    let config = raw_client_config(pki, identity);
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config)).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(quinn::ClientConfig::new(Arc::new(crypto)), addr, "host-b")
-        .unwrap()
-        .await
-        .map_err(|e| e.to_string())?;
-    // TLS 1.3: the client is done before the server has judged its certificate; the verdict
-    // closes the connection, which the stream then reports.
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&migtun_proxy::wire::Request::new("bulk", None).unwrap().encode())
-        .await
-        .map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    let mut reply = Vec::new();
-    AsyncReadExt::read_to_end(&mut recv, &mut reply).await.map_err(|e| e.to_string())?;
-    Ok(reply)
+async fn raw_quic_client(pki: &std::path::Path, identity: Option<(String, String)>, addr: SocketAddr) -> Result<Vec<u8>, String> {
+    common::refusal::raw_client("quic", pki, identity, addr).await
 }
 
+/// The shared refusal check (`tests/common/refusal.rs`), over QUIC.
 async fn refused_at_quic_handshake(identity: impl FnOnce(&Pair) -> Option<(String, String)>, reason: &str) {
-    let pair = Pair::start(PairSpec {
-        exposes: &[("bulk", "hash.sock", &["host-a"])],
-        transport: "quic",
-        ..Default::default()
-    })
-    .await;
-    let _target = spawn_hash_target(pair.sock("hash.sock"));
-    let result =
-        tokio::time::timeout(Duration::from_secs(30), raw_quic_client(&pair.pki.pki(), identity(&pair), pair.b.addr))
-            .await
-            .expect("the client learns the verdict");
-    assert!(result.is_err(), "{reason}: the connection must fail, got {result:?}");
-    eventually(&format!("host-b counts a QUIC handshake refused for {reason}"), || {
-        pair.b
-            .sample("migtun_handshake_failures_total", &[("transport", "quic"), ("role", "server"), ("reason", reason)])
-            == 1.0
-    })
-    .await;
-    assert_eq!(pair.b.sample("migtun_stream_opens_total", &[]), 0.0, "{reason}: no stream opened");
+    common::refusal::refused_at_handshake("quic", identity, reason).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

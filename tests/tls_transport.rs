@@ -18,34 +18,11 @@ use std::time::Duration;
 
 use common::*;
 use migtun_certs::{time, Ca, IssueOptions};
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A raw rustls client, so a test can present exactly the certificate it wants (or none).
-async fn raw_client(pki: &std::path::Path, identity: Option<(String, String)>, addr: std::net::SocketAddr) -> std::io::Result<Vec<u8>> {
-    let config = raw_client_config(pki, identity);
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("host-b").unwrap(), tcp)
-        .await?;
-    // TLS 1.3: the client finishes its handshake before the server has judged its certificate;
-    // the verdict arrives on the first read.
-    tls.write_all(&migtun_proxy::wire::Request::new("bulk", None).unwrap().encode()).await?;
-    let mut reply = Vec::new();
-    tls.read_to_end(&mut reply).await?;
-    Ok(reply)
-}
-
+/// The shared refusal check (`tests/common/refusal.rs`), over TLS/TCP.
 async fn refused_at_handshake(identity: impl FnOnce(&Pair) -> Option<(String, String)>, reason: &str) {
-    let pair = Pair::start(PairSpec { exposes: &[("bulk", "hash.sock", &["host-a"])], ..Default::default() }).await;
-    let _target = spawn_hash_target(pair.sock("hash.sock"));
-    let result = raw_client(&pair.pki.pki(), identity(&pair), pair.b.addr).await;
-    assert!(result.is_err(), "{reason}: the connection must fail, got {result:?}");
-    eventually(&format!("host-b counts a handshake refused for {reason}"), || {
-        pair.b.sample("migtun_handshake_failures_total", &[("role", "server"), ("reason", reason)]) == 1.0
-    })
-    .await;
-    assert_eq!(pair.b.sample("migtun_stream_opens_total", &[]), 0.0, "{reason}: no stream opened");
+    common::refusal::refused_at_handshake("tls", identity, reason).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod refusal;
 pub mod suite;
 
 use std::path::{Path, PathBuf};
