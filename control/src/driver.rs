@@ -23,7 +23,7 @@ use crate::admin::Tracked;
 use crate::journal::{Journal, OutgoingRecord, OutgoingStage, SavedSettings};
 use crate::process::ProcessId;
 use crate::teardown;
-use crate::machine::{
+use crate::migration::machine::{
     Action, Disk, DiskSelection, Event, Machine, MigrationId, MigrationSettings, MigrationStatus, Options, Outcome, PerformStep, Phase,
     PrepareRequest, Progress, Report as MachineReport, Routes, SideFile, Step, VmInfo,
 };
@@ -82,8 +82,8 @@ pub fn outcome_label(o: OutcomeKind) -> &'static str {
 }
 
 /// The fixed word of a phase in metrics.
-fn phase_label(p: crate::machine::Phase) -> &'static str {
-    use crate::machine::Phase;
+fn phase_label(p: crate::migration::machine::Phase) -> &'static str {
+    use crate::migration::machine::Phase;
     match p {
         Phase::Begin => "begin",
         Phase::Prepare => "prepare",
@@ -123,7 +123,7 @@ async fn drive(
             None => {
                 let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
                 let major = qmp.execute("query-version", serde_json::json!({})).await.ok().and_then(|v| v["qemu"]["major"].as_u64());
-                crate::machine::default_parallel(cpus, args.postcopy, major)
+                crate::migration::machine::default_parallel(cpus, args.postcopy, major)
             }
         },
         postcopy: args.postcopy,

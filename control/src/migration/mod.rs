@@ -1,0 +1,5 @@
+//! The source side of a migration: the state machine that decides ([`machine`], no I/O), the
+//! driver that performs its actions, the journal both sides write so that a restarted agent
+//! finishes what it started, and what undoes or settles a migration after a crash.
+
+pub mod machine;
