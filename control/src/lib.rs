@@ -4,17 +4,13 @@
 
 pub mod qmp;
 pub mod rpc;
-pub mod incoming;
+pub use destination::incoming;
 pub mod messages;
 pub mod progress;
 pub mod admin;
 pub mod migration;
-pub use migration::machine;
-pub mod driver;
+pub use migration::{driver, journal, machine, recovery, teardown};
 pub mod failpoint;
-pub mod journal;
-pub mod recovery;
-pub mod teardown;
 pub mod process;
 pub mod authz;
 pub mod service;

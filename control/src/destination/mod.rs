@@ -17,6 +17,7 @@ pub mod cmdline;
 pub mod cookie;
 pub mod opts;
 pub mod paths;
+pub mod incoming;
 
 use std::path::PathBuf;
 

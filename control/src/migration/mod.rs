@@ -3,3 +3,7 @@
 //! finishes what it started, and what undoes or settles a migration after a crash.
 
 pub mod machine;
+pub mod driver;
+pub mod journal;
+pub mod recovery;
+pub mod teardown;

@@ -20,9 +20,9 @@ use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use crate::admin::Tracked;
-use crate::journal::{Journal, OutgoingRecord, OutgoingStage, SavedSettings};
+use crate::migration::journal::{Journal, OutgoingRecord, OutgoingStage, SavedSettings};
 use crate::process::ProcessId;
-use crate::teardown;
+use crate::migration::teardown;
 use crate::migration::machine::{
     Action, Disk, DiskSelection, Event, Machine, MigrationId, MigrationSettings, MigrationStatus, Options, Outcome, PerformStep, Phase,
     PrepareRequest, Progress, Report as MachineReport, Routes, SideFile, Step, VmInfo,
@@ -224,7 +224,7 @@ async fn drive(
                 gauge.set_phase("unknown");
                 let resume = machine.was_running();
                 tracked.report(Report::Log { message: format!("the outcome is not known yet ({reason}); asking {} until it answers", args.to) });
-                let answer = crate::recovery::settle(&out.agent, &args.to, &id, resume, tracked).await;
+                let answer = crate::migration::recovery::settle(&out.agent, &args.to, &id, resume, tracked).await;
                 queue.extend(machine.handle(Event::Finished(answer)));
                 continue;
             }

@@ -17,13 +17,13 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::admin::{GuestOn, Registry, Tracked};
-use crate::driver::Outgoing;
-use crate::journal::{OutgoingRecord, OutgoingStage};
+use crate::migration::driver::Outgoing;
+use crate::migration::journal::{OutgoingRecord, OutgoingStage};
 use crate::messages::{FinishReply, FinishRequest, OutcomeKind, Report, Totals};
 use crate::process::ProcessId;
 use crate::qmp::Qmp;
 use crate::rpc::RpcClient;
-use crate::teardown;
+use crate::migration::teardown;
 
 /// First wait before asking the destination again; doubled after each failed attempt.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -121,12 +121,12 @@ pub fn recover(out: Arc<Outgoing>, registry: Arc<Registry>) {
             let gauge = metrics.migrations.begin(&r.to, "outgoing", "recovering");
             let (outcome, message) = recover_one(&out, &r, &tracked).await;
             drop(gauge);
-            metrics.migrations.end(&r.to, "outgoing", crate::driver::outcome_label(outcome), started.elapsed().as_secs_f64());
+            metrics.migrations.end(&r.to, "outgoing", crate::migration::driver::outcome_label(outcome), started.elapsed().as_secs_f64());
             let _ = std::fs::remove_dir_all(out.run_dir.join(&r.id));
             if let Err(e) = out.journal.remove_outgoing(&r.id) {
                 warn!(migration = %r.id, error = %e, "cannot remove the journal record");
             }
-            info!(migration = %r.id, outcome = crate::driver::outcome_label(outcome), %message, "recovery: migration settled");
+            info!(migration = %r.id, outcome = crate::migration::driver::outcome_label(outcome), %message, "recovery: migration settled");
             tracked.report(Report::done(outcome, message, Totals::default()));
         });
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tracing::warn;
 
-use crate::journal::SavedSettings;
+use crate::migration::journal::SavedSettings;
 use crate::qmp::{BlockJobInfo, Qmp, QmpError};
 
 /// How long a cancelled mirror job or migration may take to end before the rollback goes on
