@@ -372,7 +372,7 @@ fn dst_paths(c: &Ctx) -> (PathBuf, PathBuf, PathBuf) {
     (d.clone(), d.join("ram.sock"), d.join("nbd.sock"))
 }
 
-/// One migration driven over QMP here, the sequence migtun uses (control/src/incoming.rs and
+/// One migration driven over QMP here, the sequence migtun uses (control/src/destination/incoming.rs and
 /// driver.rs): destination `nbd-server-start` + `block-export-add` + `migrate-incoming`;
 /// source `blockdev-add` nbd + `blockdev-mirror` until ready, `pause-before-switchover`,
 /// `migrate`, at `pre-switchover` `block-job-cancel` then `migrate-continue`; destination
