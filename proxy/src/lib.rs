@@ -9,6 +9,26 @@
 //! [`record`]) in buffers from a bounded pool ([`buffers`]). Over QUIC ([`quic`]) a
 //! stream is a QUIC stream on the peer's one connection instead; [`transport`] hides which.
 //! [`agent`] ties the pieces to one validated [`config::Config`] and drains them on shutdown.
+//!
+//! # Layers, bottom-up
+//!
+//! Each layer may use itself and the layers above it in this list, never one below it.
+//! `tests/layers.rs` holds the same table and fails on an import that points up;
+//! the upward imports left from the flat layout are listed there one by one and only shrink.
+//!
+//! 1. io: [`socket`], [`limit`], [`notify`], [`identity`], [`wire`], [`record`], [`metrics`],
+//!    [`accept`], [`endpoint`], [`buffers`]
+//! 2. config: [`config`]
+//! 3. tls: [`tls`], [`session`]
+//! 4. quic: [`quic`]
+//! 5. relay: [`relay`] (the relay and the stream traits it is generic over)
+//! 6. stream: [`transport`] (implements those traits for TLS and QUIC streams)
+//! 7. route: [`routes`], [`expose`], [`forward`]
+//! 8. peer: [`connect`]
+//! 9. port: [`port`]
+//! 10. agent: [`agent`], [`reload`], [`preflight`], `fuzzing`, this file
+//!
+//! The data plane never names the control-plane crate.
 
 pub mod accept;
 pub mod agent;

@@ -1,0 +1,183 @@
+//! The data plane's layering, checked: every `crate::X` reference in `proxy/src/**/*.rs` must point
+//! at a module in the same layer or a lower one (the table in `LAYERS`, the same map `lib.rs`
+//! documents), and nothing in `proxy/` may name the control-plane crate.
+//!
+//! The flat `proxy/src/` still has upward imports (issue 13). They are listed one by one in
+//! `KNOWN_UPWARD`, a ratchet: a new upward import fails this test naming the file, the line and both
+//! layers, and an entry that is no longer needed fails it too, so the list only shrinks.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Layers bottom-up: a module may use its own layer and those before it, never one after it.
+const LAYERS: &[(&str, &[&str])] = &[
+    (
+        "io",
+        &[
+            "socket", "limit", "notify", "identity", "wire", "record", "metrics", "accept",
+            "endpoint", "buffers",
+        ],
+    ),
+    ("config", &["config"]),
+    ("tls", &["tls", "session"]),
+    ("quic", &["quic"]),
+    // The relay's traits live with it, low; `transport` implements them for TLS and QUIC streams.
+    ("relay", &["relay"]),
+    ("stream", &["transport"]),
+    ("route", &["routes", "expose", "forward"]),
+    ("peer", &["connect"]),
+    ("port", &["port"]),
+    ("agent", &["agent", "reload", "preflight", "fuzzing", "lib"]),
+];
+
+/// Upward imports that exist today, as (module of the file, module it uses). Remove an entry when
+/// its import is inverted; never add one.
+const KNOWN_UPWARD: &[(&str, &str)] = &[
+    ("buffers", "quic"),
+    ("buffers", "relay"),
+    ("config", "tls"),
+    ("endpoint", "relay"),
+    ("quic", "expose"),
+    ("quic", "port"),
+    ("relay", "routes"),
+    ("session", "relay"),
+    ("expose", "port"),
+    ("expose", "agent"),
+    ("forward", "connect"),
+];
+
+fn layer_of(module: &str) -> Option<(usize, &'static str)> {
+    LAYERS
+        .iter()
+        .enumerate()
+        .find(|(_, (_, mods))| mods.contains(&module))
+        .map(|(i, (name, _))| (i, *name))
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let entries =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()));
+    for entry in entries {
+        let path = entry.expect("a directory entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module a file under `src/` belongs to (`src/tls/record.rs` → `tls`).
+fn module_of(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).expect("file under src");
+    let first = rel.components().next().expect("a path component");
+    let first = first.as_os_str().to_string_lossy();
+    first.strip_suffix(".rs").unwrap_or(&first).to_string()
+}
+
+/// The modules named as `crate::X` on one line, comments and doc comments excluded.
+fn crate_refs(line: &str) -> Vec<String> {
+    let code = line.split("//").next().unwrap_or("");
+    let mut out = Vec::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("crate::") {
+        let before = &rest[..at];
+        let tail = &rest[at + "crate::".len()..];
+        // Skip identifiers that merely end in `crate` (`$crate::`, `some_crate::`).
+        let standalone = !before.ends_with(|c: char| c.is_alphanumeric() || c == '_');
+        let name: String = tail
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if standalone && !name.is_empty() && name.starts_with(|c: char| c.is_ascii_lowercase()) {
+            out.push(name);
+        }
+        rest = tail;
+    }
+    out
+}
+
+#[test]
+fn no_module_uses_a_higher_layer() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+
+    let mut failures = Vec::new();
+    let mut used_known = BTreeSet::new();
+    for file in &files {
+        let module = module_of(&src, file);
+        let Some((from_layer, from_name)) = layer_of(&module) else {
+            failures.push(format!(
+                "{}: module `{module}` is in no layer of LAYERS (tests/layers.rs) — add it where it belongs",
+                file.display()
+            ));
+            continue;
+        };
+        let text =
+            std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for (n, line) in text.lines().enumerate() {
+            for target in crate_refs(line) {
+                let Some((to_layer, to_name)) = layer_of(&target) else {
+                    continue; // an item of lib.rs itself (`crate::Reset`) or a macro path
+                };
+                if to_layer <= from_layer {
+                    continue;
+                }
+                if KNOWN_UPWARD.contains(&(module.as_str(), target.as_str())) {
+                    used_known.insert((module.clone(), target));
+                    continue;
+                }
+                failures.push(format!(
+                    "{}:{}: `{module}` (layer {from_name}) uses `crate::{target}` (layer {to_name}), a higher layer",
+                    file.display(),
+                    n + 1
+                ));
+            }
+        }
+    }
+    for (from, to) in KNOWN_UPWARD {
+        if !used_known.contains(&(from.to_string(), to.to_string())) {
+            failures.push(format!(
+                "KNOWN_UPWARD lists `{from}` -> `{to}` but no such import is left: remove the entry"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "layering broken:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn proxy_never_references_control() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["src", "tests", "benches"] {
+        let d = root.join(dir);
+        if d.is_dir() {
+            rust_files(&d, &mut files);
+        }
+    }
+    let cargo = std::fs::read_to_string(root.join("Cargo.toml")).expect("proxy/Cargo.toml");
+    assert!(
+        !cargo.contains("migtun-control"),
+        "proxy/Cargo.toml depends on migtun-control"
+    );
+    let needle = ["migtun", "_control"].concat();
+    for file in files {
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for (n, line) in text.lines().enumerate() {
+            assert!(
+                !line.contains(&needle),
+                "{}:{}: the data plane names the control plane",
+                file.display(),
+                n + 1
+            );
+        }
+    }
+}
