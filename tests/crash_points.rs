@@ -161,8 +161,8 @@ fn a_destination_gone_for_good_is_resolved_by_the_operator() {
     assert!(mon.running(), "the operator's decision: the guest runs on the source");
     // The destination QEMU never ran the guest: orphaned and paused, or (usually) gone by
     // itself, since the agent's death cut the last bytes of the stream it was loading.
-    if pid_alive(dest_pid) {
-        assert_eq!(qmp_status(&hosts.path("run-host-b").join(&id).join("qmp.sock"))["running"], false);
+    if let Some(status) = qmp_status_unless_gone(&hosts.path("run-host-b").join(&id).join("qmp.sock"), dest_pid) {
+        assert_eq!(status["running"], false);
     }
     // The destination comes back: its journal says prepared, so it quits the orphan.
     hosts.restart_agent(1);

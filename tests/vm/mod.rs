@@ -452,6 +452,31 @@ pub fn qmp_status(sock: &Path) -> serde_json::Value {
     })
 }
 
+/// `query-status` of the QEMU `pid` if it is still there: `None` when it has exited, including
+/// when it exits while the test connects (alive, then gone before or during the QMP greeting).
+/// A QEMU that stays alive but does not answer fails the test.
+pub fn qmp_status_unless_gone(sock: &Path, pid: i32) -> Option<serde_json::Value> {
+    if !pid_alive(pid) {
+        return None;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let answer = rt.block_on(async {
+        let q = migtun_control::qmp::Qmp::connect(sock).await.map_err(|e| e.to_string())?;
+        q.execute("query-status", serde_json::Value::Null).await.map_err(|e| e.to_string())
+    });
+    match answer {
+        Ok(status) => Some(status),
+        Err(e) => {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pid_alive(pid) {
+                assert!(Instant::now() < deadline, "QEMU {pid} is alive but its QMP failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
+        }
+    }
+}
+
 pub fn source_status(guest: &Guest) -> serde_json::Value {
     qmp_status(&guest.qmp)
 }
