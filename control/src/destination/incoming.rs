@@ -50,6 +50,12 @@ const INCOMING_COMPLETE_TIMEOUT: Duration = Duration::from_secs(30);
 const STATUS_RECHECK: Duration = Duration::from_millis(250);
 /// After `quit`, how long QEMU may take to exit before it is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// How long a QEMU whose QMP socket refused or dropped the agent may take to finish exiting
+/// before its exit is reported as the reason: one that failed to drop privileges exits within
+/// milliseconds; one still running after this is not the reason.
+const EXITED_QEMU_WAIT: Duration = Duration::from_secs(2);
+/// How much of a QEMU's log ends up in an error: its last lines, not a whole log.
+const LOG_TAIL_BYTES: u64 = 2048;
 /// Recovery connects to an orphaned QEMU's monitor: a live QEMU accepts at once.
 const RECOVERY_CONNECT: Duration = Duration::from_secs(5);
 /// How often a running incoming migration's received bytes are sampled for its rate.
@@ -405,8 +411,14 @@ impl Incoming {
         let qmp = match Qmp::connect(&qmp_path).await {
             Ok(q) => q,
             Err(e) => {
+                // Refused or dropped: if the QEMU the hook started has exited, that is the
+                // reason, whichever of the two the connect happened to see.
+                let why = match exited_qemu(&dir).await {
+                    Some(exited) => exited,
+                    None => e.to_string(),
+                };
                 self.kill_hook_qemu(&dir).await;
-                let e = MethodError::failed(format!("prepare hook printed {}, but: {e}", qmp_path.display()));
+                let e = MethodError::failed(format!("prepare hook printed {}, but: {why}", qmp_path.display()));
                 self.forget(&dir, &id, &e.message);
                 return Err(e);
             }
@@ -961,6 +973,39 @@ fn hook_qemu(dir: &Path) -> Option<Process> {
         .split(|b| *b == 0)
         .any(|arg| String::from_utf8_lossy(arg).contains(&*qmp.to_string_lossy()));
     ours.then_some(p)
+}
+
+/// Why the QMP connect to the QEMU in `dir` failed, if that QEMU has exited (or exits within
+/// [`EXITED_QEMU_WAIT`]): the same words whether the connect was refused (QEMU was gone) or
+/// dropped (QEMU was going), with its pid and the end of its log. `None` if it still runs.
+async fn exited_qemu(dir: &Path) -> Option<String> {
+    let pid: Option<u32> = std::fs::read_to_string(dir.join("qemu.pid")).ok().and_then(|s| s.trim().parse().ok());
+    if let Some(p) = hook_qemu(dir) {
+        if !wait_gone(&p, EXITED_QEMU_WAIT).await {
+            return None;
+        }
+    }
+    let who = match pid {
+        Some(pid) => format!("the QEMU the prepare hook started (pid {pid}) has exited"),
+        None => "no QEMU is left (it wrote no pidfile)".to_string(),
+    };
+    let log = dir.join("qemu.log");
+    let tail = log_tail(&log);
+    let tail = if tail.is_empty() { String::new() } else { format!("; {}: {tail}", log.display()) };
+    Some(format!("QEMU closed the QMP socket: {who}{tail}"))
+}
+
+/// The last lines of a log, at most [`LOG_TAIL_BYTES`] of it, joined with " / ".
+fn log_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
+    let mut buf = Vec::new();
+    let _ = f.take(LOG_TAIL_BYTES).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines[lines.len().saturating_sub(5)..].join(" / ")
 }
 
 /// Waits until `p` has exited; false if it still runs after `grace`.
