@@ -50,6 +50,9 @@ enum Hook {
     Blocking,
     /// The example hook: starts a real QEMU.
     Example,
+    /// Its "QEMU" answered the hook's probe, then died: the QMP socket refuses, the pid in
+    /// `qemu.pid` has exited, the log ends with why (as when `-runas` lacks CAP_SETGID).
+    QemuGone,
 }
 
 impl Fleet {
@@ -71,6 +74,16 @@ impl Fleet {
                     "#!/bin/sh\ntouch '{m}/started.'$$\nwhile [ ! -e '{m}/release' ]; do sleep 0.05; done\necho 'released by the test' >&2\nexit 3\n",
                     m = marks.display()
                 ),
+            ),
+            Hook::QemuGone => script(
+                &pki,
+                "hook",
+                "#!/usr/bin/python3\nimport json, os, socket, subprocess, sys\nreq = json.load(sys.stdin)\n\
+                 s = socket.socket(socket.AF_UNIX)\ns.bind(req['qmp'])\ns.listen(1)\ns.close()\n\
+                 p = subprocess.Popen(['true'])\np.wait()\n\
+                 open(os.path.join(os.path.dirname(req['qmp']), 'qemu.pid'), 'w').write(str(p.pid))\n\
+                 open(req['log'], 'a').write('qemu-system-x86_64: -runas: setgid: Operation not permitted\\n')\n\
+                 print(req['qmp'])\n",
             ),
         };
         let ports = [bind_port().await, bind_port().await, bind_port().await, bind_port().await];
@@ -238,6 +251,22 @@ async fn non_allowed_peer_and_stranger_get_nothing() {
     let got = answer(rpc.call::<_, PrepareReply>("prepare", &cookie(&id, "host-a")).await).unwrap();
     assert_eq!(got.0, 500, "the recording hook fails: {got:?}");
     assert_eq!(fleet.marks("hook-ran"), 1);
+    assert!(fleet.run_dir_entries().is_empty(), "a failed prepare leaves nothing: {:?}", fleet.run_dir_entries());
+}
+
+/// A hook whose QEMU answered its probe and then died before the agent connected: the prepare
+/// fails saying so (the pid has exited, and QEMU's last log line), in the same words whether
+/// the agent's connect was refused or dropped; nothing is left under `run_dir`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_whose_qemu_died_names_the_exit_and_the_log() {
+    let fleet = Fleet::start(Some("allow_sources = [\"host-a\"]"), Hook::QemuGone).await;
+    let id = new_migration_id();
+    let rpc = rpc(&fleet.a).await.unwrap();
+    let got = answer(rpc.call::<_, PrepareReply>("prepare", &cookie(&id, "host-a")).await).unwrap();
+    assert_eq!(got.0, 500, "{got:?}");
+    let message = &got.1;
+    assert!(message.contains("QEMU closed the QMP socket") && message.contains("has exited"), "{message}");
+    assert!(message.contains("setgid: Operation not permitted"), "the log's last line is in the reason: {message}");
     assert!(fleet.run_dir_entries().is_empty(), "a failed prepare leaves nothing: {:?}", fleet.run_dir_entries());
 }
 
