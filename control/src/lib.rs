@@ -15,7 +15,7 @@
 //! 3. **policy**: [`destination`] (`cookie`, `cmdline`, `opts`, `paths`): what a destination
 //!    allows to run. Uses base.
 //! 4. **qmp**: [`qmp`], the QEMU client (wire, client, commands, events). **rpc**: [`rpc`] and
-//!    [`authz`], the control RPC between agents. **journal**: [`migration::journal`]. None of
+//!    [`authz`], the control RPC between agents. **journal**: [`migration::journal`] and [`migration::handover`] (taking it over from the agent a restart replaces). None of
 //!    these three knows another.
 //! 5. **tools**: [`migration::teardown`] (undoing a migration in QEMU), [`tunnels`], [`admin`]
 //!    (the local admin socket and its registry).
@@ -45,4 +45,4 @@ pub mod service;
 pub mod tunnels;
 
 pub use destination::incoming;
-pub use migration::{driver, journal, machine, recovery, teardown};
+pub use migration::{driver, handover, journal, machine, recovery, teardown};

@@ -20,6 +20,7 @@ const LAYERS: &[(&str, &str, u8)] = &[
     ("authz", "rpc", 2),
     ("migration::journal", "journal", 2),
     ("journal", "journal", 2),
+    ("migration::handover", "journal", 2),
     ("migration::teardown", "tools", 3),
     ("teardown", "tools", 3),
     ("tunnels", "tools", 3),

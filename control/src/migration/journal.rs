@@ -3,7 +3,8 @@
 //! it starts again and finishes it (`recovery` in `driver.rs` and `incoming.rs`).
 //!
 //! ```text
-//! state_dir/lock                  flock'd by the one agent that uses this directory
+//! state_dir/lock                  flock'd by the one agent that uses this directory; holds its
+//!                                 pid and, once it drains, when its drain ends (`Holder`)
 //! state_dir/outgoing/<id>.json    the source side: what may exist in the source QEMU
 //! state_dir/incoming/<id>.json    the destination side: its QEMU, its directory, the decision
 //! ```
@@ -36,8 +37,10 @@ const MAX_RECORD: u64 = 1 << 20;
 pub enum JournalError {
     #[error("qemu.state_dir {dir}: {why}")]
     Dir { dir: String, why: String },
-    #[error("qemu.state_dir {dir} is in use by another migtun agent (the lock on {dir}/lock is held); two agents must never share a journal")]
-    Locked { dir: String },
+    #[error("qemu.state_dir {dir} is in use by another migtun agent ({holder}, holding {dir}/lock); two agents must never share a journal: stop that agent (SIGTERM) and this one takes over while it drains")]
+    Locked { dir: String, holder: String },
+    #[error("qemu.state_dir {dir}: the agent this one replaces ({holder}) still holds the journal after {waited_secs} s; it may be stuck: look at it, stop it, and start this agent again")]
+    HandOver { dir: String, holder: String, waited_secs: u64 },
     #[error("journal record {path}: {why}")]
     Record { path: String, why: String },
 }
@@ -133,11 +136,35 @@ impl IncomingState {
     }
 }
 
+/// Who holds a journal, as the holder wrote it into the lock file: the agent a new one on the
+/// same config waits for (see `handover`). Written only by migtun, read with a size limit, and
+/// only ever used to decide how long to wait and what to tell the operator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    /// Unix time by which the holder's drain ends (it exits then); absent while it serves.
+    #[serde(default)]
+    pub draining_until: Option<u64>,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.draining_until {
+            None => write!(f, "pid {}, serving", self.pid),
+            Some(t) if t >= now() => write!(f, "pid {}, draining for at most {} s more", self.pid, t - now()),
+            Some(t) => write!(f, "pid {}, whose drain should have ended {} s ago", self.pid, now() - t),
+        }
+    }
+}
+
+/// Largest lock file read back: a `Holder` is a few dozen bytes.
+const MAX_HOLDER: u64 = 4096;
+
 /// The journal of one agent.
 pub struct Journal {
     dir: PathBuf,
-    /// Holds the flock for as long as the agent lives.
-    _lock: File,
+    /// Holds the flock for as long as the agent lives; its contents say who holds it.
+    lock: File,
 }
 
 impl Journal {
@@ -162,11 +189,41 @@ impl Journal {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(JournalError::Locked { dir: state_dir.display().to_string() });
+                let holder = Journal::holder(state_dir)
+                    .map(|h| h.to_string())
+                    .unwrap_or_else(|| "an agent that did not write its pid into the lock file".to_string());
+                return Err(JournalError::Locked { dir: state_dir.display().to_string(), holder });
             }
             return Err(fail(format!("cannot lock it: {e}")));
         }
-        Ok(Journal { dir: state_dir.to_path_buf(), _lock: lock })
+        let journal = Journal { dir: state_dir.to_path_buf(), lock };
+        journal.write_holder(&Holder { pid: std::process::id(), draining_until: None })?;
+        Ok(journal)
+    }
+
+    /// Who holds the journal in `state_dir`, if it said (see [`Holder`]).
+    pub fn holder(state_dir: &Path) -> Option<Holder> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        File::open(state_dir.join("lock")).ok()?.take(MAX_HOLDER).read_to_end(&mut bytes).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// This agent drains, and exits once `until` (unix time) has passed at the latest: a new
+    /// agent on the same config waits for the lock that long instead of refusing to start.
+    pub fn mark_draining(&self, until: u64) -> Result<(), JournalError> {
+        self.write_holder(&Holder { pid: std::process::id(), draining_until: Some(until) })
+    }
+
+    fn write_holder(&self, holder: &Holder) -> Result<(), JournalError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.dir.join("lock");
+        let fail = |e: std::io::Error| JournalError::Record { path: path.display().to_string(), why: e.to_string() };
+        let bytes = serde_json::to_vec(holder).map_err(|e| fail(std::io::Error::other(e)))?;
+        // Readers parse the whole file: shrink first, so a shorter text never keeps a tail of
+        // the longer one (a reader between the two sees an empty file: "did not say").
+        self.lock.set_len(0).map_err(fail)?;
+        self.lock.write_all_at(&bytes, 0).map_err(fail)
     }
 
     pub fn dir(&self) -> &Path {
@@ -331,7 +388,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = Journal::open(dir.path()).unwrap();
         let second = Journal::open(dir.path()).err().expect("the second agent is refused");
-        assert!(second.to_string().contains("in use by another migtun agent"), "{second}");
+        let pid = std::process::id();
+        assert!(second.to_string().contains(&format!("in use by another migtun agent (pid {pid}, serving")), "{second}");
+    }
+
+    #[test]
+    fn the_lock_file_says_who_holds_it_and_until_when_it_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Journal::holder(dir.path()), None, "no journal, nobody");
+        let j = Journal::open(dir.path()).unwrap();
+        let pid = std::process::id();
+        assert_eq!(Journal::holder(dir.path()), Some(Holder { pid, draining_until: None }));
+        let until = now() + 30;
+        j.mark_draining(until).unwrap();
+        assert_eq!(Journal::holder(dir.path()), Some(Holder { pid, draining_until: Some(until) }));
+        let refused = Journal::open(dir.path()).err().expect("still held");
+        assert!(refused.to_string().contains(&format!("(pid {pid}, draining for at most")), "{refused}");
+        drop(j);
+        // The lock goes with the holder; what it wrote stays until the next one overwrites it.
+        let next = Journal::open(dir.path()).unwrap();
+        assert_eq!(Journal::holder(dir.path()), Some(Holder { pid, draining_until: None }));
+        drop(next);
+        std::fs::write(dir.path().join("lock"), vec![b'x'; 10_000]).unwrap();
+        assert_eq!(Journal::holder(dir.path()), None, "garbage or an oversized file says nothing");
     }
 
     #[test]

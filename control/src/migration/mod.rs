@@ -4,6 +4,7 @@
 
 pub mod machine;
 pub mod driver;
+pub mod handover;
 pub mod journal;
 pub mod recovery;
 pub mod teardown;

@@ -1,0 +1,167 @@
+//! Taking the journal over from the agent this one replaces.
+//!
+//! A restart on the same config starts the new agent while the old one drains (README,
+//! "Restart without refusing streams"). The old agent holds the journal's lock until it exits,
+//! and it writes into the lock file who it is and, once it drains, when its drain ends
+//! ([`Holder`]). The new agent waits for the lock as long as that says, and no longer:
+//!
+//! - a holder that drains: until its drain deadline plus [`EXIT_MARGIN`];
+//! - a holder that serves (or did not say): [`DRAIN_START_GRACE`] for it to start draining —
+//!   after that it is a second agent on one `state_dir` by mistake, and this one is refused.
+//!
+//! [`judge`] is that policy, without I/O or a clock; [`wait`] polls the lock with it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::journal::{now, Holder, Journal, JournalError};
+
+/// How long a holder that still serves has to start draining: `kill -TERM old; migtun serve`
+/// starts the new agent before the old one has written its drain into the lock file (that takes
+/// milliseconds, seconds on a loaded host). A holder still serving after that is not leaving.
+pub const DRAIN_START_GRACE: Duration = Duration::from_secs(10);
+/// How long after its drain deadline the old agent may take to exit: it closes its QUIC
+/// connections (up to 1 s), aborts the streams still open and its runtime stops; a loaded host
+/// takes a few seconds more. Past that, it is stuck, and waiting longer would hide it.
+pub const EXIT_MARGIN: Duration = Duration::from_secs(15);
+/// How often the lock is tried: cheap (one flock), and the control plane starts at most this
+/// long after the old agent exited.
+pub const RETRY: Duration = Duration::from_millis(200);
+
+/// What to do about a journal whose lock is held.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The holder is leaving: wait (the text says for whom, for the log and `/readyz`).
+    Wait(String),
+    /// The holder drains: what [`wait`] stops at when asked to.
+    Draining(String),
+    /// Not leaving, or stuck: give up.
+    Refuse,
+}
+
+/// The policy, at unix time `now`, having waited `waited` so far.
+pub fn judge(holder: Option<&Holder>, now: u64, waited: Duration) -> Verdict {
+    match holder {
+        Some(h @ Holder { draining_until: Some(until), .. }) => {
+            if now <= until.saturating_add(EXIT_MARGIN.as_secs()) {
+                Verdict::Draining(format!("waiting for the journal: the agent this one replaces ({h}) holds it until it exits"))
+            } else {
+                Verdict::Refuse
+            }
+        }
+        _ if waited < DRAIN_START_GRACE => {
+            let who = holder.map(|h| h.to_string()).unwrap_or_else(|| "an agent that did not say who it is".into());
+            Verdict::Wait(format!(
+                "waiting up to {} s for the agent holding the journal ({who}) to start draining",
+                DRAIN_START_GRACE.as_secs()
+            ))
+        }
+        _ => Verdict::Refuse,
+    }
+}
+
+/// What [`wait`] ended with.
+pub enum Taken {
+    /// The lock is ours.
+    Journal(Journal),
+    /// The holder drains (only when asked to stop there): the agent may serve meanwhile and
+    /// call [`wait`] again for the lock.
+    Draining(String),
+}
+
+/// Takes the journal in `state_dir`, waiting as [`judge`] says; with `stop_at_draining`, returns
+/// as soon as the holder is seen draining. `on_wait` hears each new reason to wait.
+pub async fn wait(state_dir: &Path, stop_at_draining: bool, mut on_wait: impl FnMut(&str)) -> Result<Taken, JournalError> {
+    let started = tokio::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let holder = match Journal::open(state_dir) {
+            Ok(journal) => return Ok(Taken::Journal(journal)),
+            Err(JournalError::Locked { holder, .. }) => holder,
+            Err(e) => return Err(e),
+        };
+        let read = Journal::holder(state_dir);
+        let reason = match judge(read.as_ref(), now(), started.elapsed()) {
+            Verdict::Draining(reason) if stop_at_draining => return Ok(Taken::Draining(reason)),
+            Verdict::Draining(reason) | Verdict::Wait(reason) => reason,
+            Verdict::Refuse if read.as_ref().is_some_and(|h| h.draining_until.is_some()) => {
+                return Err(JournalError::HandOver {
+                    dir: state_dir.display().to_string(),
+                    holder,
+                    waited_secs: started.elapsed().as_secs(),
+                });
+            }
+            Verdict::Refuse => return Err(JournalError::Locked { dir: state_dir.display().to_string(), holder }),
+        };
+        // The reason names seconds left; tell it when the kind of wait changes, not each tick.
+        let kind = reason.split(':').next().unwrap_or_default().to_string();
+        if kind != last {
+            on_wait(&reason);
+            last = kind;
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// [`wait`] for the lock itself, however long [`judge`] allows.
+pub async fn take(state_dir: &Path, mut on_wait: impl FnMut(&str)) -> Result<Journal, JournalError> {
+    loop {
+        // Without `stop_at_draining`, `wait` ends with the journal or an error.
+        if let Taken::Journal(journal) = wait(state_dir, false, &mut on_wait).await? {
+            return Ok(journal);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+
+    fn serving() -> Holder {
+        Holder { pid: 42, draining_until: None }
+    }
+
+    #[test]
+    fn a_draining_holder_is_waited_for_until_its_deadline_and_the_margin() {
+        let h = Holder { pid: 42, draining_until: Some(NOW + 30) };
+        let Verdict::Draining(reason) = judge(Some(&h), NOW, Duration::ZERO) else { panic!("waits") };
+        assert!(reason.contains("pid 42"), "{reason}");
+        // Long waits are fine while the deadline holds: it is the old agent's drain.
+        assert!(matches!(judge(Some(&h), NOW + 30 + EXIT_MARGIN.as_secs(), Duration::from_secs(3600)), Verdict::Draining(_)));
+        assert_eq!(judge(Some(&h), NOW + 31 + EXIT_MARGIN.as_secs(), Duration::ZERO), Verdict::Refuse);
+    }
+
+    #[test]
+    fn a_serving_holder_gets_the_grace_to_start_draining_then_is_refused() {
+        let Verdict::Wait(reason) = judge(Some(&serving()), NOW, Duration::ZERO) else { panic!("waits") };
+        assert!(reason.contains("pid 42, serving") && reason.contains("to start draining"), "{reason}");
+        assert!(matches!(judge(None, NOW, DRAIN_START_GRACE - Duration::from_millis(1)), Verdict::Wait(_)));
+        assert_eq!(judge(Some(&serving()), NOW, DRAIN_START_GRACE), Verdict::Refuse);
+        assert_eq!(judge(None, NOW, DRAIN_START_GRACE), Verdict::Refuse);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_takes_the_lock_when_the_holder_goes_and_refuses_one_that_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nobody holds it: taken at once.
+        let Ok(Taken::Journal(first)) = wait(dir.path(), false, |_| {}).await else { panic!("free lock") };
+        // A holder that serves and never drains: refused after the grace, naming it.
+        let mut heard = Vec::new();
+        let Err(e) = wait(dir.path(), false, |r| heard.push(r.to_string())).await else { panic!("refused") };
+        assert!(matches!(e, JournalError::Locked { .. }) && e.to_string().contains("pid"), "{e}");
+        assert_eq!(heard.len(), 1, "one line per kind of wait: {heard:?}");
+        // It drains: `stop_at_draining` returns at once.
+        first.mark_draining(now() + 60).unwrap();
+        assert!(matches!(wait(dir.path(), true, |_| {}).await, Ok(Taken::Draining(_))));
+        // It exits: the waiter gets the lock.
+        let waiter = tokio::spawn({
+            let dir = dir.path().to_path_buf();
+            async move { take(&dir, |_| {}).await.is_ok() }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(first);
+        assert!(waiter.await.unwrap(), "the lock is taken once the holder is gone");
+    }
+}
