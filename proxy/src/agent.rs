@@ -255,6 +255,28 @@ impl AgentHandle {
         self.shared.draining.is_cancelled()
     }
 
+    /// How long the drain lets open streams run (`drain_timeout_secs`, as last reloaded).
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        *self.shared.drain_timeout.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start-up work the agent serves without (with `[qemu]`: the journal the agent it replaces
+    /// still holds). Said before [`Agent::run`], it keeps `/readyz` at 503 with `what` and
+    /// holds systemd's `READY=1` (STATUS= says why) until `starting(None)`, which sends it.
+    pub fn starting(&self, what: Option<String>) {
+        let health = &self.shared.metrics.health;
+        let done = what.is_none();
+        if let Some(what) = &what {
+            crate::notify::status(&format!("starting: {what}"));
+        }
+        health.starting(what);
+        // `run` marks serving, then looks here; this clears, then looks there: whichever
+        // comes second sends READY=1 (both may: systemd takes a second READY=1 as a status).
+        if done && health.is_serving() && !self.is_draining() {
+            crate::notify::ready(&format!("serving on {}", health.listening_on().map(|a| a.to_string()).unwrap_or_default()));
+        }
+    }
+
     /// The agent's QUIC endpoint (UDP, same port number as `listen`), if it has one. Tests use it
     /// to rebind the agent to another UDP socket (connection migration).
     pub fn quic_endpoint(&self) -> Option<quinn::Endpoint> {
@@ -539,8 +561,14 @@ impl Agent {
         *shared.running.lock().await = Some(Running { config: self.config, forwards });
         shared.metrics.health.serving(listen);
         // Every listener was bound before `run` (the admin socket too, by `serve`): systemd may
-        // start what depends on this agent.
-        crate::notify::ready(&format!("serving on {listen}"));
+        // start what depends on this agent, unless start-up work is left (`starting`).
+        match shared.metrics.health.still_starting() {
+            None => crate::notify::ready(&format!("serving on {listen}")),
+            Some(what) => {
+                info!(%what, "serving; not ready yet");
+                crate::notify::status(&format!("serving on {listen}; starting: {what}"));
+            }
+        }
 
         shutdown.cancelled().await;
         // A reload in progress finishes first; none starts after this.

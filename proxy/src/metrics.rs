@@ -658,6 +658,8 @@ const PEER_ERROR_MAX: usize = 256;
 pub struct Health {
     serving: AtomicBool,
     draining: AtomicBool,
+    /// Start-up work still outstanding while the agent serves (see [`Health::starting`]).
+    starting: Mutex<Option<String>>,
     leaf_not_after: AtomicI64,
     ca_not_after: AtomicI64,
     listen: Mutex<Option<SocketAddr>>,
@@ -683,6 +685,7 @@ impl Default for Health {
         Health {
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            starting: Mutex::new(None),
             leaf_not_after: AtomicI64::new(NOT_AFTER_UNKNOWN),
             ca_not_after: AtomicI64::new(NOT_AFTER_UNKNOWN),
             listen: Mutex::new(None),
@@ -695,7 +698,28 @@ impl Health {
     /// The port, forwards and QUIC are served (the agent's accept loops run).
     pub fn serving(&self, listen: SocketAddr) {
         *self.listen.lock().unwrap_or_else(|p| p.into_inner()) = Some(listen);
-        self.serving.store(true, Ordering::Relaxed);
+        self.serving.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Health::serving`] was said.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+
+    /// The port's address, once serving.
+    pub fn listening_on(&self) -> Option<SocketAddr> {
+        *self.listen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start-up work the agent serves without, and is not ready until it is done (with
+    /// `[qemu]`: the journal of the agent it replaces); `None` once done.
+    pub fn starting(&self, what: Option<String>) {
+        *self.starting.lock().unwrap_or_else(|p| p.into_inner()) = what;
+    }
+
+    /// What [`Health::starting`] last said.
+    pub fn still_starting(&self) -> Option<String> {
+        self.starting.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The agent drains: not ready any more.
@@ -758,6 +782,10 @@ impl Health {
         if draining {
             problems.push("draining: no new streams are accepted".to_string());
         }
+        let starting = self.still_starting();
+        if let Some(what) = &starting {
+            problems.push(format!("starting: {what}"));
+        }
         let cert = |which: &str, at: i64, problems: &mut Vec<String>| {
             if at == NOT_AFTER_UNKNOWN {
                 return serde_json::json!({ "not_after": null, "valid": null });
@@ -793,6 +821,7 @@ impl Health {
             "listening": serving && !draining,
             "listen": listen.map(|a| a.to_string()),
             "draining": draining,
+            "starting": starting,
             "certificate": leaf,
             "ca": ca,
             "peers": peers,
@@ -836,6 +865,14 @@ mod health_tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(body.contains("expired"), "{body}");
         m.certificates_expire(Some(now + 3600), Some(now + 7200));
+        m.health.starting(Some("waiting for the journal (pid 42)".into()));
+        let (status, _, body) = answer("/readyz", &m);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["starting"], "waiting for the journal (pid 42)", "{body}");
+        assert_eq!(v["listening"], true, "it serves meanwhile: {body}");
+        m.health.starting(None);
+        assert_eq!(answer("/readyz", &m).0, StatusCode::OK);
         m.health.draining();
         let (status, _, body) = answer("/readyz", &m);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
