@@ -5,9 +5,9 @@ use std::path::Path;
 use anyhow::Context;
 use std::sync::Arc;
 
-use migtun_control::admin::{self, Registry, Reloader, Starter};
-use migtun_control::driver::{self, Outgoing};
-use migtun_control::messages::{MigrateArgs, OutcomeKind, Report, Totals};
+use migtun_control::admin::{self, Reloader};
+use migtun_control::handover::{self, Taken};
+use migtun_control::service::ControlPlane;
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
 use tokio::signal::unix::{signal, SignalKind};
@@ -48,6 +48,19 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(term, int, shutdown.clone()));
+        // With [qemu], the journal. The agent this one replaces may hold it while it drains:
+        // then this one serves meanwhile and takes it once that one has exited.
+        let journal = match &config.qemu {
+            None => None,
+            Some(q) => {
+                let dir = q.state_dir.clone();
+                let waited = handover::wait(&dir, true, |why| tracing::warn!(state_dir = %dir.display(), "{why}"));
+                tokio::select! {
+                    taken = waited => Some(taken?),
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        };
         let mut agent = Agent::bind(config).await?;
         let handle = agent.handle();
         let reloader: Reloader = {
@@ -58,37 +71,33 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
             })
         };
         tokio::spawn(on_hangup(hangup, reloader.clone()));
-        let qemu = agent.config().qemu.clone();
         let admin_path = agent.config().admin.clone();
 
-        // With [qemu], the journal: what this agent was doing when it last stopped.
-        let journal = migtun_control::service::open_journal(agent.config())?;
-        // The destination side answers prepare/finish/files when [qemu] is configured, to the
-        // peers in [qemu] allow_sources; every agent answers the hello, so peers can tell what
-        // it supports. Unfinished incoming migrations are settled before any peer is answered.
-        let incoming = journal.clone().and_then(|j| migtun_control::service::incoming(&handle, agent.config(), j));
-        if let Some(incoming) = &incoming {
-            incoming.recover().await;
+        // Every agent answers the hello (and tunnels), so peers can tell what it supports; with
+        // [qemu], the destination side (prepare/finish/files, to the peers in allow_sources)
+        // and `migtun migrate`, once the journal is ours and its unfinished migrations settled.
+        let plane = ControlPlane::new(&handle, agent.config());
+        let failed_take_over = Arc::new(std::sync::Mutex::new(None));
+        match journal {
+            None => {}
+            Some(Taken::Journal(journal)) => plane.start(Arc::new(journal)).await,
+            Some(Taken::Draining(why)) => {
+                plane.waiting(&why);
+                let dir = agent.config().qemu.as_ref().map(|q| q.state_dir.clone()).unwrap_or_default();
+                tokio::spawn(take_over(plane.clone(), dir, shutdown.clone(), failed_take_over.clone()));
+            }
         }
-        let tunnels = migtun_control::service::tunnels(&handle, agent.config());
-        let router = migtun_control::service::router(&handle, agent.config(), incoming.as_ref(), &tunnels);
-        agent.set_control_handler(router.into_handler());
-
-        let registry = Arc::new(Registry::default());
-        registry.set_tunnels(tunnels);
+        agent.set_control_handler(plane.router().into_handler());
+        // Draining: a new agent on this config waits for the journal until this one is gone.
+        tokio::spawn({
+            let (plane, handle, stop) = (plane.clone(), handle.clone(), shutdown.clone());
+            async move {
+                stop.cancelled().await;
+                plane.draining(handle.drain_timeout());
+            }
+        });
+        let registry = plane.registry();
         registry.set_reloader(reloader);
-        if let Some(incoming) = &incoming {
-            // `migtun status` lists the incoming migrations with the outgoing ones.
-            registry.set_incoming(incoming.clone());
-        }
-        let outgoing = match (qemu, journal) {
-            (Some(q), Some(journal)) => Some(Arc::new(Outgoing { agent: handle.clone(), run_dir: q.run_dir, journal })),
-            _ => None,
-        };
-        if let Some(out) = &outgoing {
-            // Unfinished outgoing migrations: rolled back, or settled with the destination.
-            migtun_control::recovery::recover(out.clone(), registry.clone());
-        }
         if let Some(path) = admin_path {
             // Bound before the agent runs: a failure stops the start-up, and systemd hears
             // READY=1 (from `run`) only once this socket accepts connections too. A live socket
@@ -102,7 +111,7 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
                 }
                 Err(e) => return Err(e).with_context(|| format!("`admin`: cannot listen on {}", path.display())),
             };
-            let starter = starter(outgoing);
+            let starter = plane.starter();
             let stop = shutdown.clone();
             tokio::spawn(async move {
                 let listener = match first {
@@ -128,8 +137,42 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
             });
         }
         agent.run(shutdown).await?;
-        Ok(())
+        let failed = failed_take_over.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     })
+}
+
+/// Waits for the journal the agent this one replaces holds while it drains, then starts the
+/// control plane's journal side. If it never comes (that agent is stuck), this agent drains
+/// and exits with the reason.
+async fn take_over(
+    plane: Arc<ControlPlane>,
+    dir: std::path::PathBuf,
+    shutdown: CancellationToken,
+    failed: Arc<std::sync::Mutex<Option<migtun_control::journal::JournalError>>>,
+) {
+    let waited = handover::take(&dir, |why| {
+        tracing::info!(state_dir = %dir.display(), "{why}");
+        plane.waiting(why);
+    });
+    let taken = tokio::select! {
+        taken = waited => taken,
+        _ = shutdown.cancelled() => return,
+    };
+    match taken {
+        Ok(journal) => {
+            tracing::info!(state_dir = %dir.display(), "journal taken over: migrations are served");
+            plane.start(Arc::new(journal)).await;
+        }
+        Err(e) => {
+            tracing::error!(state_dir = %dir.display(), error = %e, "cannot take the journal over; stopping");
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            shutdown.cancel();
+        }
+    }
 }
 
 /// How often a new agent tries to take the admin socket from the agent draining there.
@@ -160,24 +203,6 @@ fn raise_fd_limit() {
         limit = raised;
     }
     tracing::info!(soft = limit.rlim_cur, hard = limit.rlim_max, was = before, "open-files limit (RLIMIT_NOFILE)");
-}
-
-/// Runs migrations submitted on the admin socket (the source side).
-fn starter(outgoing: Option<Arc<Outgoing>>) -> Starter {
-    Arc::new(move |args: MigrateArgs, tracked| {
-        let outgoing = outgoing.clone();
-        Box::pin(async move {
-            let Some(out) = outgoing else {
-                tracked.report(Report::done(
-                    OutcomeKind::Refused,
-                    "this agent has no [qemu] run_dir configured; it cannot run migrations".into(),
-                    Totals::default(),
-                ));
-                return;
-            };
-            driver::run(out, args, tracked).await
-        })
-    })
 }
 
 /// Re-reads the config file at `path` (and the `[tls]` files it names) and applies it to the

@@ -76,6 +76,9 @@ struct Prepared {
     started: std::time::Instant,
 }
 
+/// Gives the destination side, or the refusal to answer with while there is none yet.
+pub type IncomingGetter = Arc<dyn Fn() -> Result<Arc<Incoming>, MethodError> + Send + Sync>;
+
 /// What peers may make this host hold at once (`[qemu] max_incoming`, `max_incoming_per_peer`,
 /// `max_upload_bytes`).
 #[derive(Clone, Copy, Debug)]
@@ -320,11 +323,20 @@ impl Incoming {
 
     /// Adds `prepare`, `finish` and the side-channel upload to `router`.
     pub fn register(self: &Arc<Self>, router: Router) -> Router {
-        let (p, f, u) = (self.clone(), self.clone(), self.clone());
+        let this = self.clone();
+        Incoming::register_late(router, Arc::new(move || Ok(this.clone())))
+    }
+
+    /// [`Incoming::register`] for a destination side that may not exist yet (the journal is
+    /// still held by the agent this one replaces): each request asks `get` for it, and gets
+    /// `get`'s refusal meanwhile.
+    pub fn register_late(router: Router, get: IncomingGetter) -> Router {
+        let (p, f, u) = (get.clone(), get.clone(), get);
         router
             .method("prepare", move |session, args| {
-                let this = p.clone();
+                let get = p.clone();
                 async move {
+                    let this = get()?;
                     let source = session.peer.name().to_string();
                     let cookie: Cookie = serde_json::from_value(args).map_err(|e| {
                         warn!(%source, error = %e, "refused a prepare: the cookie does not parse");
@@ -343,16 +355,17 @@ impl Incoming {
                 }
             })
             .method("finish", move |session, args| {
-                let this = f.clone();
+                let get = f.clone();
                 async move {
+                    let this = get()?;
                     let req: FinishRequest = serde_json::from_value(args).map_err(|e| MethodError::bad_request(format!("finish: {e}")))?;
                     let reply = this.finish(&session, req).await?;
                     Ok(serde_json::to_value(reply).unwrap_or_default())
                 }
             })
             .upload(move |session, header, upload| {
-                let this = u.clone();
-                async move { this.receive_file(&session, header, upload).await }
+                let get = u.clone();
+                async move { get()?.receive_file(&session, header, upload).await }
             })
     }
 
