@@ -331,13 +331,9 @@ fn bad_tls_crl_is_a_config_error_naming_the_key() {
     assert_eq!(c.tls.crl_path.as_deref(), Some(own.as_path()));
 }
 
-/// GET /metrics over plain HTTP/1.1.
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
+/// GET /metrics over plain HTTP/1.1 (the agent must answer).
+async fn metrics_of(addr: std::net::SocketAddr) -> String {
+    scrape(addr).await.expect("the metrics endpoint answers 200")
 }
 
 fn not_after_of(pem: &Path) -> i64 {
@@ -353,7 +349,7 @@ async fn expiry_metrics_on_the_metrics_endpoint() {
     let pki = Pki::new();
     let not_after = short_lived(&pki.pki(), "host-b");
     let pair = start_pair(pki, "", "", true).await;
-    let text = scrape(pair.b.metrics_addr.expect("metrics address")).await;
+    let text = metrics_of(pair.b.metrics_addr.expect("metrics address")).await;
     let value = |which: &str| {
         migtun_proxy::metrics::sum_samples(&text, "migtun_certificate_not_after_seconds", &[("which", which)])
     };
@@ -361,7 +357,7 @@ async fn expiry_metrics_on_the_metrics_endpoint() {
     assert_eq!(value("leaf"), not_after_of(&pair.pki.pki().join("host-b.pem")) as f64);
     assert_eq!(value("ca"), not_after_of(&pair.pki.pki().join("ca.pem")) as f64, "{text}");
     assert!(value("ca") > value("leaf"));
-    let text = scrape(pair.a.metrics_addr.expect("metrics address")).await;
+    let text = metrics_of(pair.a.metrics_addr.expect("metrics address")).await;
     assert_eq!(
         migtun_proxy::metrics::sum_samples(&text, "migtun_certificate_not_after_seconds", &[("which", "leaf")]),
         not_after_of(&pair.pki.pki().join("host-a.pem")) as f64

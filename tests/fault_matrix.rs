@@ -122,12 +122,6 @@ fn ci_selection(all: Vec<Cell>) -> Vec<Cell> {
     cells
 }
 
-fn settings(mon: &Monitor) -> (Value, Value) {
-    let caps = mon.cmd("query-migrate-capabilities", Value::Null).unwrap();
-    let params = mon.cmd("query-migrate-parameters", Value::Null).unwrap();
-    (caps, params["max-bandwidth"].clone())
-}
-
 fn status(mon: &Monitor) -> String {
     mon.cmd("query-status", Value::Null).unwrap()["status"].as_str().unwrap_or_default().to_string()
 }
@@ -171,22 +165,6 @@ fn reach(point: Point, mon: &Monitor, events: &mut tokio::sync::broadcast::Recei
         }
         Point::Finish => mon.wait_event(events, "MIGRATION", |d| d["status"] == "completed", Duration::from_secs(120)).is_ok(),
     }
-}
-
-/// Kills the CLI if it does not end within `secs`, so that a hang fails the cell.
-fn watchdog(pid: i32, secs: u64) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if !pid_alive(pid) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        eprintln!("watchdog: the migration did not end within {secs} s; killing the CLI");
-        // SAFETY: kill(2) on the pid of our own child; no memory is involved.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    })
 }
 
 /// The journal records left on a host (`state-<host>/<side>/*.json`).
@@ -237,7 +215,7 @@ fn attempt_cell(qemu: &std::path::Path, cell: Cell) -> bool {
         return false;
     }
     eprintln!("{name}: at {:?} (source QEMU migration {}); injecting", cell.point, mon.cmd("query-migrate", Value::Null).unwrap()["status"]);
-    let guard = watchdog(m.pid(), 240);
+    let guard = m.watchdog(240);
     let outcome = match cell.fault {
         Fault::KillSourceAgent => {
             hosts.kill_agent(0);
@@ -301,7 +279,7 @@ fn attempt_cell(qemu: &std::path::Path, cell: Cell) -> bool {
             } else {
                 assert_eq!(now, original, "{name}: the source is back in its run state\n{}", hosts.logs());
             }
-            source_has_nothing_left(&mon, &before);
+            source_has_nothing_left(&mon, &before, Duration::from_secs(30), || hosts.logs());
             wait_exit(|| pid_alive(dest_pid), "the destination QEMU exits after a failure");
             wait_empty(&hosts, &hosts.path("run-host-b"));
             drop(mon);
@@ -370,28 +348,6 @@ fn wait_empty(hosts: &Hosts, dir: &std::path::Path) {
         assert!(Instant::now() < deadline, "{} is not emptied:\n{}", dir.display(), hosts.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Nothing of a migration is left in the source QEMU.
-fn source_has_nothing_left(mon: &Monitor, before: &(Value, Value)) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let jobs = mon.cmd("query-block-jobs", Value::Null).unwrap();
-        let nodes = mon.cmd("query-named-block-nodes", json!({"flat": true})).unwrap();
-        let ours: Vec<Value> = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["node-name"].as_str().is_some_and(|s| s.starts_with("mt")))
-            .map(|n| n["node-name"].clone())
-            .collect();
-        if jobs.as_array().is_some_and(|j| j.is_empty()) && ours.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "left in the source QEMU: jobs {jobs}, nodes {ours:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(&settings(mon), before, "migration capabilities and max-bandwidth are restored");
 }
 
 /// The cells of this run, two at a time (2 cores: two migrations with their four QEMUs).

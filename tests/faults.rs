@@ -28,35 +28,6 @@ fn opts(name: &'static str, running: bool, ram_mib: u64, raw_mib: u64) -> GuestO
     GuestOpts { name, running, ram_mib, raw_mib }
 }
 
-/// What the rollback must restore in the source QEMU.
-fn settings(mon: &Monitor) -> (Value, Value) {
-    let caps = mon.cmd("query-migrate-capabilities", Value::Null).unwrap();
-    let params = mon.cmd("query-migrate-parameters", Value::Null).unwrap();
-    (caps, params["max-bandwidth"].clone())
-}
-
-/// Nothing of a migration is left in the source QEMU.
-fn source_has_nothing_left(mon: &Monitor, before: &(Value, Value)) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let jobs = mon.cmd("query-block-jobs", Value::Null).unwrap();
-        let nodes = mon.cmd("query-named-block-nodes", json!({"flat": true})).unwrap();
-        let ours: Vec<Value> = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["node-name"].as_str().is_some_and(|s| s.starts_with("mt")))
-            .map(|n| n["node-name"].clone())
-            .collect();
-        if jobs.as_array().is_some_and(|j| j.is_empty()) && ours.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "left in the source QEMU: jobs {jobs}, nodes {ours:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(&settings(mon), before, "migration capabilities and max-bandwidth are restored");
-}
-
 /// No destination QEMU of this migration runs and the destination's run directory is empty.
 fn destination_has_nothing_left(hosts: &Hosts, dest_pid: Option<i32>) {
     if let Some(pid) = dest_pid {
@@ -119,24 +90,6 @@ fn wait_migration(mon: &Monitor, want: &str) -> String {
     }
 }
 
-/// Kills the CLI if the migration does not end within `secs`, so that a hanging agent fails
-/// the test instead of hanging it.
-fn watchdog(m: &Running, secs: u64) -> std::thread::JoinHandle<()> {
-    let pid = m.pid();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if !pid_alive(pid) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        eprintln!("watchdog: the migration did not end within {secs} s; killing the CLI");
-        // SAFETY: kill(2) on the pid of our own child; no memory is involved.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    })
-}
-
 /// CPU time (user + system, in clock ticks) a process has used.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -148,7 +101,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// The outcome of a migration whose source QEMU was killed: one message, saying the guest runs
 /// nowhere, and the agent idle afterwards (no spin on the closed QMP connection).
 fn assert_source_death_reported(hosts: &Hosts, m: &mut Running, dest_pid: i32) {
-    let guard = watchdog(m, 90);
+    let guard = m.watchdog(90);
     let (ok, stderr) = m.finish();
     guard.join().unwrap();
     let done = m.done();
@@ -240,7 +193,7 @@ fn paused_guest_fails_late_then_migrates(name: &'static str, fault: LateFault) {
         LateFault::Cancel => unsafe { libc::kill(m.pid(), libc::SIGINT) },
         LateFault::KillDestinationQemu => unsafe { libc::kill(dest_pid, libc::SIGKILL) },
     };
-    let guard = watchdog(&m, 90);
+    let guard = m.watchdog(90);
     let (ok, _) = m.finish();
     guard.join().unwrap();
     let done = m.done();
@@ -255,7 +208,7 @@ fn paused_guest_fails_late_then_migrates(name: &'static str, fault: LateFault) {
     assert_eq!(status(&mon), original, "the source is back in its run state: {done}");
     let message = done["message"].as_str().unwrap_or_default();
     assert!(message.contains("paused on the source"), "the report names the run state truthfully: {message}");
-    source_has_nothing_left(&mon, &before);
+    source_has_nothing_left(&mon, &before, Duration::from_secs(20), || hosts.logs());
     destination_has_nothing_left(&hosts, Some(dest_pid));
 
     // The same guest migrates now, byte-exact.
@@ -312,7 +265,7 @@ fn stall_at_pre_switchover(qemu: &std::path::Path) -> bool {
     let before = settings(&mon);
     let mut events = mon.subscribe();
     let mut m = spawn_migrate(&hosts, &guest, &["--max-bandwidth", SLOW]);
-    let guard = watchdog(&m, 150);
+    let guard = m.watchdog(150);
     let dest_pid = read_pidfile(&hosts.path("run-host-b").join(m.id_when_accepted()).join("qemu.pid"));
     mon.wait_event(&mut events, "MIGRATION", |d| d["status"] == "pre-switchover", Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("no pre-switchover: {e}\n{}", hosts.logs()));
@@ -356,7 +309,7 @@ fn stall_at_pre_switchover(qemu: &std::path::Path) -> bool {
     assert_eq!(done["outcome"], "failed", "{done}");
     assert!(done["message"].as_str().unwrap_or_default().contains("runs on the source"), "{done}");
     assert!(mon.running(), "the guest runs on the source");
-    source_has_nothing_left(&mon, &before);
+    source_has_nothing_left(&mon, &before, Duration::from_secs(20), || hosts.logs());
     // After SIGCONT the destination finds its migration abandoned and cleans up.
     destination_has_nothing_left(&hosts, Some(dest_pid));
     true

@@ -29,15 +29,7 @@ fn notifications(socket: &UnixDatagram, seen: &mut Vec<String>) -> Vec<String> {
 
 /// `migtun migrate` on host-b's admin socket, moving `guest` to host-a: (success, output).
 fn migrate_from_b(hosts: &Hosts, guest: &Guest) -> (bool, String) {
-    let out = Command::new(MIGTUN)
-        .arg("migrate")
-        .arg("--admin")
-        .arg(hosts.path("host-b.admin"))
-        .arg("--qmp")
-        .arg(&guest.qmp)
-        .args(["--to", "host-a"])
-        .output()
-        .unwrap();
+    let out = migrate_command(hosts, "host-b", guest, "host-a").output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 

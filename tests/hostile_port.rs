@@ -82,14 +82,7 @@ impl ServeProcess {
     }
 
     async fn try_metrics(&self) -> Option<String> {
-        let fetch = async {
-            let mut s = TcpStream::connect(self.metrics).await.ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).await.ok()?;
-            body.starts_with("HTTP/1.1 200").then_some(body)
-        };
-        tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
+        scrape(self.metrics).await
     }
 
     async fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {

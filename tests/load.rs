@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::{Rng, RngCore, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 const MIGTUN: &str = env!("CARGO_BIN_EXE_migtun");
@@ -95,14 +95,7 @@ impl ServeProcess {
     }
 
     async fn try_metrics(&self) -> Option<String> {
-        let fetch = async {
-            let mut s = TcpStream::connect(self.metrics).await.ok()?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).await.ok()?;
-            body.starts_with("HTTP/1.1 200").then_some(body)
-        };
-        tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
+        scrape(self.metrics).await
     }
 
     async fn sample(&self, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -7,10 +7,7 @@
 
 mod vm;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use vm::*;
 
@@ -44,49 +41,16 @@ fn is_root() -> bool {
 /// Two agents (host-b with `run_as = "nobody"`) started by setpriv with only `caps` in their
 /// bounding set, no inheritable capabilities and no_new_privs.
 fn start_hosts(setpriv: &Path, caps: &[String]) -> Hosts {
-    let dir = tempfile::Builder::new().prefix("mt-caps-").tempdir_in("/dev/shm").unwrap();
-    // QEMU, as nobody, must reach its migration's directory under run-host-b.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    let pki = dir.path().join("pki");
-    run(Command::new(MIGTUN).args(["certs", "init", "--dir"]).arg(&pki));
-    for h in ["host-a", "host-b"] {
-        run(Command::new(MIGTUN).args(["certs", "issue", "--dir"]).arg(&pki).args(["--name", h]));
-    }
-    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let (pa, pb) = (port(), port());
-    let metrics = [port(), port()];
-    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/prepare-hook");
     let bounding = format!("-all,{}", caps.iter().map(|c| format!("+{c}")).collect::<Vec<_>>().join(","));
-    let mut agents = Procs(Vec::new());
-    for (i, (name, me, other, peer)) in [("host-a", pa, pb, "host-b"), ("host-b", pb, pa, "host-a")].into_iter().enumerate() {
-        let run_as = if name == "host-b" { "run_as = \"nobody\"\n" } else { "" };
-        let config = format!(
-            "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"tls\"\n\n[qemu]\nrun_dir = \"{d}/run-{name}\"\nstate_dir = \"{d}/state-{name}\"\nimage_dir = \"{d}/images-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n{run_as}",
-            m = metrics[i],
-            d = dir.path().display(),
-            p = pki.display(),
-            h = hook.display(),
-        );
-        let path = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-        agents.0.push(
-            Command::new(setpriv)
-                .args(["--bounding-set", &bounding, "--inh-caps=-all", "--no-new-privs", MIGTUN, "serve", "--config"])
-                .arg(&path)
-                .stderr(log)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
-    let hosts = Hosts { dir, agents, metrics };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(hosts.path("host-a.admin").exists() && hosts.path("host-b.admin").exists()) {
-        assert!(Instant::now() < deadline, "agents did not start:\n{}", hosts.logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    hosts
+    let args = ["--bounding-set", &bounding, "--inh-caps=-all", "--no-new-privs"].map(String::from).to_vec();
+    Hosts::start_spec(&HostsSpec {
+        prefix: "mt-caps-",
+        // QEMU, as nobody, must reach its migration's directory under run-host-b.
+        dir_mode: Some(0o711),
+        qemu_extra: ["", "run_as = \"nobody\"\n"],
+        launcher: Some((setpriv.to_path_buf(), args)),
+        ..HostsSpec::default()
+    })
 }
 
 /// The effective capabilities of a process (CapEff, hex).

@@ -6,7 +6,7 @@ mod vm;
 
 use std::io::Read;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use vm::*;
 
@@ -135,13 +135,8 @@ fn progress_fits_an_80_column_terminal() {
     let (mut master, slave) = openpty(COLUMNS as u16);
     let out = || Stdio::from(slave.try_clone().unwrap());
     // RAM at 40 MB/s: several seconds of redraws.
-    let mut child = Command::new(MIGTUN)
-        .arg("migrate")
-        .arg("--admin")
-        .arg(hosts.path("host-a.admin"))
-        .arg("--qmp")
-        .arg(&guest.qmp)
-        .args(["--to", "host-b", "--max-bandwidth", "40000000"])
+    let mut child = migrate_command(&hosts, "host-a", &guest, "host-b")
+        .args(["--max-bandwidth", "40000000"])
         .env("TERM", "xterm-256color")
         .env("COLUMNS", COLUMNS.to_string())
         .stdin(Stdio::null())

@@ -175,11 +175,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
     let (answer, sent) = send_and_hash(pair.connect("in.sock").await, 12345, 1).await;
     assert_eq!(answer, sent);
     let addr = pair.a.metrics_addr.expect("metrics address");
-    let mut http = tokio::net::TcpStream::connect(addr).await.unwrap();
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    http.read_to_string(&mut body).await.unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let body = scrape(addr).await.expect("the metrics endpoint answers 200");
     for needle in [
         "migtun_build_info{version=",
         "migtun_bytes_total{peer=\"host-b\",route=\"bulk\",direction=\"tx\"} 12345",

@@ -474,35 +474,6 @@ impl Socket {
 // ---------------------------------------------------------------------------------------------
 // Checks shared by the tests.
 
-/// What the rollback must restore in the source QEMU (as in tests/faults.rs).
-fn settings(mon: &Monitor) -> (Value, Value) {
-    let caps = mon.cmd("query-migrate-capabilities", Value::Null).unwrap();
-    let params = mon.cmd("query-migrate-parameters", Value::Null).unwrap();
-    (caps, params["max-bandwidth"].clone())
-}
-
-/// Nothing of a migration is left in the source QEMU (as in tests/faults.rs).
-fn source_has_nothing_left(th: &TwoHosts, mon: &Monitor, before: &(Value, Value)) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let jobs = mon.cmd("query-block-jobs", Value::Null).unwrap();
-        let nodes = mon.cmd("query-named-block-nodes", json!({"flat": true})).unwrap();
-        let ours: Vec<Value> = nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["node-name"].as_str().is_some_and(|s| s.starts_with("mt")))
-            .map(|n| n["node-name"].clone())
-            .collect();
-        if jobs.as_array().is_some_and(|j| j.is_empty()) && ours.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "left in the source QEMU: jobs {jobs}, nodes {ours:?}\n{}", th.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(&settings(mon), before, "migration capabilities and max-bandwidth are restored");
-}
-
 /// Nothing of the migration is left in the source agent: no route, no migration directory.
 fn source_agent_has_nothing_left(th: &TwoHosts) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -562,24 +533,6 @@ fn throttle_mirrors(mon: &Monitor, m: &Running, count: usize, speed: u64) -> Vec
         std::thread::sleep(Duration::from_millis(2));
     }
     throttled
-}
-
-/// Kills the CLI if the migration does not end within `secs` (a hanging agent fails the test
-/// instead of hanging it).
-fn watchdog(m: &Running, secs: u64) -> std::thread::JoinHandle<()> {
-    let pid = m.pid();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if !pid_alive(pid) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        eprintln!("watchdog: the migration did not end within {secs} s; killing the CLI");
-        // SAFETY: kill(2) on the pid of our own child; no memory is involved.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    })
 }
 
 fn assert_succeeded(th: &TwoHosts, ok: bool, events: &[Value]) {
@@ -731,7 +684,7 @@ fn migrates_through_the_one_port(transport: &str, name: &'static str) {
     let th = TwoHosts::start(&t, transport);
     let mut guest = th.guest(&t, &GuestOpts { name, running: false, ram_mib: 128, raw_mib: 128 });
     let mut m = spawn_migrate(&th, &guest, &[]);
-    let guard = watchdog(&m, 120);
+    let guard = m.watchdog(120);
     check_destination_is_reachable_only_through_the_port(&th, &guest, &mut m, transport == "tls");
     let (ok, _) = m.finish();
     guard.join().unwrap();
@@ -781,7 +734,7 @@ fn link_cut_rolls_back_then_migrates(name: &'static str, phase: Phase, side: usi
     let mon = Monitor::connect(&guest.monitor);
     let before = settings(&mon);
     let mut m = spawn_migrate(&th, &guest, &["--max-bandwidth", SLOW]);
-    let guard = watchdog(&m, 120);
+    let guard = m.watchdog(120);
     match phase {
         Phase::Mirror => {
             // 20 MB/s: the 256 MiB disk takes over ten seconds to mirror.
@@ -819,7 +772,7 @@ fn link_cut_rolls_back_then_migrates(name: &'static str, phase: Phase, side: usi
     assert!(message.contains("runs on the source"), "the report says where the guest runs: {message}");
     // With the link still down: the source as it was, the destination cleaned up by itself.
     assert!(mon.running(), "the guest runs on the source again");
-    source_has_nothing_left(&th, &mon, &before);
+    source_has_nothing_left(&mon, &before, Duration::from_secs(20), || th.logs());
     source_agent_has_nothing_left(&th);
     destination_has_nothing_left(&th, dest_pid, 40);
     eprintln!("both sides clean {:?} after the cut", cut.elapsed());
@@ -863,7 +816,7 @@ fn four_concurrent_migrations_with_storage_between_two_agents() {
     let monitors: Vec<Monitor> = guests.iter().map(|g| Monitor::connect(&g.monitor)).collect();
     // All four held in RAM at 2 MB/s (a minute for 128 MiB) until the test lets them go.
     let mut runs: Vec<Running> = guests.iter().map(|g| spawn_migrate(&th, g, &["--max-bandwidth", "2000000"])).collect();
-    let guards: Vec<_> = runs.iter().map(|m| watchdog(m, 150)).collect();
+    let guards: Vec<_> = runs.iter().map(|m| m.watchdog(150)).collect();
     for m in &mut runs {
         m.wait_for("RAM progress", |e| e["event"] == "progress" && e["stage"] == "ram");
     }

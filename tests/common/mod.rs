@@ -409,3 +409,16 @@ pub fn raw_client_config(pki: &Path, identity: Option<(String, String)>) -> rust
     config.alpn_protocols = vec![migtun_proxy::tls::ALPN_DATA.to_vec()];
     config
 }
+
+/// `GET /metrics` on an agent's metrics endpoint, the whole HTTP/1.1 response (status line
+/// first); `None` if it does not answer 200 within 5 s.
+pub async fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.starts_with("HTTP/1.1 200").then_some(body)
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch).await.ok().flatten()
+}

@@ -124,7 +124,16 @@ impl Hosts {
     /// Agents whose peers use `transport` for data streams, each with a metrics endpoint
     /// (`metrics_addr`).
     pub fn start_with(hook: &Path, transport: &str) -> Hosts {
-        let dir = tempfile::Builder::new().prefix("mt-").tempdir_in("/dev/shm").unwrap();
+        Hosts::start_spec(&HostsSpec { hook, transport, ..HostsSpec::default() })
+    }
+
+    /// Two agents as `spec` says, started and answering on their admin sockets.
+    pub fn start_spec(spec: &HostsSpec) -> Hosts {
+        let dir = tempfile::Builder::new().prefix(spec.prefix).tempdir_in("/dev/shm").unwrap();
+        if let Some(mode) = spec.dir_mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
         let pki = dir.path().join("pki");
         run(Command::new(MIGTUN).args(["certs", "init", "--dir"]).arg(&pki));
         for h in ["host-a", "host-b"] {
@@ -137,19 +146,27 @@ impl Hosts {
         for (i, (name, me, other, peer)) in [("host-a", pa, pb, "host-b"), ("host-b", pb, pa, "host-a")].into_iter().enumerate() {
             let run_dir = dir.path().join(format!("run-{name}"));
             let config = format!(
-                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"{transport}\"\n\n[qemu]\nrun_dir = \"{r}\"\nstate_dir = \"{d}/state-{name}\"\nimage_dir = \"{d}/images-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n",
+                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\nmetrics = \"{m}\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\ntransport = \"{t}\"\n\n[qemu]\nrun_dir = \"{r}\"\nstate_dir = \"{d}/state-{name}\"\nimage_dir = \"{d}/images-{name}\"\nprepare_hook = \"{h}\"\nshared_storage = [\"{d}\"]\nallow_sources = [\"{peer}\"]\n{extra}",
                 m = metrics[i],
                 d = dir.path().display(),
                 p = pki.display(),
                 r = run_dir.display(),
-                h = hook.display(),
+                h = spec.hook.display(),
+                t = spec.transport,
+                extra = spec.qemu_extra[i],
             );
             let path = dir.path().join(format!("{name}.toml"));
             std::fs::write(&path, config).unwrap();
             let log = std::fs::File::create(dir.path().join(format!("{name}.log"))).unwrap();
-            agents.0.push(
-                Command::new(MIGTUN).args(["serve", "--config"]).arg(&path).stderr(log).stdout(Stdio::null()).spawn().unwrap(),
-            );
+            let mut cmd = match &spec.launcher {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(MIGTUN);
+                    c
+                }
+                None => Command::new(MIGTUN),
+            };
+            agents.0.push(cmd.args(["serve", "--config"]).arg(&path).stderr(log).stdout(Stdio::null()).spawn().unwrap());
         }
         let hosts = Hosts { dir, agents, metrics };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -170,6 +187,33 @@ impl Hosts {
             .iter()
             .map(|h| format!("--- {h}\n{}", std::fs::read_to_string(self.path(&format!("{h}.log"))).unwrap_or_default()))
             .collect()
+    }
+}
+
+/// How [`Hosts::start_spec`] sets up the two agents.
+pub struct HostsSpec<'a> {
+    pub hook: &'a Path,
+    pub transport: &'a str,
+    /// Prefix of the temporary directory under /dev/shm.
+    pub prefix: &'a str,
+    /// Its mode, when others (QEMU as another user) must get through it.
+    pub dir_mode: Option<u32>,
+    /// Lines appended to `[qemu]` of host-a and host-b.
+    pub qemu_extra: [&'a str; 2],
+    /// A program (and its arguments) the agents run under, `migtun serve` after them.
+    pub launcher: Option<(PathBuf, Vec<String>)>,
+}
+
+impl Default for HostsSpec<'_> {
+    fn default() -> Self {
+        HostsSpec {
+            hook: Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/prepare-hook")),
+            transport: "tls",
+            prefix: "mt-",
+            dir_mode: None,
+            qemu_extra: ["", ""],
+            launcher: None,
+        }
     }
 }
 
@@ -335,15 +379,17 @@ pub struct Running {
     pub stderr: PathBuf,
 }
 
+/// `migtun migrate` on `from`'s admin socket, moving `guest` to `to`.
+pub fn migrate_command(hosts: &Hosts, from: &str, guest: &Guest, to: &str) -> Command {
+    let mut cmd = Command::new(MIGTUN);
+    cmd.arg("migrate").arg("--admin").arg(hosts.path(&format!("{from}.admin"))).arg("--qmp").arg(&guest.qmp).args(["--to", to]);
+    cmd
+}
+
 pub fn spawn_migrate(hosts: &Hosts, guest: &Guest, extra: &[&str]) -> Running {
     let stderr = guest.qmp.with_extension("cli.log");
-    let mut child = Command::new(MIGTUN)
-        .arg("migrate")
-        .arg("--admin")
-        .arg(hosts.path("host-a.admin"))
-        .arg("--qmp")
-        .arg(&guest.qmp)
-        .args(["--to", "host-b", "--json"])
+    let mut child = migrate_command(hosts, "host-a", guest, "host-b")
+        .arg("--json")
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&stderr).unwrap())
@@ -394,21 +440,19 @@ impl Running {
         (status.success(), std::fs::read_to_string(&self.stderr).unwrap_or_default())
     }
 
+    /// Kills the CLI if the migration does not end within `secs`, so that a hanging agent
+    /// fails the test instead of hanging it.
+    pub fn watchdog(&self, secs: u64) -> std::thread::JoinHandle<()> {
+        watchdog(self.pid(), secs)
+    }
+
     pub fn done(&self) -> serde_json::Value {
         self.events.iter().rev().find(|e| e["event"] == "done").cloned().unwrap_or_default()
     }
 }
 
 pub fn migrate(hosts: &Hosts, guest: &Guest, extra: &[&str]) -> (bool, Vec<serde_json::Value>) {
-    let out = Command::new(MIGTUN)
-        .arg("migrate")
-        .arg("--admin")
-        .arg(hosts.path("host-a.admin"))
-        .arg("--qmp")
-        .arg(&guest.qmp)
-        .args(["--to", "host-b", "--json"])
-        .args(extra)
-        .output()
+    let out = migrate_command(hosts, "host-a", guest, "host-b").arg("--json").args(extra).output()
         .unwrap();
     let events = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     if !out.status.success() {
@@ -570,4 +614,51 @@ impl Hosts {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// What a rollback must restore in the source QEMU: its migration capabilities and the
+/// max-bandwidth parameter (the ones a migration changes).
+pub fn settings(mon: &Monitor) -> (serde_json::Value, serde_json::Value) {
+    let caps = mon.cmd("query-migrate-capabilities", serde_json::Value::Null).unwrap();
+    let params = mon.cmd("query-migrate-parameters", serde_json::Value::Null).unwrap();
+    (caps, params["max-bandwidth"].clone())
+}
+
+/// Nothing of a migration is left in the source QEMU within `within`: no block job, no `mt*`
+/// NBD node, and [`settings`] as `before`. `logs` says what the agents did, on failure.
+pub fn source_has_nothing_left(mon: &Monitor, before: &(serde_json::Value, serde_json::Value), within: Duration, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let jobs = mon.cmd("query-block-jobs", serde_json::Value::Null).unwrap();
+        let nodes = mon.cmd("query-named-block-nodes", serde_json::json!({"flat": true})).unwrap();
+        let ours: Vec<serde_json::Value> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["node-name"].as_str().is_some_and(|s| s.starts_with("mt")))
+            .map(|n| n["node-name"].clone())
+            .collect();
+        if jobs.as_array().is_some_and(|j| j.is_empty()) && ours.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left in the source QEMU: jobs {jobs}, nodes {ours:?}\n{}", logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(&settings(mon), before, "migration capabilities and max-bandwidth are restored");
+}
+
+/// Kills process `pid` (a CLI the test started) if it has not ended within `secs`.
+pub fn watchdog(pid: i32, secs: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if !pid_alive(pid) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("watchdog: the migration did not end within {secs} s; killing the CLI");
+        // SAFETY: kill(2) on the pid of the test's own child; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    })
 }
