@@ -470,8 +470,8 @@ fn validate_sockets(sockets: &[String]) -> Result<Vec<String>, TunnelError> {
 }
 
 /// Creates `dir/<name>` (and `dir` if needed), exclusively: a name in use by anything there
-/// (another tunnel, a leftover) is refused, never reused or removed. `dir` itself is the
-/// agent's, 0711 (anyone may pass, nobody else may list or write); `dir/<name>` is created
+/// (another tunnel, a leftover) is refused, never reused or removed. `dir` itself, if the
+/// agent creates it, is the agent's, 0711 (anyone may pass, nobody else may list or write); `dir/<name>` is created
 /// 0700, given to `[tunnels] owner` and `group`, and only then opened up to `[tunnels] mode`,
 /// so that it is never reachable by more than the configured owner and group.
 fn create_dir(config: &TunnelsConfig, name: &str) -> Result<PathBuf, TunnelError> {
