@@ -280,7 +280,7 @@ fn agent_config(pki: &Path, me: &Host, other: &Host, port: u16, other_port: u16)
         "name = \"{me_name}\"\nlisten = \"127.0.0.1:{port}\"\nadmin = \"/run/migtun/admin.sock\"\nmetrics = \"{metrics}\"\n\n\
          [tls]\ncert = \"{p}/{me_name}.pem\"\nkey = \"{p}/{me_name}.key\"\nca = \"{p}/ca.pem\"\n\n\
          [[peer]]\nname = \"{other_name}\"\naddress = \"127.0.0.1:{other_port}\"\n\n\
-         [tunnels]\ndir = \"/run/migtun/tunnels\"\nallow = [\"{other_name}\"]\nowner = \"libvirt-qemu\"\n\n\
+         [tunnels]\ndir = \"/run/migtun/tunnels\"\nallow = [\"{other_name}\"]\nowner = \"libvirt-qemu\"\ngroup = \"kvm\"\n\n\
          [[forward]]\nlisten = \"unix:/run/migtun/{other_name}-libvirt.sock\"\npeer = \"{other_name}\"\nroute = \"libvirt\"\nmode = \"0600\"\n\n\
          {}{}{}{}{}",
         forward("vm-ram", "vm.sock"),

@@ -1,5 +1,7 @@
 //! Forward sockets get the `owner`, `group` and `mode` their config gives them (names or
-//! numeric ids, resolved when the config is validated), also after a reload changes them.
+//! numeric ids, resolved when the config is validated), also after a reload changes them; an
+//! unknown `[tunnels] group` or a bad `[tunnels] mode` is a config error naming its key (the
+//! tunnels' directories themselves: `tests/tunnels.rs`).
 //! Uses the users and groups every Debian system has (`nobody`, `nogroup`, 65534); giving a
 //! file to another user needs root (CI runs as root; elsewhere the test says it is skipped).
 
@@ -52,6 +54,24 @@ fn unknown_users_and_groups_are_config_errors_naming_the_key() {
     assert!(e.problem.contains("unix"), "{e}");
     let c = load(&pki, &config(&pki, addr, &forward(&pki, "a.sock", "owner = \"nobody\"\ngroup = 65534\n"))).unwrap();
     assert_eq!((c.forwards[0].owner.uid, c.forwards[0].owner.gid), (Some(65534), Some(65534)));
+}
+
+#[test]
+fn an_unknown_tunnels_group_or_a_bad_tunnels_mode_is_a_config_error_naming_the_key() {
+    let pki = Pki::new();
+    let addr = "127.0.0.1:7443".parse().unwrap();
+    let tunnels = |extra: &str| format!("\n[tunnels]\ndir = \"{}\"\nowner = \"nobody\"\n{extra}", pki.path("tunnels").display());
+    let e = load(&pki, &config(&pki, addr, &tunnels("group = \"no-such-group-migtun\"\n"))).unwrap_err();
+    assert_eq!(e.key, "tunnels.group", "{e}");
+    assert!(e.problem.contains("no group \"no-such-group-migtun\""), "{e}");
+    for (mode, why) in [("0640", "would lock tunnels.owner out"), ("0777", "any local user"), ("rwx", "not an octal mode")] {
+        let e = load(&pki, &config(&pki, addr, &tunnels(&format!("mode = \"{mode}\"\n")))).unwrap_err();
+        assert_eq!(e.key, "tunnels.mode", "{mode}: {e}");
+        assert!(e.problem.contains(why), "{mode}: {e}");
+    }
+    let c = load(&pki, &config(&pki, addr, &tunnels("group = \"kvm\"\nmode = \"0770\"\n"))).unwrap();
+    let t = c.tunnels.expect("[tunnels]");
+    assert_eq!((t.ownership.uid, t.ownership.gid, t.mode), (Some(65534), Some(gid_of("kvm")), 0o770));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,11 @@ impl Pair {
     /// host-a and host-b; host-b lets host-a open at most `max_open` tunnels, host-a lets no
     /// one open tunnels to it (`allow = []`).
     fn start(max_open: usize) -> Pair {
+        Pair::start_with(max_open, "")
+    }
+
+    /// [`Pair::start`], with `extra` added to both hosts' `[tunnels]`.
+    fn start_with(max_open: usize, extra: &str) -> Pair {
         let dir = tempfile::Builder::new().prefix("mt-tun-").tempdir_in("/dev/shm").unwrap();
         let pki = dir.path().join("pki");
         vm::run(Command::new(MIGTUN).args(["certs", "init", "--dir"]).arg(&pki));
@@ -53,7 +58,7 @@ impl Pair {
         let mut agents = Procs(Vec::new());
         for (name, me, other, peer, allow) in [("host-a", pa, pb, "host-b", "[]".to_string()), ("host-b", pb, pa, "host-a", "[\"host-a\"]".to_string())] {
             let config = format!(
-                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\n\n[tunnels]\ndir = \"{d}/tunnels-{name}\"\nallow = {allow}\nmax_open = {max_open}\n",
+                "name = \"{name}\"\nlisten = \"{me}\"\nadmin = \"{d}/{name}.admin\"\n\n[tls]\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\nca = \"{p}/ca.pem\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{other}\"\n\n[tunnels]\ndir = \"{d}/tunnels-{name}\"\nallow = {allow}\nmax_open = {max_open}\n{extra}",
                 d = dir.path().display(),
                 p = pki.display(),
             );
@@ -169,6 +174,56 @@ fn a_tunnel_carries_bytes_exactly_and_close_removes_it_on_both_hosts() {
     // Closed twice: an error that names the tunnel.
     let (ok, _, err) = pair.tunnel("host-a", &["close", "--name", "vm1"]);
     assert!(!ok && err.contains("no tunnel \"vm1\""), "{err}");
+}
+
+/// The gid of group `name` (getent, so the test does not share the code under test).
+fn gid_of(name: &str) -> u32 {
+    let out = Command::new("getent").args(["group", name]).output().expect("getent");
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    line.split(':').nth(2).and_then(|g| g.trim().parse().ok()).unwrap_or_else(|| panic!("no group {name}: {line:?}"))
+}
+
+/// (uid, gid, permission bits) of `path`, not following a symlink.
+fn stat(path: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.uid(), m.gid(), m.permissions().mode() & 0o7777)
+}
+
+/// `[tunnels] owner`, `group` and `mode`, as for libvirt's `libvirt-qemu:kvm` (here `nobody`
+/// and `kvm`): a tunnel's directory gets them on both hosts, and the sockets the source agent
+/// listens on get the same owner and group with mode 0660 (the destination's are its QEMU's
+/// own). Without `group` and `mode`: the owner's primary group and 0750. `dir` itself stays the
+/// agent's, 0711.
+#[test]
+fn tunnel_directories_and_sockets_get_the_configured_owner_group_and_mode() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run this test as root (chown to another user)");
+        eprintln!("SKIPPED tunnel_directories_and_sockets_get_the_configured_owner_group_and_mode: needs root to give a directory to another user");
+        return;
+    }
+    let (nobody, kvm, nogroup) = (65534, gid_of("kvm"), gid_of("nogroup"));
+    for (extra, dir_ids, mode) in [("owner = \"nobody\"\ngroup = \"kvm\"\nmode = \"0770\"\n", (nobody, kvm), 0o770), ("owner = \"nobody\"\n", (nobody, nogroup), 0o750)] {
+        let pair = Pair::start_with(4, extra);
+        let t = pair.open("vm1", &[]);
+        for host in ["host-a", "host-b"] {
+            let (uid, _, bits) = stat(&pair.tunnels(host));
+            assert_eq!((uid, bits), (0, 0o711), "{host}'s tunnels.dir is the agent's ({extra})");
+            assert_eq!(stat(&pair.tunnels(host).join("vm1")), (dir_ids.0, dir_ids.1, mode), "{host}'s tunnel directory ({extra})");
+        }
+        for socket in ["migration", "nbd"] {
+            assert_eq!(stat(&path_of(&t, "sockets", socket)), (dir_ids.0, dir_ids.1, 0o660), "host-a's {socket} socket ({extra})");
+        }
+        // Still a working tunnel: the destination's QEMU (here: the test) listens in its directory.
+        let listener = UnixListener::bind(path_of(&t, "peer_sockets", "migration")).unwrap();
+        let server = std::thread::spawn(move || exchange(listener.accept().unwrap().0, b"pong".to_vec()));
+        assert_eq!(exchange(UnixStream::connect(path_of(&t, "sockets", "migration")).unwrap(), b"ping".to_vec()), b"pong");
+        assert_eq!(server.join().unwrap(), b"ping");
+        let (ok, _, err) = pair.tunnel("host-a", &["close", "--name", "vm1"]);
+        assert!(ok, "{err}");
+        wait_until("both tunnel directories go", 10, || !pair.tunnels("host-a").join("vm1").exists() && !pair.tunnels("host-b").join("vm1").exists());
+    }
 }
 
 /// The destination grants only what its `[tunnels]` says, and each refusal names why; a

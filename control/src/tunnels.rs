@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use migtun_proxy::agent::{AgentHandle, DynamicForward, ExposeGuard, ForwardGuard};
-use migtun_proxy::config::TunnelsConfig;
+use migtun_proxy::config::{TunnelsConfig, TUNNEL_SOCKET_MODE};
 use migtun_proxy::endpoint::Endpoint;
 use migtun_proxy::routes::ExposeRoute;
 use serde::{Deserialize, Serialize};
@@ -328,7 +328,8 @@ impl Tunnels {
         Ok(info)
     }
 
-    /// The forwards of an outgoing tunnel: `dir/<name>/<socket>.sock`, owned by `[tunnels] owner`.
+    /// The forwards of an outgoing tunnel: `dir/<name>/<socket>.sock`, given to `[tunnels]
+    /// owner` and `group` like their directory.
     async fn listen(&self, config: &TunnelsConfig, to: &str, name: &str, sockets: &[String]) -> Result<(PathBuf, Vec<ForwardGuard>, Vec<TunnelSocket>), TunnelError> {
         let dir = create_dir(config, name)?;
         let mut forwards = Vec::new();
@@ -336,7 +337,7 @@ impl Tunnels {
         for socket in sockets {
             let (route, scope) = route_of(name, socket);
             let path = dir.join(format!("{socket}.sock"));
-            let spec = DynamicForward { listen: Endpoint::Unix(path.clone()), mode: SOCKET_MODE, peer: to.to_string(), route: route.clone(), migration: Some(scope) };
+            let spec = DynamicForward { listen: Endpoint::Unix(path.clone()), mode: TUNNEL_SOCKET_MODE, peer: to.to_string(), route: route.clone(), migration: Some(scope) };
             match self.agent.add_forward(spec).await {
                 Ok(g) => forwards.push(g),
                 Err(e) => {
@@ -345,7 +346,7 @@ impl Tunnels {
                     return Err(TunnelError::Agent { name: name.to_string(), why: e.to_string() });
                 }
             }
-            if let Err(why) = chown_to_owner(config, &path) {
+            if let Err(why) = give_to_owner(config, &path) {
                 drop(forwards);
                 remove_dir(config, &dir);
                 return Err(TunnelError::Path { path: path.display().to_string(), why });
@@ -454,9 +455,6 @@ impl Tunnels {
     }
 }
 
-/// Mode of a tunnel's sockets: owner and group (the QEMU user and its group) may connect.
-const SOCKET_MODE: u32 = 0o660;
-
 fn validate_sockets(sockets: &[String]) -> Result<Vec<String>, TunnelError> {
     let sockets: Vec<String> = if sockets.is_empty() { DEFAULT_SOCKETS.iter().map(|s| s.to_string()).collect() } else { sockets.to_vec() };
     if sockets.len() > MAX_SOCKETS {
@@ -472,32 +470,39 @@ fn validate_sockets(sockets: &[String]) -> Result<Vec<String>, TunnelError> {
 }
 
 /// Creates `dir/<name>` (and `dir` if needed), exclusively: a name in use by anything there
-/// (another tunnel, a leftover) is refused, never reused or removed.
+/// (another tunnel, a leftover) is refused, never reused or removed. `dir` itself, if the
+/// agent creates it, is the agent's, 0711 (anyone may pass, nobody else may list or write); `dir/<name>` is created
+/// 0700, given to `[tunnels] owner` and `group`, and only then opened up to `[tunnels] mode`,
+/// so that it is never reachable by more than the configured owner and group.
 fn create_dir(config: &TunnelsConfig, name: &str) -> Result<PathBuf, TunnelError> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let fail = |p: &Path, e: std::io::Error| TunnelError::Path { path: p.display().to_string(), why: format!("tunnels.dir: {e}") };
     std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&config.dir).map_err(|e| fail(&config.dir, e))?;
     let dir = config.dir.join(name);
-    // Owner rwx, group rx (and the owner's group may enter): the QEMU user binds or connects here.
-    std::fs::DirBuilder::new().mode(0o750).create(&dir).map_err(|e| {
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             TunnelError::Exists { name: name.to_string(), host: format!("this host ({} exists)", dir.display()) }
         } else {
             fail(&dir, e)
         }
     })?;
-    if let Err(why) = chown_to_owner(config, &dir) {
+    // Set explicitly: the mode given to mkdir is cut by the agent's umask.
+    let opened = give_to_owner(config, &dir).and_then(|()| {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(config.mode)).map_err(|e| format!("chmod {:04o} (tunnels.mode): {e}", config.mode))
+    });
+    if let Err(why) = opened {
         let _ = std::fs::remove_dir(&dir);
         return Err(TunnelError::Path { path: dir.display().to_string(), why });
     }
     Ok(dir)
 }
 
-/// Gives `path` to `[tunnels] owner` and its primary group, if one is configured.
-fn chown_to_owner(config: &TunnelsConfig, path: &Path) -> Result<(), String> {
-    let Some(user) = &config.owner else { return Ok(()) };
-    let (uid, gid) = migtun_proxy::config::user_ids(user).map_err(|e| format!("tunnels.owner {user:?}: {e}"))?;
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| format!("chown to tunnels.owner {user:?}: {e}"))
+/// Gives `path` (not following a symlink) to `[tunnels] owner` and `group` (ids resolved when
+/// the config was loaded); with neither, it stays the agent's.
+fn give_to_owner(config: &TunnelsConfig, path: &Path) -> Result<(), String> {
+    let id = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "unchanged".into());
+    let ids = config.ownership;
+    ids.apply(path).map_err(|e| format!("chown to tunnels.owner/tunnels.group (uid {}, gid {}): {e}", id(ids.uid), id(ids.gid)))
 }
 
 /// Removes a tunnel's directory: only a direct child of `[tunnels] dir` that is a real

@@ -157,10 +157,24 @@ pub struct TunnelsConfig {
     pub max_open: usize,
     /// Longest lifetime a tunnel may ask for; it closes then even if nobody closes it.
     pub max_ttl: Duration,
-    /// User that gets tunnel directories and sockets (and its primary group): the QEMU that
-    /// listens or connects there (`libvirt-qemu` under Debian's libvirt). Default: the agent's.
+    /// `owner`: the user (not root) that gets tunnel directories and this host's tunnel sockets:
+    /// the QEMU that listens or connects there (`libvirt-qemu` under Debian's libvirt).
     pub owner: Option<String>,
+    /// What `dir/<name>` and this host's sockets in it are chowned to, resolved when validated:
+    /// `owner`'s uid, and `group`'s gid (a name or numeric id) or else `owner`'s primary group.
+    /// Unset ids stay the agent's.
+    pub ownership: Ownership,
+    /// `mode`: permission bits of each `dir/<name>` (an octal string; the owner keeps rwx).
+    pub mode: u32,
 }
+
+/// Mode of the sockets the agent listens on in a tunnel's directory (the source side): owner
+/// and group (the QEMU user and its group) may connect; the directory's mode decides who reaches them.
+pub const TUNNEL_SOCKET_MODE: u32 = 0o660;
+
+/// Default for `tunnels.mode`: the owner (QEMU) binds its sockets in the directory, its group
+/// may enter and connect, others may not even list it.
+pub const DEFAULT_TUNNEL_DIR_MODE: u32 = 0o750;
 
 /// Default for `tunnels.max_open`: a handful of concurrent migrations per host, with room.
 pub const DEFAULT_TUNNELS_MAX_OPEN: usize = 16;
@@ -453,6 +467,21 @@ impl Config {
                 let _ = writeln!(out, "qemu: not configured (no orchestrated migrations)");
             }
         }
+        match &self.tunnels {
+            Some(t) => {
+                let from = if t.allow.is_empty() { "accepted from no peer (tunnels.allow is empty)".to_string() } else { format!("accepted from {}", t.allow.join(", ")) };
+                let _ = writeln!(out, "tunnels: dir {}, {from}; at most {} open at once, TTL up to {} s", t.dir.display(), t.max_open, t.max_ttl.as_secs());
+                let uid = match (&t.owner, t.ownership.uid) {
+                    (Some(user), Some(uid)) => format!("owner {user} (uid {uid})"),
+                    _ => "the agent's user".to_string(),
+                };
+                let gid = t.ownership.gid.map(|g| format!("gid {g}")).unwrap_or_else(|| "the agent's group".into());
+                let _ = writeln!(out, "  each tunnel's directory: mode {:04o}, {uid}, {gid}; its sockets on the listening side: mode {TUNNEL_SOCKET_MODE:04o}, the same owner and group", t.mode);
+            }
+            None => {
+                let _ = writeln!(out, "tunnels: not configured (migtun tunnel open is refused)");
+            }
+        }
         out
     }
 
@@ -504,7 +533,7 @@ impl Config {
         // The tunnels' limits and directory are read once, when the control plane is built.
         let tunnels = |t: &Option<TunnelsConfig>| match t {
             None => "no [tunnels] section".to_string(),
-            Some(t) => format!("dir {}, allow {:?}, max_open {}, max_ttl_secs {}, owner {:?}", t.dir.display(), t.allow, t.max_open, t.max_ttl.as_secs(), t.owner),
+            Some(t) => format!("dir {}, allow {:?}, max_open {}, max_ttl_secs {}, owner {:?}, ids {:?}, mode {:04o}", t.dir.display(), t.allow, t.max_open, t.max_ttl.as_secs(), t.owner, t.ownership, t.mode),
         };
         differ("tunnels", tunnels(&self.tunnels), tunnels(&new.tunnels));
         out
@@ -581,6 +610,10 @@ struct RawTunnels {
     max_open: Option<i64>,
     max_ttl_secs: Option<i64>,
     owner: Option<String>,
+    /// A group name or a numeric gid.
+    group: Option<toml::Value>,
+    /// A string ("0750"), as a forward's `mode`.
+    mode: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -966,10 +999,19 @@ impl Validator<'_> {
             Some(n) if (1..=MAX_TUNNEL_TTL_SECS as i64).contains(&n) => Duration::from_secs(n as u64),
             Some(n) => return err("tunnels.max_ttl_secs", format!("must be between 1 and {MAX_TUNNEL_TTL_SECS} seconds, got {n}")),
         };
+        let mut ownership = Ownership::default();
         if let Some(user) = &t.owner {
-            check_user(user).or_else(|why| err("tunnels.owner", format!("{user:?}: {why}")))?;
+            let (uid, gid) = user_ids(user).or_else(|why| err("tunnels.owner", format!("{user:?}: {why}")))?;
+            ownership = Ownership { uid: Some(uid), gid: Some(gid) };
         }
-        Ok(TunnelsConfig { dir, allow, max_open, max_ttl, owner: t.owner })
+        if let Some(v) = &t.group {
+            ownership.gid = Some(resolve_id(v, false).or_else(|e| err("tunnels.group", e))?);
+        }
+        let mode = match &t.mode {
+            None => DEFAULT_TUNNEL_DIR_MODE,
+            Some(v) => tunnel_dir_mode(v).or_else(|e| err("tunnels.mode", e))?,
+        };
+        Ok(TunnelsConfig { dir, allow, max_open, max_ttl, owner: t.owner, ownership, mode })
     }
 
     fn qemu(&self, q: RawQemu, peers: &[Peer]) -> Result<QemuConfig, Problem> {
@@ -1542,6 +1584,19 @@ fn parse_mode(v: &toml::Value) -> Result<u32, String> {
         return Err(format!(
             "{s:?}: only permission bits (at most 0777) are allowed"
         ));
+    }
+    Ok(mode)
+}
+
+/// `tunnels.mode`: permission bits that leave the owner rwx (it binds its sockets there) and
+/// others no write (they could replace a socket QEMU listens on).
+fn tunnel_dir_mode(v: &toml::Value) -> Result<u32, String> {
+    let mode = parse_mode(v)?;
+    if mode & 0o700 != 0o700 {
+        return Err(format!("{mode:04o} would lock tunnels.owner out of its directories: the owner needs rwx (0700) to bind its sockets there"));
+    }
+    if mode & 0o002 != 0 {
+        return Err(format!("{mode:04o} lets any local user write in a tunnel's directory (and replace its sockets); drop the others' w"));
     }
     Ok(mode)
 }
@@ -2313,6 +2368,35 @@ max_upload_bytes = 1048576
             "more than qemu.max_incoming (2)",
         );
         assert_key(&pki.err(&qemu("max_upload_bytes = -1")), "qemu.max_upload_bytes", "negative");
+    }
+
+    #[test]
+    fn tunnels_owner_group_and_mode_are_resolved_and_explained() {
+        let pki = Pki::new();
+        let t = |extra: &str| pki.valid(&format!("[tunnels]\ndir = \"/run/migtun/tunnels\"\nallow = [\"host-b\"]\n{extra}"));
+        let c = pki.load(&t("")).unwrap();
+        let d = c.tunnels.as_ref().unwrap();
+        assert_eq!((d.ownership, d.mode), (Ownership::default(), DEFAULT_TUNNEL_DIR_MODE));
+        assert!(c.explain().contains("tunnels: dir /run/migtun/tunnels, accepted from host-b; at most 16 open at once, TTL up to 3600 s"), "{}", c.explain());
+        assert!(c.explain().contains("each tunnel's directory: mode 0750, the agent's user, the agent's group; its sockets on the listening side: mode 0660"), "{}", c.explain());
+        // The owner's primary group unless `group` says otherwise (a name or a numeric id).
+        let c = pki.load(&t("owner = \"nobody\"")).unwrap();
+        assert_eq!(c.tunnels.as_ref().unwrap().ownership, Ownership { uid: Some(65534), gid: Some(65534) });
+        let c = pki.load(&t("owner = \"nobody\"\ngroup = 0\nmode = \"0770\"")).unwrap();
+        let d = c.tunnels.as_ref().unwrap();
+        assert_eq!((d.ownership, d.mode), (Ownership { uid: Some(65534), gid: Some(0) }, 0o770));
+        assert!(c.explain().contains("mode 0770, owner nobody (uid 65534), gid 0;"), "{}", c.explain());
+        let c = pki.load(&t("group = \"root\"")).unwrap();
+        assert_eq!(c.tunnels.as_ref().unwrap().ownership, Ownership { uid: None, gid: Some(0) });
+        assert!(pki.load(&pki.valid("")).unwrap().explain().contains("tunnels: not configured"));
+
+        assert_key(&pki.err(&t("group = \"no-such-group-migtun\"")), "tunnels.group", "no group \"no-such-group-migtun\"");
+        assert_key(&pki.err(&t("group = -1")), "tunnels.group", "not a group id");
+        assert_key(&pki.err(&t("owner = \"root\"")), "tunnels.owner", "unprivileged");
+        for (bad, why) in [("0650", "lock tunnels.owner out"), ("0057", "lock tunnels.owner out"), ("0772", "any local user"), ("0999", "octal"), ("4750", "0777"), ("", "octal")] {
+            assert_key(&pki.err(&t(&format!("mode = \"{bad}\""))), "tunnels.mode", why);
+        }
+        assert_key(&pki.err(&t("mode = 0o750")), "tunnels.mode", "octal string");
     }
 
     #[test]
