@@ -44,11 +44,13 @@ fn a_destination_agent_with_qemu_hands_over_while_the_old_one_drains_a_migration
     let id = m.id_when_accepted();
     let first_dir = hosts.path("run-host-b").join(&id);
     let _dest = PidFile(first_dir.join("qemu.pid"));
-    m.wait_for("the RAM migration", |e| e["step"] == "migrating");
+    // Every stream of the migration is open once RAM moves (the old agent keeps those; a
+    // stream opened during the switch could land on the new agent, which knows none of its routes).
+    m.wait_for("RAM on the move", |e| e["stage"] == "ram" && e["done_bytes"].as_u64().is_some_and(|b| b >= 16 << 20));
 
-    // The old destination agent drains; the new one starts on the same config.
+    // The new destination agent starts on the same config beside the old one, which then
+    // drains (in this order the port never refuses a connection: both listen on it for a while).
     let old_pid = hosts.agent_pid(1);
-    hosts.signal_agent(1, libc::SIGTERM);
     let notify_path = hosts.path("new-b.notify");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_nonblocking(true).unwrap();
@@ -64,11 +66,16 @@ fn a_destination_agent_with_qemu_hands_over_while_the_old_one_drains_a_migration
     let _new = Procs(vec![new]);
     let new_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !notifications(&notify, &mut seen).iter().any(|n| n.contains("starting: waiting for the journal")) {
-        assert!(Instant::now() < deadline, "the new agent never said it waits for the journal: {seen:?}\n{}", new_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let wait_status = |what: &str, seen: &mut Vec<String>| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !notifications(&notify, seen).iter().any(|n| n.contains(what)) {
+            assert!(Instant::now() < deadline, "the new agent never said {what:?}: {seen:?}\n{}", new_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_status(&format!("starting: waiting for the journal, held by the agent this one replaces (pid {old_pid}, serving)"), &mut seen);
+    hosts.signal_agent(1, libc::SIGTERM);
+    wait_status("holds it until it exits", &mut seen);
     assert!(pid_alive(old_pid), "the old agent still drains");
     assert!(seen.iter().all(|n| !n.contains("READY=1")), "no READY=1 while the journal is held: {seen:?}");
     let holder = format!("pid {old_pid}");
@@ -88,7 +95,7 @@ fn a_destination_agent_with_qemu_hands_over_while_the_old_one_drains_a_migration
         assert!(Instant::now() < deadline, "the new agent never took the admin socket:\n{}", new_log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(pid_alive(old_pid), "the old agent still drains (its migration takes 8 s at least)");
+    assert!(pid_alive(old_pid), "the old agent still drains (its migration takes 8 s at least): {:#?}\n{}\n--- new\n{}", m.events, hosts.logs(), new_log());
     let (ok, out) = migrate_from_b(&hosts, &second);
     assert!(!ok && out.contains("host-b is starting") && out.contains(&holder), "{out}");
 
@@ -107,11 +114,7 @@ fn a_destination_agent_with_qemu_hands_over_while_the_old_one_drains_a_migration
     }
 
     // The new agent takes the journal, says READY=1, and serves migrations.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !notifications(&notify, &mut seen).iter().any(|n| n.contains("READY=1")) {
-        assert!(Instant::now() < deadline, "no READY=1 after the old agent exited: {seen:?}\n{}", new_log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_status("READY=1", &mut seen);
     assert!(new_log().contains("journal taken over"), "{}", new_log());
     let (ok, events) = migrate(&hosts, &second, &[]);
     assert!(ok, "a migration to the new agent: {events:?}\n{}", new_log());
@@ -120,8 +123,9 @@ fn a_destination_agent_with_qemu_hands_over_while_the_old_one_drains_a_migration
     assert_eq!(qmp_status(&dir.join("qmp.sock"))["running"], true, "the second guest runs on host-b");
 }
 
-/// Two agents on one config by mistake: the second waits a few seconds for the first to start
-/// draining, then refuses to start, naming the pid that holds the journal; the first serves on.
+/// Two agents on one config by mistake: the second serves beside the first for a few seconds,
+/// waiting for it to start draining, then stops, naming the pid that holds the journal; the
+/// first serves on.
 #[test]
 fn a_second_agent_beside_one_that_serves_is_refused_naming_it() {
     if qemu().is_none() {

@@ -6,7 +6,8 @@ use anyhow::Context;
 use std::sync::Arc;
 
 use migtun_control::admin::{self, Reloader};
-use migtun_control::handover::{self, Taken};
+use migtun_control::handover;
+use migtun_control::journal::{Journal, JournalError};
 use migtun_control::service::ControlPlane;
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
@@ -48,18 +49,15 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signals(term, int, shutdown.clone()));
-        // With [qemu], the journal. The agent this one replaces may hold it while it drains:
-        // then this one serves meanwhile and takes it once that one has exited.
+        // With [qemu], the journal. The agent this one replaces may still hold it (serving, or
+        // draining): this one serves meanwhile and takes it once that one has exited.
         let journal = match &config.qemu {
             None => None,
-            Some(q) => {
-                let dir = q.state_dir.clone();
-                let waited = handover::wait(&dir, true, |why| tracing::warn!(state_dir = %dir.display(), "{why}"));
-                tokio::select! {
-                    taken = waited => Some(taken?),
-                    _ = shutdown.cancelled() => return Ok(()),
-                }
-            }
+            Some(q) => match Journal::open(&q.state_dir) {
+                Ok(journal) => Some(Ok(journal)),
+                Err(JournalError::Locked { holder, .. }) => Some(Err(holder)),
+                Err(e) => return Err(e.into()),
+            },
         };
         let mut agent = Agent::bind(config).await?;
         let handle = agent.handle();
@@ -80,9 +78,9 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         let failed_take_over = Arc::new(std::sync::Mutex::new(None));
         match journal {
             None => {}
-            Some(Taken::Journal(journal)) => plane.start(Arc::new(journal)).await,
-            Some(Taken::Draining(why)) => {
-                plane.waiting(&why);
+            Some(Ok(journal)) => plane.start(Arc::new(journal)).await,
+            Some(Err(holder)) => {
+                plane.waiting(&format!("waiting for the journal, held by the agent this one replaces ({holder})"));
                 let dir = agent.config().qemu.as_ref().map(|q| q.state_dir.clone()).unwrap_or_default();
                 tokio::spawn(take_over(plane.clone(), dir, shutdown.clone(), failed_take_over.clone()));
             }
@@ -152,7 +150,7 @@ async fn take_over(
     plane: Arc<ControlPlane>,
     dir: std::path::PathBuf,
     shutdown: CancellationToken,
-    failed: Arc<std::sync::Mutex<Option<migtun_control::journal::JournalError>>>,
+    failed: Arc<std::sync::Mutex<Option<JournalError>>>,
 ) {
     let waited = handover::take(&dir, |why| {
         tracing::info!(state_dir = %dir.display(), "{why}");

@@ -978,7 +978,16 @@ impl Incoming {
 /// The QEMU a prepare hook started for the migration in `dir`: its pidfile's pid, if that
 /// process's command line names `dir`'s QMP socket.
 fn hook_qemu(dir: &Path) -> Option<Process> {
-    let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
+    hook_qemu_of(dir, pidfile(dir)?)
+}
+
+/// The pid the prepare hook's QEMU wrote into `dir/qemu.pid`.
+fn pidfile(dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()
+}
+
+/// [`hook_qemu`] for a pid already read.
+fn hook_qemu_of(dir: &Path, pid: u32) -> Option<Process> {
     let p = Process::open(ProcessId::of(pid)?)?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let qmp = dir.join("qmp.sock");
@@ -992,8 +1001,8 @@ fn hook_qemu(dir: &Path) -> Option<Process> {
 /// [`EXITED_QEMU_WAIT`]): the same words whether the connect was refused (QEMU was gone) or
 /// dropped (QEMU was going), with its pid and the end of its log. `None` if it still runs.
 async fn exited_qemu(dir: &Path) -> Option<String> {
-    let pid: Option<u32> = std::fs::read_to_string(dir.join("qemu.pid")).ok().and_then(|s| s.trim().parse().ok());
-    if let Some(p) = hook_qemu(dir) {
+    let pid = pidfile(dir);
+    if let Some(p) = pid.and_then(|pid| hook_qemu_of(dir, pid)) {
         if !wait_gone(&p, EXITED_QEMU_WAIT).await {
             return None;
         }

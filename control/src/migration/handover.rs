@@ -9,7 +9,9 @@
 //! - a holder that serves (or did not say): [`DRAIN_START_GRACE`] for it to start draining —
 //!   after that it is a second agent on one `state_dir` by mistake, and this one is refused.
 //!
-//! [`judge`] is that policy, without I/O or a clock; [`wait`] polls the lock with it.
+//! [`judge`] is that policy, without I/O or a clock; [`take`] polls the lock with it. The new
+//! agent serves meanwhile (see `service::ControlPlane`), so starting it *before* stopping the
+//! old one leaves no moment in which the port refuses connections.
 
 use std::path::Path;
 use std::time::Duration;
@@ -33,7 +35,7 @@ pub const RETRY: Duration = Duration::from_millis(200);
 pub enum Verdict {
     /// The holder is leaving: wait (the text says for whom, for the log and `/readyz`).
     Wait(String),
-    /// The holder drains: what [`wait`] stops at when asked to.
+    /// The holder drains: wait for it to exit.
     Draining(String),
     /// Not leaving, or stuck: give up.
     Refuse,
@@ -60,29 +62,19 @@ pub fn judge(holder: Option<&Holder>, now: u64, waited: Duration) -> Verdict {
     }
 }
 
-/// What [`wait`] ended with.
-pub enum Taken {
-    /// The lock is ours.
-    Journal(Journal),
-    /// The holder drains (only when asked to stop there): the agent may serve meanwhile and
-    /// call [`wait`] again for the lock.
-    Draining(String),
-}
-
-/// Takes the journal in `state_dir`, waiting as [`judge`] says; with `stop_at_draining`, returns
-/// as soon as the holder is seen draining. `on_wait` hears each new reason to wait.
-pub async fn wait(state_dir: &Path, stop_at_draining: bool, mut on_wait: impl FnMut(&str)) -> Result<Taken, JournalError> {
+/// Takes the journal in `state_dir`, waiting as [`judge`] says; `on_wait` hears each new kind
+/// of reason to wait (for the log and `/readyz`).
+pub async fn take(state_dir: &Path, mut on_wait: impl FnMut(&str)) -> Result<Journal, JournalError> {
     let started = tokio::time::Instant::now();
     let mut last = String::new();
     loop {
         let holder = match Journal::open(state_dir) {
-            Ok(journal) => return Ok(Taken::Journal(journal)),
+            Ok(journal) => return Ok(journal),
             Err(JournalError::Locked { holder, .. }) => holder,
             Err(e) => return Err(e),
         };
         let read = Journal::holder(state_dir);
         let reason = match judge(read.as_ref(), now(), started.elapsed()) {
-            Verdict::Draining(reason) if stop_at_draining => return Ok(Taken::Draining(reason)),
             Verdict::Draining(reason) | Verdict::Wait(reason) => reason,
             Verdict::Refuse if read.as_ref().is_some_and(|h| h.draining_until.is_some()) => {
                 return Err(JournalError::HandOver {
@@ -100,16 +92,6 @@ pub async fn wait(state_dir: &Path, stop_at_draining: bool, mut on_wait: impl Fn
             last = kind;
         }
         tokio::time::sleep(RETRY).await;
-    }
-}
-
-/// [`wait`] for the lock itself, however long [`judge`] allows.
-pub async fn take(state_dir: &Path, mut on_wait: impl FnMut(&str)) -> Result<Journal, JournalError> {
-    loop {
-        // Without `stop_at_draining`, `wait` ends with the journal or an error.
-        if let Taken::Journal(journal) = wait(state_dir, false, &mut on_wait).await? {
-            return Ok(journal);
-        }
     }
 }
 
@@ -143,25 +125,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn wait_takes_the_lock_when_the_holder_goes_and_refuses_one_that_stays() {
+    async fn take_gets_the_lock_when_the_holder_goes_and_refuses_one_that_stays() {
         let dir = tempfile::tempdir().unwrap();
         // Nobody holds it: taken at once.
-        let Ok(Taken::Journal(first)) = wait(dir.path(), false, |_| {}).await else { panic!("free lock") };
+        let first = take(dir.path(), |_| {}).await.expect("a free lock");
         // A holder that serves and never drains: refused after the grace, naming it.
         let mut heard = Vec::new();
-        let Err(e) = wait(dir.path(), false, |r| heard.push(r.to_string())).await else { panic!("refused") };
+        let Err(e) = take(dir.path(), |r| heard.push(r.to_string())).await else { panic!("refused") };
         assert!(matches!(e, JournalError::Locked { .. }) && e.to_string().contains("pid"), "{e}");
         assert_eq!(heard.len(), 1, "one line per kind of wait: {heard:?}");
-        // It drains: `stop_at_draining` returns at once.
-        first.mark_draining(now() + 60).unwrap();
-        assert!(matches!(wait(dir.path(), true, |_| {}).await, Ok(Taken::Draining(_))));
-        // It exits: the waiter gets the lock.
+        // It starts draining within the grace, then exits: the waiter gets the lock.
         let waiter = tokio::spawn({
             let dir = dir.path().to_path_buf();
-            async move { take(&dir, |_| {}).await.is_ok() }
+            async move {
+                let mut heard = Vec::new();
+                let taken = take(&dir, |r| heard.push(r.to_string())).await.is_ok();
+                (taken, heard)
+            }
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
+        first.mark_draining(now() + 60).unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
         drop(first);
-        assert!(waiter.await.unwrap(), "the lock is taken once the holder is gone");
+        let (taken, heard) = waiter.await.unwrap();
+        assert!(taken, "the lock is taken once the holder is gone");
+        assert!(heard.len() == 2 && heard[1].contains("holds it until it exits"), "{heard:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_holder_stuck_past_its_drain_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let stuck = Journal::open(dir.path()).unwrap();
+        // Paused time does not move the wall clock that `now()` reads: make the deadline old.
+        stuck.mark_draining(now() - EXIT_MARGIN.as_secs() - 1).unwrap();
+        let Err(e) = take(dir.path(), |_| {}).await else { panic!("refused") };
+        assert!(matches!(e, JournalError::HandOver { .. }) && e.to_string().contains("may be stuck"), "{e}");
     }
 }
