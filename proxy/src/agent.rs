@@ -35,7 +35,9 @@ use crate::forward::ForwardContext;
 use crate::metrics::Metrics;
 use crate::routes::{ExposeRoute, RouteError, RouteTable};
 use crate::connect::TlsConnector;
-use crate::tls::{PeerIdentity, TlsContext, TlsSetupError, ALPN_CONTROL, ALPN_DATA};
+use crate::tls::context::{TlsContext, TlsSetupError};
+use crate::tls::identity::PeerIdentity;
+use crate::tls::{ALPN_CONTROL, ALPN_DATA};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -396,8 +398,8 @@ impl Agent {
         let control_connector: TlsConnector = tls.client_config(&[ALPN_CONTROL])?;
         let ca_chain = config.tls.cert_chain.iter().skip(1).chain(&config.tls.ca_certs);
         metrics.certificates_expire(
-            config.tls.cert_chain.first().and_then(crate::identity::not_after),
-            ca_chain.filter_map(crate::identity::not_after).min(),
+            config.tls.cert_chain.first().and_then(crate::tls::identity::not_after),
+            ca_chain.filter_map(crate::tls::identity::not_after).min(),
         );
 
         let quic_client = match &quic {

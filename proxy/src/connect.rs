@@ -28,7 +28,7 @@ use crate::config::Transport;
 use crate::metrics::Metrics;
 use crate::quic::QuicStream;
 use crate::buffers::PooledReader;
-use crate::session::{self, TlsSession};
+use crate::tls::session::{self, TlsSession};
 pub use crate::transport::PeerStream;
 use crate::transport::{AutoPolicy, Choice, Switch, AUTO_QUIC_TIMEOUT};
 
@@ -74,7 +74,7 @@ const REFILL_BACKOFF: Duration = Duration::from_secs(2);
 
 /// A TLS client configuration (the data or the control connection's ALPN), with its session
 /// store and the verifier that checks a resumed session again.
-pub type TlsConnector = Arc<crate::tls::ClientSide>;
+pub type TlsConnector = Arc<crate::tls::context::ClientSide>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -402,7 +402,7 @@ impl PeerConnector {
 
     /// Logs a session refused because the peer's certificate no longer verifies; its reason.
     fn refused(&self, e: &rustls::Error) -> &'static str {
-        let reason = crate::tls::tls_failure_reason(e);
+        let reason = crate::tls::failure::tls_failure_reason(e);
         warn!(peer = %self.name, address = %self.address, reason, error = %e,
             "resumed TLS session refused: the peer's certificate no longer verifies");
         reason
@@ -454,7 +454,7 @@ impl PeerConnector {
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
         crate::socket::tune(&tcp);
         let mut session = session::connect(tls.config.clone(), self.server_name.clone(), tcp).await.map_err(|source| {
-            ConnectError::Handshake { address: self.address.clone(), reason: crate::tls::failure_reason(&source), source }
+            ConnectError::Handshake { address: self.address.clone(), reason: crate::tls::failure::failure_reason(&source), source }
         })?;
         // rustls took a resumed session's certificates from the session: check them again, now.
         let info = session.info();

@@ -59,7 +59,7 @@ impl OpenError {
             OpenError::NoReply => "no-reply",
             OpenError::BadReply(_) => "bad-reply",
             // A peer that rejects our certificate says so with an alert on the first read.
-            OpenError::Io(e) => match crate::tls::failure_reason(e) {
+            OpenError::Io(e) => match crate::tls::failure::failure_reason(e) {
                 // Over QUIC the peer's verdict on our certificate closes the connection.
                 "io" | "eof" => quic_lost_reason(e).unwrap_or("peer-io"),
                 r => r,

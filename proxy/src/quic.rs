@@ -32,7 +32,9 @@ use crate::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
 use crate::limit::{source_key, KeyedLimit};
 use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_ADDRESS};
-use crate::tls::{ClientSide, PeerIdentity, TlsContext, TlsSetupError, ALPN_DATA};
+use crate::tls::context::{ClientSide, TlsContext, TlsSetupError};
+use crate::tls::identity::PeerIdentity;
+use crate::tls::ALPN_DATA;
 use crate::Reset;
 
 /// Per-stream receive window: how far a sender may run ahead of a reader on one stream. At
@@ -364,7 +366,7 @@ pub fn trace_stats(conn: quinn::Connection, peer: String) {
 }
 
 /// A short, stable reason for a failed QUIC handshake, the same strings as
-/// [`crate::tls::failure_reason`] for the TLS transport.
+/// [`crate::tls::failure::failure_reason`] for the TLS transport.
 ///
 /// quinn turns a rustls error into the TLS alert it sends (`CRYPTO_ERROR` 0x100 + alert) with the
 /// error's text as the reason, so the local side's verdict is read from both; a verdict of the
@@ -529,7 +531,7 @@ async fn handshake(
     // quinn does not say whether the session was resumed, whose certificates rustls did not
     // verify: check every connection's (a full handshake's pass again, cheaply).
     if let Err(e) = ctx.tls.recheck_client(peer_certificates(&conn).as_deref()) {
-        let reason = crate::tls::tls_failure_reason(&e);
+        let reason = crate::tls::failure::tls_failure_reason(&e);
         warn!(%addr, peer = peer.name(), reason, error = %e, "QUIC session refused: the peer's certificate no longer verifies");
         ctx.metrics.handshake_failed_on("quic", "server", peer.name(), reason);
         conn.close(codes::CERTIFICATE_REFUSED, reason.as_bytes());
@@ -571,7 +573,7 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
 
 async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<ExposeContext>, tracker: TaskTracker) {
     let addr = conn.remote_address();
-    let handshaked = crate::tls::Handshaked::now(&ctx.tls, peer_certificates(&conn));
+    let handshaked = crate::tls::context::Handshaked::now(&ctx.tls, peer_certificates(&conn));
     // Streams of this connection still open. Once the agent drains, the connection is closed as
     // soon as none is: the peer dials again, finds the port refusing QUIC (or, after a restart,
     // the new agent), and a peer on `auto` carries its new streams over TLS meanwhile instead
@@ -628,8 +630,8 @@ mod tests {
     /// A QUIC server and client endpoint on loopback with certificates from one test CA.
     async fn endpoints() -> (quinn::Endpoint, quinn::Endpoint, SocketAddr) {
         let ca = migtun_certs::Ca::generate("test CA").unwrap();
-        let server_tls = crate::session::tests::tls_config(&ca, "host-b");
-        let client_tls = crate::session::tests::tls_config(&ca, "host-a");
+        let server_tls = crate::tls::session::tests::tls_config(&ca, "host-b");
+        let client_tls = crate::tls::session::tests::tls_config(&ca, "host-a");
         let server_ctx = TlsContext::new(&server_tls).unwrap();
         let server = quinn::Endpoint::server(server_config(&server_ctx, &[ALPN_DATA]).unwrap(), "127.0.0.1:0".parse().unwrap())
             .unwrap();

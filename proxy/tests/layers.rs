@@ -14,12 +14,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "io",
         &[
-            "socket", "limit", "notify", "identity", "wire", "record", "metrics", "accept",
-            "endpoint", "buffers",
+            "socket", "limit", "notify", "wire", "metrics", "accept", "endpoint", "buffers",
         ],
     ),
     ("config", &["config"]),
-    ("tls", &["tls", "session"]),
+    ("tls", &["tls"]),
     ("quic", &["quic"]),
     // The relay's traits live with it, low; `transport` implements them for TLS and QUIC streams.
     ("relay", &["relay"]),
@@ -40,7 +39,7 @@ const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("quic", "expose"),
     ("quic", "port"),
     ("relay", "routes"),
-    ("session", "relay"),
+    ("tls", "relay"),
     ("expose", "port"),
     ("expose", "agent"),
     ("forward", "connect"),
