@@ -367,7 +367,7 @@ macro_rules! copy_only {
         }
     )*};
 }
-copy_only!(crate::quic::QuicStream, tokio::io::DuplexStream);
+copy_only!(crate::quic::stream::QuicStream, tokio::io::DuplexStream);
 
 impl<T: AsyncRead + Unpin> AsyncRead for PooledReader<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Transport;
 use crate::metrics::Metrics;
-use crate::quic::QuicStream;
+use crate::quic::stream::QuicStream;
 use crate::buffers::PooledReader;
 use crate::tls::session::{self, TlsSession};
 pub use crate::transport::PeerStream;
@@ -356,7 +356,7 @@ impl PeerConnector {
                 debug!(peer = %self.name, remote = %c.remote_address(), "QUIC connection up");
                 *q.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
                 q.opened.store(0, Ordering::Relaxed);
-                crate::quic::trace_stats(c.clone(), self.name.clone());
+                crate::quic::tuning::trace_stats(c.clone(), self.name.clone());
             }
             Err(ConnectError::Handshake { reason, .. }) => self.metrics.handshake_failed_on("quic", "client", &self.name, reason),
             Err(_) => {}
@@ -383,8 +383,8 @@ impl PeerConnector {
             .connect_with(q.config.clone(), addr, &self.name)
             .map_err(|e| unreachable(io::Error::other(e)))?;
         let conn = connecting.await.map_err(|e| {
-            let reason = crate::quic::failure_reason(&e);
-            if crate::quic::is_crypto_error(&e) {
+            let reason = crate::quic::failure::failure_reason(&e);
+            if crate::quic::failure::is_crypto_error(&e) {
                 ConnectError::Handshake { address: self.address.clone(), reason, source: io::Error::other(e) }
             } else {
                 unreachable(io::Error::other(e))
@@ -392,9 +392,9 @@ impl PeerConnector {
         })?;
         // quinn does not say whether the session was resumed (rustls then did not verify the
         // certificates): check every connection's again.
-        if let Err(e) = q.tls.recheck(crate::quic::peer_certificates(&conn).as_deref(), &self.server_name) {
+        if let Err(e) = q.tls.recheck(crate::quic::endpoint::peer_certificates(&conn).as_deref(), &self.server_name) {
             let reason = self.refused(&e);
-            conn.close(crate::quic::codes::CERTIFICATE_REFUSED, reason.as_bytes());
+            conn.close(crate::quic::tuning::codes::CERTIFICATE_REFUSED, reason.as_bytes());
             return Err(ConnectError::Handshake { address: self.address.clone(), reason, source: io::Error::other(e) });
         }
         Ok(conn)

@@ -75,7 +75,7 @@ fn quic_lost_reason(e: &std::io::Error) -> Option<&'static str> {
         (Some(quinn::ReadError::ConnectionLost(c)), _) | (_, Some(quinn::WriteError::ConnectionLost(c))) => c,
         _ => return None,
     };
-    match crate::quic::failure_reason(lost) {
+    match crate::quic::failure::failure_reason(lost) {
         "closed" | "protocol" => None,
         r => Some(r),
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::buffers::PooledReader;
-use crate::quic::QuicStream;
+use crate::quic::stream::QuicStream;
 use crate::tls::session::TlsSession;
 use crate::Reset;
 
