@@ -21,7 +21,7 @@
 //!    [`buffers`]
 //! 2. config: [`config`]
 //! 3. tls: the folder [`tls`] (identity, rustls configurations, the record layer, the session)
-//! 4. quic: [`quic`]
+//! 4. quic: the folder [`quic`] (tuning, endpoint, stream, failure)
 //! 5. relay: [`relay`] (the relay and the stream traits it is generic over)
 //! 6. stream: [`transport`] (implements those traits for TLS and QUIC streams)
 //! 7. route: [`routes`], [`expose`], [`forward`]
