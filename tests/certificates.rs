@@ -238,7 +238,9 @@ fn config_with_crl(pki: &Path, host: &str, crl: &Path) -> Result<Config, migtun_
 /// will replace the context whole) is re-checked by a context with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_certificates_are_refused_on_resumed_sessions() {
-    use migtun_proxy::tls::{tls_failure_reason, TlsContext, ALPN_DATA};
+    use migtun_proxy::tls::context::TlsContext;
+    use migtun_proxy::tls::failure::tls_failure_reason;
+    use migtun_proxy::tls::ALPN_DATA;
     let pki = Pki::new();
     let load = |host: &str| {
         let toml = format!("name = \"{host}\"\nlisten = \"127.0.0.1:0\"\n{}", tls_table(&pki.pki(), host));
@@ -254,7 +256,7 @@ async fn revoked_certificates_are_refused_on_resumed_sessions() {
         let mut infos = Vec::new();
         for _ in 0..2 {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut s = migtun_proxy::session::accept(server.clone(), tcp).await.expect("accept");
+            let mut s = migtun_proxy::tls::session::accept(server.clone(), tcp).await.expect("accept");
             infos.push(s.info().clone());
             // The client reads its tickets until this end closes.
             let _ = s.shutdown().await;
@@ -265,7 +267,7 @@ async fn revoked_certificates_are_refused_on_resumed_sessions() {
     for _ in 0..2 {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("host-b").unwrap();
-        let mut s = migtun_proxy::session::connect(client.config.clone(), name, tcp).await.expect("connect");
+        let mut s = migtun_proxy::tls::session::connect(client.config.clone(), name, tcp).await.expect("connect");
         client_infos.push(s.info().clone());
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest).await;
@@ -339,7 +341,7 @@ async fn metrics_of(addr: std::net::SocketAddr) -> String {
 fn not_after_of(pem: &Path) -> i64 {
     let data = std::fs::read(pem).unwrap();
     let cert = CertificateDer::pem_slice_iter(&data).next().unwrap().unwrap();
-    migtun_proxy::identity::not_after(&cert).expect("parse certificate")
+    migtun_proxy::tls::identity::not_after(&cert).expect("parse certificate")
 }
 
 /// The agent exports its own certificate's notAfter and the earliest of its CA's, as gauges
@@ -421,7 +423,7 @@ async fn sslscan_sees_tls13_only_and_the_configured_suites() {
         .collect();
     accepted.sort();
     // The agent's suites (tls::provider), in IANA names: rustls says TLS13_AES_128_GCM_SHA256.
-    let mut expected: Vec<(String, String)> = migtun_proxy::tls::provider()
+    let mut expected: Vec<(String, String)> = migtun_proxy::tls::context::provider()
         .cipher_suites
         .iter()
         .map(|s| ("TLSv1.3".to_string(), format!("{:?}", s.suite()).replacen("TLS13_", "TLS_", 1)))

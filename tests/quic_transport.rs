@@ -125,7 +125,7 @@ async fn stream_survives_client_rebinding_to_a_new_udp_socket() {
     for round in 0..3 {
         if round > 0 {
             let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            migtun_proxy::quic::tune_udp_socket(&socket);
+            migtun_proxy::quic::endpoint::tune_udp_socket(&socket);
             endpoint.rebind(socket).expect("rebind");
             assert_ne!(endpoint.local_addr().unwrap(), old);
         }

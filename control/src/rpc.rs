@@ -28,7 +28,7 @@ use h2::{client, server, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
 use migtun_proxy::agent::{ControlHandler, ControlStream};
 use migtun_proxy::metrics::Metrics;
-use migtun_proxy::tls::PeerIdentity;
+use migtun_proxy::tls::identity::PeerIdentity;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};

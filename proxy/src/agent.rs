@@ -35,7 +35,9 @@ use crate::forward::ForwardContext;
 use crate::metrics::Metrics;
 use crate::routes::{ExposeRoute, RouteError, RouteTable};
 use crate::connect::TlsConnector;
-use crate::tls::{PeerIdentity, TlsContext, TlsSetupError, ALPN_CONTROL, ALPN_DATA};
+use crate::tls::context::{TlsContext, TlsSetupError};
+use crate::tls::identity::PeerIdentity;
+use crate::tls::{ALPN_CONTROL, ALPN_DATA};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -130,7 +132,7 @@ impl Shared {
 /// The QUIC client configuration for peers on `quic` or `auto`, and the TLS side it wraps.
 pub(crate) fn quic_client_config(tls: &Arc<TlsContext>) -> Result<(quinn::ClientConfig, TlsConnector), AgentError> {
     let side = tls.client_config(&[ALPN_DATA])?;
-    Ok((crate::quic::client_config(&side)?, side))
+    Ok((crate::quic::tuning::client_config(&side)?, side))
 }
 
 /// The connector of one `[[peer]]`.
@@ -355,15 +357,15 @@ impl Agent {
         let port = crate::socket::listen_reuseport(config.listen)
             .map_err(|source| AgentError::Listen { addr: config.listen, source })?;
         let addr = port.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-        let quic = match crate::quic::bind_udp(addr).and_then(crate::quic::endpoint) {
+        let quic = match crate::quic::endpoint::bind_udp(addr).and_then(crate::quic::endpoint::endpoint) {
             Ok(endpoint) => Some((endpoint, None)),
             // Taken: by the agent this one replaces, while it drains (preflight refuses a port
             // held by another user's process). Outgoing QUIC runs on a temporary socket until
             // the port is free.
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                 let temporary = SocketAddr::new(addr.ip(), 0);
-                let endpoint = crate::quic::bind_udp(temporary)
-                    .and_then(crate::quic::endpoint)
+                let endpoint = crate::quic::endpoint::bind_udp(temporary)
+                    .and_then(crate::quic::endpoint::endpoint)
                     .map_err(|source| AgentError::Listen { addr: temporary, source })?;
                 warn!(udp = %addr, "UDP port held by another process (an agent draining?): QUIC is served once it is free; \
                     peers with transport \"auto\" use TLS meanwhile");
@@ -387,7 +389,7 @@ impl Agent {
     /// (`transport = "quic"` or `"auto"`); otherwise it logs a warning and serves TLS only.
     pub async fn with_port(config: Config, port: TcpListener) -> Result<Agent, AgentError> {
         let addr = port.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-        let quic = match crate::quic::bind_udp(addr).and_then(crate::quic::endpoint) {
+        let quic = match crate::quic::endpoint::bind_udp(addr).and_then(crate::quic::endpoint::endpoint) {
             Ok(endpoint) => Some(endpoint),
             Err(source) => {
                 if let Some(peer) = config.peers.iter().position(|p| p.transport != Transport::Tls) {
@@ -418,8 +420,8 @@ impl Agent {
         let control_connector: TlsConnector = tls.client_config(&[ALPN_CONTROL])?;
         let ca_chain = config.tls.cert_chain.iter().skip(1).chain(&config.tls.ca_certs);
         metrics.certificates_expire(
-            config.tls.cert_chain.first().and_then(crate::identity::not_after),
-            ca_chain.filter_map(crate::identity::not_after).min(),
+            config.tls.cert_chain.first().and_then(crate::tls::identity::not_after),
+            ca_chain.filter_map(crate::tls::identity::not_after).min(),
         );
 
         let quic_client = match &quic {
@@ -541,14 +543,14 @@ impl Agent {
         ));
         let _ = shared.expose.set(expose_ctx.clone());
         if let Some(endpoint) = &shared.quic {
-            let server = crate::quic::server_config(&shared.tls, &[ALPN_DATA])?;
+            let server = crate::quic::tuning::server_config(&shared.tls, &[ALPN_DATA])?;
             match shared.udp_wait {
                 None => endpoint.set_server_config(Some(server)),
                 Some(addr) => {
                     tokio::spawn(take_udp_port(endpoint.clone(), addr, server, shared.draining.clone()));
                 }
             }
-            tracker.spawn(crate::quic::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));
+            tracker.spawn(crate::quic::endpoint::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));
         }
         let listen = self.port.local_addr().unwrap_or(self.config.listen);
         tracker.spawn(crate::port::serve(self.port, acceptor, expose_ctx, tracker.clone()));
@@ -590,7 +592,7 @@ impl Agent {
         if let Some(endpoint) = &shared.quic {
             // Tell peers at once (their streams to us are done or cut), then give the close
             // frames a moment to leave.
-            endpoint.close(crate::quic::codes::SHUTDOWN, b"agent stopped");
+            endpoint.close(crate::quic::tuning::codes::SHUTDOWN, b"agent stopped");
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         }
         stop_metrics.cancel();
@@ -614,7 +616,7 @@ async fn take_udp_port(endpoint: quinn::Endpoint, addr: SocketAddr, server: quin
     let started = tokio::time::Instant::now();
     let mut logged = started;
     loop {
-        match crate::quic::bind_udp(addr) {
+        match crate::quic::endpoint::bind_udp(addr) {
             Ok(socket) => match endpoint.rebind(socket) {
                 Ok(()) => {
                     endpoint.set_server_config(Some(server));

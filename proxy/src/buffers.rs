@@ -2,7 +2,7 @@
 //!
 //! A bulk stream moves the most bytes per system call with large buffers, but an agent may carry
 //! a thousand streams at once and its memory must stay bounded. So a stream holds a buffer only
-//! while bytes sit in it (an idle stream holds none: see [`crate::session`] and [`PooledReader`]),
+//! while bytes sit in it (an idle stream holds none: see [`crate::tls::session`] and [`PooledReader`]),
 //! large buffers come from a pool whose total size is fixed, and a stream that finds the pool
 //! empty makes do with a small buffer that still holds a whole TLS record. Pooled buffers are
 //! kept, not freed, so the pool's memory is reused without page faults while streams use it;
@@ -18,15 +18,15 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::record::MAX_RECORD;
-
 /// A large buffer: 16 TLS records, or a whole default UNIX socket buffer (208 KiB) in one read,
 /// so a bulk stream costs one system call per quarter MiB on each side.
 pub const LARGE: usize = 256 * 1024;
 /// The fallback: one full TLS record (the receiving side moves a partial record to the front
 /// to make room; the sending side seals one record at a time). With a thousand streams busy at
 /// once, this is what most of them hold.
-pub const SMALL: usize = MAX_RECORD;
+/// The size is TLS 1.3's largest record (RFC 8446 §5.2: a 5-byte header and 2^14 + 256 bytes of
+/// ciphertext), spelled out so the pool needs nothing above it; the record layer asserts it fits.
+pub const SMALL: usize = 5 + (1 << 14) + 256;
 /// Large buffers in the pool: 16 MiB. A migration's handful of bulk streams (the RAM stream, its
 /// multifd channels, a disk or two) all get large buffers; with a thousand streams at once the
 /// rest get small ones, and the agent stays within 64 MiB (measured with `cargo bench --bench
@@ -367,7 +367,7 @@ macro_rules! copy_only {
         }
     )*};
 }
-copy_only!(crate::quic::QuicStream, tokio::io::DuplexStream);
+copy_only!(crate::quic::stream::QuicStream, tokio::io::DuplexStream);
 
 impl<T: AsyncRead + Unpin> AsyncRead for PooledReader<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

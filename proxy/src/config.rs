@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use serde::Deserialize;
 
 use crate::endpoint::{Endpoint, Ownership, DEFAULT_SOCKET_MODE};
-use crate::identity::{dns_sans, load_certs, load_crls, load_key};
+use crate::tls::identity::{dns_sans, load_certs, load_crls, load_key};
 
 /// Default for `drain_timeout_secs`: how long open streams may run on after SIGTERM.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,7 +72,7 @@ pub struct TlsConfig {
 /// after rustls' handshake, on both the server and the client side.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RecordLayer {
-    /// migtun's own, in place ([`crate::record`]): the default, and the faster.
+    /// migtun's own, in place ([`crate::tls::record`]): the default, and the faster.
     #[default]
     Own,
     /// tokio-rustls' (rustls' buffered connection): the fallback, if ours is ever in doubt.
@@ -1407,7 +1407,7 @@ impl Validator<'_> {
 
 /// Peers verify our certificate against the same CA bundle, for both server and client use:
 /// check now what they will check, so a wrong chain or EKU shows up in `migtun check`. The
-/// verifiers are the agent's own ([`crate::tls::verifiers`]), with `tls.crl`: a revoked own
+/// verifiers are the agent's own ([`crate::tls::context::verifiers`]), with `tls.crl`: a revoked own
 /// certificate, or a CRL of our issuer with a bad signature, is reported here too.
 fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
     use rustls::client::danger::ServerCertVerifier;
@@ -1416,7 +1416,7 @@ fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
     let (leaf, intermediates) = (&tls.cert_chain[0], &tls.cert_chain[1..]);
     let cert = tls.cert_path.display();
     let ca = tls.ca_path.display();
-    let (client, server) = crate::tls::verifiers(tls, crate::tls::provider()).or_else(|e| match &tls.crl_path {
+    let (client, server) = crate::tls::context::verifiers(tls, crate::tls::context::provider()).or_else(|e| match &tls.crl_path {
         Some(crl) => err("tls.crl", format!("{}: cannot build a certificate verifier with it ({e})", crl.display())),
         None => err("tls.ca", format!("{ca}: cannot build a certificate verifier ({e})")),
     })?;
@@ -1428,7 +1428,7 @@ fn check_verifiable(name: &str, tls: &TlsConfig) -> Result<(), Problem> {
     })?;
     let judged = |e: rustls::Error, what: &str| -> Result<(), Problem> {
         let crl = tls.crl_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        match crate::tls::tls_failure_reason(&e) {
+        match crate::tls::failure::tls_failure_reason(&e) {
             "revoked" => err("tls.cert", format!("{cert} is revoked by tls.crl {crl}")),
             "bad-certificate" | "bad-crl" if !crl.is_empty() => err(
                 "tls.crl",

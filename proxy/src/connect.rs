@@ -26,9 +26,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::Transport;
 use crate::metrics::Metrics;
-use crate::quic::QuicStream;
+use crate::quic::stream::QuicStream;
 use crate::buffers::PooledReader;
-use crate::session::{self, TlsSession};
+use crate::tls::session::{self, TlsSession};
 pub use crate::transport::PeerStream;
 use crate::transport::{AutoPolicy, Choice, Switch, AUTO_QUIC_TIMEOUT};
 
@@ -74,7 +74,7 @@ const REFILL_BACKOFF: Duration = Duration::from_secs(2);
 
 /// A TLS client configuration (the data or the control connection's ALPN), with its session
 /// store and the verifier that checks a resumed session again.
-pub type TlsConnector = Arc<crate::tls::ClientSide>;
+pub type TlsConnector = Arc<crate::tls::context::ClientSide>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -356,7 +356,7 @@ impl PeerConnector {
                 debug!(peer = %self.name, remote = %c.remote_address(), "QUIC connection up");
                 *q.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
                 q.opened.store(0, Ordering::Relaxed);
-                crate::quic::trace_stats(c.clone(), self.name.clone());
+                crate::quic::tuning::trace_stats(c.clone(), self.name.clone());
             }
             Err(ConnectError::Handshake { reason, .. }) => self.metrics.handshake_failed_on("quic", "client", &self.name, reason),
             Err(_) => {}
@@ -383,8 +383,8 @@ impl PeerConnector {
             .connect_with(q.config.clone(), addr, &self.name)
             .map_err(|e| unreachable(io::Error::other(e)))?;
         let conn = connecting.await.map_err(|e| {
-            let reason = crate::quic::failure_reason(&e);
-            if crate::quic::is_crypto_error(&e) {
+            let reason = crate::quic::failure::failure_reason(&e);
+            if crate::quic::failure::is_crypto_error(&e) {
                 ConnectError::Handshake { address: self.address.clone(), reason, source: io::Error::other(e) }
             } else {
                 unreachable(io::Error::other(e))
@@ -392,9 +392,9 @@ impl PeerConnector {
         })?;
         // quinn does not say whether the session was resumed (rustls then did not verify the
         // certificates): check every connection's again.
-        if let Err(e) = q.tls.recheck(crate::quic::peer_certificates(&conn).as_deref(), &self.server_name) {
+        if let Err(e) = q.tls.recheck(crate::quic::endpoint::peer_certificates(&conn).as_deref(), &self.server_name) {
             let reason = self.refused(&e);
-            conn.close(crate::quic::codes::CERTIFICATE_REFUSED, reason.as_bytes());
+            conn.close(crate::quic::tuning::codes::CERTIFICATE_REFUSED, reason.as_bytes());
             return Err(ConnectError::Handshake { address: self.address.clone(), reason, source: io::Error::other(e) });
         }
         Ok(conn)
@@ -402,7 +402,7 @@ impl PeerConnector {
 
     /// Logs a session refused because the peer's certificate no longer verifies; its reason.
     fn refused(&self, e: &rustls::Error) -> &'static str {
-        let reason = crate::tls::tls_failure_reason(e);
+        let reason = crate::tls::failure::tls_failure_reason(e);
         warn!(peer = %self.name, address = %self.address, reason, error = %e,
             "resumed TLS session refused: the peer's certificate no longer verifies");
         reason
@@ -454,7 +454,7 @@ impl PeerConnector {
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
         crate::socket::tune(&tcp);
         let mut session = session::connect(tls.config.clone(), self.server_name.clone(), tcp).await.map_err(|source| {
-            ConnectError::Handshake { address: self.address.clone(), reason: crate::tls::failure_reason(&source), source }
+            ConnectError::Handshake { address: self.address.clone(), reason: crate::tls::failure::failure_reason(&source), source }
         })?;
         // rustls took a resumed session's certificates from the session: check them again, now.
         let info = session.info();

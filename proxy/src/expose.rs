@@ -15,7 +15,7 @@ use crate::limit::KeyedLimit;
 use crate::metrics::{Metrics, Side};
 use crate::port::PortLog;
 use crate::routes::RouteTable;
-use crate::tls::PeerIdentity;
+use crate::tls::identity::PeerIdentity;
 use crate::wire::{Reply, ReplyCode, Request, WireError, MAX_REQUEST_LEN};
 use crate::Reset;
 
@@ -53,8 +53,8 @@ pub struct ExposeContext {
     pub awaiting_preamble: Arc<KeyedLimit<String>>,
     /// Rate-limited log lines of the port.
     pub log: PortLog,
-    /// Checks a resumed session's client certificate again ([`crate::tls::TlsContext::recheck_client`]).
-    pub tls: Arc<crate::tls::TlsContext>,
+    /// Checks a resumed session's client certificate again ([`crate::tls::context::TlsContext::recheck_client`]).
+    pub tls: Arc<crate::tls::context::TlsContext>,
 }
 
 impl ExposeContext {
@@ -65,7 +65,7 @@ impl ExposeContext {
         abort: CancellationToken,
         control: Option<crate::agent::ControlHandler>,
         peers: Vec<String>,
-        tls: Arc<crate::tls::TlsContext>,
+        tls: Arc<crate::tls::context::TlsContext>,
     ) -> ExposeContext {
         ExposeContext {
             metrics,
@@ -89,7 +89,7 @@ const UNKNOWN_ROUTE_LABEL: &str = "<unknown>";
 pub async fn serve<S>(
     mut conn: S,
     peer: PeerIdentity,
-    handshaked: &crate::tls::Handshaked,
+    handshaked: &crate::tls::context::Handshaked,
     transport: &'static str,
     ctx: &ExposeContext,
 ) where

@@ -59,7 +59,7 @@ impl OpenError {
             OpenError::NoReply => "no-reply",
             OpenError::BadReply(_) => "bad-reply",
             // A peer that rejects our certificate says so with an alert on the first read.
-            OpenError::Io(e) => match crate::tls::failure_reason(e) {
+            OpenError::Io(e) => match crate::tls::failure::failure_reason(e) {
                 // Over QUIC the peer's verdict on our certificate closes the connection.
                 "io" | "eof" => quic_lost_reason(e).unwrap_or("peer-io"),
                 r => r,
@@ -75,7 +75,7 @@ fn quic_lost_reason(e: &std::io::Error) -> Option<&'static str> {
         (Some(quinn::ReadError::ConnectionLost(c)), _) | (_, Some(quinn::WriteError::ConnectionLost(c))) => c,
         _ => return None,
     };
-    match crate::quic::failure_reason(lost) {
+    match crate::quic::failure::failure_reason(lost) {
         "closed" | "protocol" => None,
         r => Some(r),
     }

@@ -5,22 +5,23 @@
 //! TLS 1.3 connection to the peer's port ([`forward`], [`connect`]); a short preamble names the
 //! route ([`wire`]); the peer checks who may open it ([`routes`]), connects to the `[[expose]]`
 //! target ([`expose`]) and the bytes are relayed both ways ([`relay`]). rustls does each TLS
-//! handshake; the records after it are migtun's own, sealed and opened in place ([`session`],
-//! [`record`]) in buffers from a bounded pool ([`buffers`]). Over QUIC ([`quic`]) a
+//! handshake; the records after it are migtun's own, sealed and opened in place ([`tls::session`],
+//! [`tls::record`]) in buffers from a bounded pool ([`buffers`]). Over QUIC ([`quic`]) a
 //! stream is a QUIC stream on the peer's one connection instead; [`transport`] hides which.
 //! [`agent`] ties the pieces to one validated [`config::Config`] and drains them on shutdown.
 //!
 //! # Layers, bottom-up
 //!
-//! Each layer may use itself and the layers above it in this list, never one below it.
+//! Each layer may use itself and the layers above it in this list, never one below it. A folder is
+//! one module of one layer: everything in `tls/` is in the tls layer.
 //! `tests/layers.rs` holds the same table and fails on an import that points up;
 //! the upward imports left from the flat layout are listed there one by one and only shrink.
 //!
-//! 1. io: [`socket`], [`limit`], [`notify`], [`identity`], [`wire`], [`record`], [`metrics`],
-//!    [`accept`], [`endpoint`], [`buffers`]
+//! 1. io: [`socket`], [`limit`], [`notify`], [`wire`], [`metrics`], [`accept`], [`endpoint`],
+//!    [`buffers`]
 //! 2. config: [`config`]
-//! 3. tls: [`tls`], [`session`]
-//! 4. quic: [`quic`]
+//! 3. tls: the folder [`tls`] (identity, rustls configurations, the record layer, the session)
+//! 4. quic: the folder [`quic`] (tuning, endpoint, stream, failure)
 //! 5. relay: [`relay`] (the relay and the stream traits it is generic over)
 //! 6. stream: [`transport`] (implements those traits for TLS and QUIC streams)
 //! 7. route: [`routes`], [`expose`], [`forward`]
@@ -41,18 +42,15 @@ pub mod forward;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod identity;
 pub mod limit;
 pub mod metrics;
 pub mod notify;
 pub mod port;
 pub mod preflight;
 pub mod quic;
-pub mod record;
 pub mod relay;
 pub mod reload;
 pub mod routes;
-pub mod session;
 pub mod socket;
 pub mod tls;
 pub mod transport;

@@ -30,8 +30,10 @@ use crate::accept::{AcceptLoop, Throttle};
 use crate::expose::{self, ExposeContext};
 use crate::limit::{source_key, KeyedLimit};
 use crate::metrics::ReasonLabels;
-use crate::session::{self, TlsSession};
-use crate::tls::{failure_reason, PeerIdentity, ALPN_CONTROL, ALPN_DATA};
+use crate::tls::session::{self, TlsSession};
+use crate::tls::failure::failure_reason;
+use crate::tls::identity::PeerIdentity;
+use crate::tls::{ALPN_CONTROL, ALPN_DATA};
 
 /// What an accepted connection carries, by its ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,7 +260,7 @@ async fn handshake(
     addr: SocketAddr,
     acceptor: &Arc<rustls::ServerConfig>,
     ctx: &ExposeContext,
-) -> Option<(TlsSession, PeerIdentity, Alpn, crate::tls::Handshaked)> {
+) -> Option<(TlsSession, PeerIdentity, Alpn, crate::tls::context::Handshaked)> {
     crate::socket::tune(&tcp);
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let hello = tokio::select! {
@@ -309,7 +311,7 @@ async fn handshake(
     let peer = PeerIdentity::from_certs(info.peer_certificates.as_deref());
     // rustls took a resumed session's certificates from the session: check them again, now.
     if let Err(e) = info.resumed.then(|| ctx.tls.recheck_client(info.peer_certificates.as_deref())).unwrap_or(Ok(())) {
-        let reason = crate::tls::tls_failure_reason(&e);
+        let reason = crate::tls::failure::tls_failure_reason(&e);
         warn!(%addr, peer = peer.name(), reason, error = %e, "resumed TLS session refused: the peer's certificate no longer verifies");
         ctx.metrics.handshake_failed("server", peer.name(), reason);
         return None;
@@ -330,7 +332,7 @@ async fn handshake(
         }
     };
     debug!(%addr, peer = peer.name(), ?alpn, "peer connected");
-    let handshaked = crate::tls::Handshaked::now(&ctx.tls, info.peer_certificates.clone());
+    let handshaked = crate::tls::context::Handshaked::now(&ctx.tls, info.peer_certificates.clone());
     Some((conn, peer, alpn, handshaked))
 }
 

@@ -78,10 +78,10 @@ pub trait RelayStream: ChunkedRead + DirectRead + PullWrite + AsyncWrite + Unpin
 impl<T: ChunkedRead + DirectRead + PullWrite + AsyncWrite + Unpin> RelayStream for T {}
 
 /// Slices per vectored write: all of a large buffer's full TLS records.
-const MAX_WRITE_CHUNKS: usize = crate::buffers::LARGE / crate::record::MAX_PLAINTEXT;
+const MAX_WRITE_CHUNKS: usize = crate::buffers::LARGE / crate::tls::record::MAX_PLAINTEXT;
 
 /// One direction of the relay: from a buffered reader to a writer. The buffer is the reader's:
-/// a [`crate::session::TlsSession`] hands out decrypted records where they lie, a
+/// a [`crate::tls::session::TlsSession`] hands out decrypted records where they lie, a
 /// [`crate::buffers::PooledReader`] its pooled buffer; either holds it only while bytes wait.
 #[derive(Default)]
 struct Direction {

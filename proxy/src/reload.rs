@@ -1,7 +1,7 @@
 //! Reloading a running agent: a new, already validated [`Config`] replaces the running one.
 //!
 //! What a reload applies: the `[tls]` files (certificate, key, CA, CRL: new handshakes use
-//! them, see [`crate::tls::TlsContext::replace`]), the `[[peer]]`s (added, removed, a changed
+//! them, see [`crate::tls::context::TlsContext::replace`]), the `[[peer]]`s (added, removed, a changed
 //! address or transport: a new connector, and the forwards to that peer listen again), the
 //! `[[expose]]` routes, the `[[forward]]` listeners and `drain_timeout_secs`. Open streams, warm-pool and QUIC connections and the
 //! control plane's migrations go on untouched. What it cannot apply (the port, the peers,
@@ -20,7 +20,7 @@ use crate::config::{Config, Forward, Transport};
 use crate::endpoint::{Endpoint, LocalListener};
 use crate::forward::ForwardContext;
 use crate::routes::{ExposeRoute, RouteError};
-use crate::tls::{TlsContext, TlsSetupError};
+use crate::tls::context::{TlsContext, TlsSetupError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -161,8 +161,8 @@ impl AgentHandle {
         if tls_changed {
             let ca_chain = new.tls.cert_chain.iter().skip(1).chain(&new.tls.ca_certs);
             shared.metrics.certificates_expire(
-                new.tls.cert_chain.first().and_then(crate::identity::not_after),
-                ca_chain.filter_map(crate::identity::not_after).min(),
+                new.tls.cert_chain.first().and_then(crate::tls::identity::not_after),
+                ca_chain.filter_map(crate::tls::identity::not_after).min(),
             );
             // Idle connections made under the old material are not used for new streams.
             for p in shared.peer_map().values() {

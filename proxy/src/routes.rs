@@ -153,7 +153,7 @@ impl RouteTable {
         &self,
         route: &str,
         migration: Option<&str>,
-        peer: &crate::tls::PeerIdentity,
+        peer: &crate::tls::identity::PeerIdentity,
     ) -> Result<Arc<ExposeRoute>, Refusal> {
         let found = self.routes.read().unwrap_or_else(|p| p.into_inner()).routes.get(route).cloned();
         let Some(r) = found else {
@@ -176,7 +176,7 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::PeerIdentity;
+    use crate::tls::identity::PeerIdentity;
 
     fn route(name: &str, allow: &[&str], migration: Option<&str>) -> ExposeRoute {
         ExposeRoute {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::buffers::PooledReader;
-use crate::quic::QuicStream;
-use crate::session::TlsSession;
+use crate::quic::stream::QuicStream;
+use crate::tls::session::TlsSession;
 use crate::Reset;
 
 /// A stream to a peer, on either transport. Same semantics on both: bytes in order, shutdown is

@@ -394,7 +394,7 @@ pub fn raw_client_config(pki: &Path, identity: Option<(String, String)>) -> rust
     for c in CertificateDer::pem_slice_iter(&ca) {
         roots.add(c.expect("CA PEM")).expect("CA certificate");
     }
-    let builder = rustls::ClientConfig::builder_with_provider(migtun_proxy::tls::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(migtun_proxy::tls::context::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")
         .with_root_certificates(roots);

@@ -35,12 +35,6 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::config::{RecordLayer, TlsConfig};
-use crate::identity::dns_sans;
-
-/// ALPN of one tunnelled data stream per TLS connection.
-pub const ALPN_DATA: &[u8] = b"migtun/1";
-/// ALPN of the agent-to-agent control RPC (HTTP/2).
-pub const ALPN_CONTROL: &[u8] = b"h2";
 
 /// How many TLS 1.3 sessions a client remembers (one or two per peer is what is used).
 const CLIENT_SESSION_CACHE: usize = 1024;
@@ -214,7 +208,7 @@ impl TlsContext {
             refused: self.refused.clone(),
         });
         // `tls.record_layer = "own"`: the record layer after the handshake is ours
-        // (crate::session), rustls hands over the keys; crate::session picks the layer by this flag.
+        // (crate::tls::session), rustls hands over the keys; crate::tls::session picks the layer by this flag.
         config.enable_secret_extraction = self.record_layer == RecordLayer::Own;
         Ok(Arc::new(config))
     }
@@ -230,7 +224,7 @@ impl TlsContext {
             .with_client_cert_resolver(Arc::new(LiveIdentity(self.live.clone())));
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config.resumption = rustls::client::Resumption::store(sessions.clone());
-        // As for the server: the record layer follows this flag (crate::session).
+        // As for the server: the record layer follows this flag (crate::tls::session).
         config.enable_secret_extraction = self.record_layer == RecordLayer::Own;
         Ok(Arc::new(ClientSide { config: Arc::new(config), sessions, context: self.clone() }))
     }
@@ -539,71 +533,6 @@ pub fn client_config(tls: &TlsConfig, alpn: &[&[u8]]) -> Result<Arc<ClientConfig
     Ok(TlsContext::new(tls)?.client_config(alpn)?.config.clone())
 }
 
-/// Who is on the other end, from the certificate the peer presented.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerIdentity {
-    /// DNS SANs of the peer's certificate, lowercase.
-    pub names: Vec<String>,
-}
-
-impl PeerIdentity {
-    pub fn from_certs(certs: Option<&[rustls_pki_types::CertificateDer<'static>]>) -> PeerIdentity {
-        let names = certs.and_then(|c| c.first()).map(dns_sans).unwrap_or_default();
-        PeerIdentity { names }
-    }
-
-    /// The name to log and label metrics with.
-    pub fn name(&self) -> &str {
-        self.names.first().map(String::as_str).unwrap_or("<no-dns-san>")
-    }
-
-    /// Whether any of the peer's names is in `allow`.
-    pub fn is_any_of(&self, allow: &[String]) -> bool {
-        self.names.iter().any(|n| allow.iter().any(|a| a.eq_ignore_ascii_case(n)))
-    }
-}
-
-/// A short, stable reason for a failed handshake, for logs and the `reason` metric label.
-pub fn failure_reason(err: &std::io::Error) -> &'static str {
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
-        return match err.kind() {
-            std::io::ErrorKind::TimedOut => "timeout",
-            std::io::ErrorKind::UnexpectedEof => "eof",
-            _ => "io",
-        };
-    };
-    tls_failure_reason(tls)
-}
-
-/// [`failure_reason`] of a rustls error (a handshake's, or a re-check's).
-pub fn tls_failure_reason(err: &rustls::Error) -> &'static str {
-    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
-    match err {
-        E::NoCertificatesPresented => "no-client-certificate",
-        E::InvalidCertificate(c) => match c {
-            C::UnknownIssuer | C::BadSignature => "unknown-ca",
-            C::Expired | C::ExpiredContext { .. } => "expired",
-            C::NotValidYet | C::NotValidYetContext { .. } => "not-yet-valid",
-            C::NotValidForName | C::NotValidForNameContext { .. } => "wrong-name",
-            C::InvalidPurpose | C::InvalidPurposeContext { .. } => "wrong-key-usage",
-            C::Revoked => "revoked",
-            C::UnknownRevocationStatus => "revocation-unknown",
-            C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => "crl-expired",
-            _ => "bad-certificate",
-        },
-        E::InvalidCertRevocationList(_) => "bad-crl",
-        E::NoApplicationProtocol => "alpn",
-        E::PeerIncompatible(_) => "incompatible",
-        E::AlertReceived(a) => match a {
-            A::UnknownCA | A::BadCertificate | A::CertificateRequired | A::CertificateExpired
-            | A::CertificateRevoked | A::CertificateUnknown | A::AccessDenied => "rejected-by-peer",
-            A::ProtocolVersion | A::HandshakeFailure | A::NoApplicationProtocol => "incompatible",
-            _ => "alert",
-        },
-        _ => "protocol",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,14 +560,5 @@ mod tests {
             refused.add(&CertificateDer::from((i as u64).to_be_bytes().to_vec()));
         }
         assert_eq!(refused.leaves.lock().unwrap().len(), MAX_REFUSED_CERTIFICATES);
-    }
-
-    #[test]
-    fn revocation_reasons() {
-        use rustls::CertificateError as C;
-        assert_eq!(tls_failure_reason(&rustls::Error::InvalidCertificate(C::Revoked)), "revoked");
-        assert_eq!(tls_failure_reason(&rustls::Error::InvalidCertificate(C::Expired)), "expired");
-        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked);
-        assert_eq!(tls_failure_reason(&alert), "rejected-by-peer");
     }
 }

@@ -1,6 +1,6 @@
 //! The TLS 1.3 record layer of a data connection, done in place (RFC 8446 §5).
 //!
-//! rustls does the handshake; once it is over, [`crate::session`] takes the traffic secrets
+//! rustls does the handshake; once it is over, [`crate::tls::session`] takes the traffic secrets
 //! (rustls' kernel-connection API, made for kTLS) and protects records here instead. The point is
 //! where the bytes live: a record is read from the socket into a buffer, decrypted in that buffer
 //! and written to the local socket from it; on the way out, plaintext is sealed where it lies in

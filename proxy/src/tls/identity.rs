@@ -90,3 +90,27 @@ pub fn dns_sans(cert: &CertificateDer<'_>) -> Vec<String> {
         })
         .collect()
 }
+
+/// Who is on the other end, from the certificate the peer presented.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// DNS SANs of the peer's certificate, lowercase.
+    pub names: Vec<String>,
+}
+
+impl PeerIdentity {
+    pub fn from_certs(certs: Option<&[rustls_pki_types::CertificateDer<'static>]>) -> PeerIdentity {
+        let names = certs.and_then(|c| c.first()).map(dns_sans).unwrap_or_default();
+        PeerIdentity { names }
+    }
+
+    /// The name to log and label metrics with.
+    pub fn name(&self) -> &str {
+        self.names.first().map(String::as_str).unwrap_or("<no-dns-san>")
+    }
+
+    /// Whether any of the peer's names is in `allow`.
+    pub fn is_any_of(&self, allow: &[String]) -> bool {
+        self.names.iter().any(|n| allow.iter().any(|a| a.eq_ignore_ascii_case(n)))
+    }
+}
