@@ -14,11 +14,12 @@
 //!    no tokio; tested without sockets. Uses nothing of this crate.
 //! 3. **policy**: [`destination`] (`cookie`, `cmdline`, `opts`, `paths`): what a destination
 //!    allows to run. Uses base.
-//! 4. **qmp**: [`qmp`], the QEMU client (wire, client, commands, events). **rpc**: [`rpc`] and
-//!    [`authz`], the control RPC between agents. **journal**: [`migration::journal`]. None of
-//!    these three knows another.
+//! 4. **qmp**: [`qmp`], the QEMU client (wire, client, commands, events). **rpc**: [`rpc`], the
+//!    control RPC between agents (server, client, liveness, body). **journal**:
+//!    [`migration::journal`]. None of these three knows another.
 //! 5. **tools**: [`migration::teardown`] (undoing a migration in QEMU), [`tunnels`], [`admin`]
-//!    (the local admin socket and its registry).
+//!    (the local admin socket and its registry), [`authz`] (who may call the RPC: a policy for
+//!    its server, from the config).
 //! 6. **sides**: [`migration::driver`] (the machine's I/O) and [`migration::recovery`] on the
 //!    source, [`destination::incoming`] on the destination.
 //! 7. **service**: [`service`], which wires the sides into one agent; and [`fuzzing`] (not an API).
