@@ -6,4 +6,5 @@ pub mod machine;
 pub mod driver;
 pub mod journal;
 pub mod recovery;
+pub mod settle;
 pub mod teardown;
