@@ -13,14 +13,14 @@
 //!    of a migratable guest, for the demo and the tests). Uses nothing of this crate.
 //! 2. **machine**: [`migration::machine`], the source's state machine. Pure: no I/O, no clock,
 //!    no tokio; tested without sockets. Uses nothing of this crate.
-//! 3. **policy**: [`destination`] (`cookie`, `cmdline`, `opts`, `paths`): what a destination
-//!    allows to run. Uses base.
-//! 4. **qmp**: [`qmp`], the QEMU client (wire, client, commands, events). **rpc**: [`rpc`], the
-//!    control RPC between agents (server, client, liveness, body). **journal**:
+//! 3. **policy**: [`destination`] (`cookie`, `cmdline` with its `options` and `keys`, `opts`,
+//!    `paths`): what a destination allows to run. Uses base.
+//! 4. **qmp**: [`qmp`], the QEMU client (wire, connection, client, commands, events). **rpc**:
+//!    [`rpc`], the control RPC between agents (server, client, liveness, body). **journal**:
 //!    [`migration::journal`]. None of these three knows another.
 //! 5. **tools**: [`migration::teardown`] (undoing a migration in QEMU), [`migration::settle`]
 //!    (asking the destination again for an unknown outcome), [`tunnels`], [`admin`] (the local
-//!    admin socket and its registry), [`authz`] (who may call the RPC: a policy for its server,
+//!    admin socket and its registry: `socket`, `registry`), [`authz`] (who may call the RPC: a policy for its server,
 //!    from the config).
 //! 6. **sides**: [`migration::driver`] (the machine's I/O: the loop, `executor`, `observe`) and
 //!    [`migration::recovery`] on the source, [`destination::incoming`] on the destination.
