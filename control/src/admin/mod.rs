@@ -84,7 +84,7 @@ impl GuestOn {
 /// `migtun status`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
-    /// [`EVENTS_VERSION`].
+    /// [`EVENTS_VERSION`](crate::messages::EVENTS_VERSION).
     #[serde(default)]
     pub v: u32,
     pub name: String,
