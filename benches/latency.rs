@@ -25,79 +25,58 @@ const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// The paths, in table order: `common::TUNNEL_PATHS` (shared with `throughput`).
 const PATHS: &[(&str, SetupFn)] = TUNNEL_PATHS;
 
+/// `cargo bench --bench latency -- [OPTIONS]`; see `benches/README.md`.
+#[derive(clap::Parser, Debug)]
+#[command(name = "latency", bin_name = "cargo bench --bench latency --", about = "Latency, stream-open time and scale through each tunnel path")]
 struct Args {
+    /// Reps per path; tables show the median over reps of each rep's figure (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 3)]
     reps: usize,
+    /// 64-byte round trips per rep on one stream (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
     pings: usize,
+    /// Warm-up round trips before the counted ones.
+    #[arg(long, value_name = "N", default_value_t = 500)]
     warmup: usize,
+    /// New streams per rep for the stream-open time (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 200)]
     opens: usize,
-    only: Vec<String>,
-    scale_only: Vec<String>,
+    /// Latency paths, comma-separated, or `none` to skip the latency part.
+    #[arg(long, value_name = "a,b|none", default_value_t = Names::all(&names_of(PATHS)), value_parser = only_paths)]
+    only: Names,
+    /// Paths of the scale test, comma-separated, or `none`.
+    #[arg(long, value_name = "a,b|none", default_value = "migtun,migtun-quic", value_parser = only_paths)]
+    scale_only: Names,
+    /// Concurrent streams of the scale test (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     scale_streams: usize,
+    /// KiB each stream writes in the scale test (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
     scale_kib: usize,
+    /// Scale reps (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 3)]
     scale_reps: usize,
+    /// Streams are opened in waves of N, each waiting until the previous one reached the server
+    /// (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 100)]
     scale_batch: usize,
+    /// Where the raw numbers go (the table goes next to it as `.md`).
+    #[arg(long, value_name = "FILE", default_value_os_t = json_out_path("latency"))]
     json: PathBuf,
+    #[command(flatten)]
+    cargo: CargoBench,
+}
+
+/// `--only` / `--scale-only`: names of `PATHS`, or `none`.
+fn only_paths(v: &str) -> Result<Names, String> {
+    Names::parse(v, &names_of(PATHS), true)
 }
 
 fn parse_args() -> Args {
-    let all: Vec<String> = PATHS.iter().map(|p| p.0.to_string()).collect();
-    let mut a = Args {
-        reps: 3,
-        pings: 10_000,
-        warmup: 500,
-        opens: 200,
-        only: all.clone(),
-        scale_only: vec!["migtun".into(), "migtun-quic".into()],
-        scale_streams: 1000,
-        scale_kib: 1024,
-        scale_reps: 3,
-        scale_batch: 100,
-        json: json_out_path("latency"),
-    };
-    let list = |v: &str| -> Vec<String> {
-        let l: Vec<String> = v
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
-        for p in &l {
-            if !all.contains(p) {
-                eprintln!("unknown path {p:?}; known: {}", all.join(","));
-                std::process::exit(2);
-            }
-        }
-        l
-    };
-    let num = |k: &str, v: &str| -> usize {
-        v.parse().unwrap_or_else(|_| {
-            eprintln!("{k}: not a number: {v:?}");
-            std::process::exit(2)
-        })
-    };
-    for (k, v) in common::args() {
-        match k.as_str() {
-            "--reps" => a.reps = num(&k, &v).max(1),
-            "--pings" => a.pings = num(&k, &v).max(1),
-            "--warmup" => a.warmup = num(&k, &v),
-            "--opens" => a.opens = num(&k, &v).max(1),
-            "--only" => a.only = if v == "none" { vec![] } else { list(&v) },
-            "--scale-only" => a.scale_only = if v == "none" { vec![] } else { list(&v) },
-            "--scale-streams" => a.scale_streams = num(&k, &v).max(1),
-            "--scale-kib" => a.scale_kib = num(&k, &v).max(1),
-            "--scale-reps" => a.scale_reps = num(&k, &v).max(1),
-            "--scale-batch" => a.scale_batch = num(&k, &v).max(1),
-            "--json" => a.json = PathBuf::from(v),
-            "--help" | "-h" => {
-                eprintln!(
-                    "usage: cargo bench --bench latency -- [--reps 3] [--pings 10000] [--warmup 500] [--opens 200] \
-                     [--only {}] [--scale-only migtun,migtun-quic|none] [--scale-streams 1000] [--scale-kib 1024] \
-                     [--scale-reps 3] [--scale-batch 100] [--json FILE]",
-                    all.join(",")
-                );
-                std::process::exit(2)
-            }
-            _ => {}
-        }
+    let mut a = <Args as clap::Parser>::parse();
+    // As before clap: a zero count means one.
+    for n in [&mut a.reps, &mut a.pings, &mut a.opens, &mut a.scale_streams, &mut a.scale_kib, &mut a.scale_reps, &mut a.scale_batch] {
+        *n = (*n).max(1);
     }
     a
 }

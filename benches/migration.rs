@@ -44,69 +44,56 @@ const PATHS: &[(&str, Kind)] = &[
     ("migtun-quic", Kind::Migtun("quic", &[])),
 ];
 
+/// `cargo bench --bench migration -- [OPTIONS]`; see `benches/README.md`.
+#[derive(clap::Parser, Debug)]
+#[command(name = "migration", bin_name = "cargo bench --bench migration --", about = "Live migration with storage of a guest through each path")]
 struct Args {
+    /// Reps per path (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 3)]
     reps: usize,
+    /// Guest RAM in MiB, filled with random data (at least 16).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
     ram_mib: u64,
+    /// Raw disk in MiB, filled with random data (0 counts as 1).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
     disk_mib: u64,
-    only: Vec<String>,
+    /// Paths, comma-separated.
+    #[arg(long, value_name = "a,b", default_value_t = Names::all(&names_of(PATHS)), value_parser = only_paths)]
+    only: Names,
+    /// Bytes per second; 0: no limit, what `migtun migrate` does without the flag (the QMP-driven
+    /// paths set the same "unlimited" value, as libvirt does).
+    #[arg(long, value_name = "BYTES_PER_S", default_value_t = 0)]
     max_bandwidth: u64,
+    /// A running guest (default: paused); `--running false` is the default.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
     running: bool,
+    /// Multifd channels on every path, 1: one stream, clamped to 1..=255 [default: migtun migrate's default].
+    #[arg(long, value_name = "N", value_parser = clamp_parallel)]
     parallel: Option<u8>,
+    /// Where the raw numbers go (the table goes next to it as `.md`).
+    #[arg(long, value_name = "FILE", default_value_os_t = json_out_path("migration"))]
     json: PathBuf,
+    #[command(flatten)]
+    cargo: CargoBench,
 }
 
+/// `--only`: names of `PATHS`.
+fn only_paths(v: &str) -> Result<Names, String> {
+    Names::parse(v, &names_of(PATHS), false)
+}
+
+/// `--parallel`: any number, clamped to a multifd channel count QEMU takes (1..=255).
+fn clamp_parallel(v: &str) -> Result<u8, String> {
+    let n: u64 = v.parse().map_err(|e| format!("{v:?}: {e}"))?;
+    Ok(n.clamp(1, 255) as u8)
+}
+
+/// The arguments, with the floors the bench always applied.
 fn parse_args() -> Args {
-    let all: Vec<String> = PATHS.iter().map(|p| p.0.to_string()).collect();
-    let mut a = Args {
-        reps: 3,
-        ram_mib: 1024,
-        disk_mib: 1024,
-        only: all.clone(),
-        // 0: what a user gets by default (migtun lifts QEMU's limit; the QMP-driven paths set the
-        // same "unlimited" value, as libvirt does).
-        max_bandwidth: 0,
-        running: false,
-        parallel: None,
-        json: json_out_path("migration"),
-    };
-    let num = |k: &str, v: &str| -> u64 {
-        v.parse().unwrap_or_else(|_| {
-            eprintln!("{k}: not a number: {v:?}");
-            std::process::exit(2)
-        })
-    };
-    for (k, v) in common::args() {
-        match k.as_str() {
-            "--reps" => a.reps = num(&k, &v).max(1) as usize,
-            "--ram-mib" => a.ram_mib = num(&k, &v).max(16),
-            "--disk-mib" => a.disk_mib = num(&k, &v).max(1),
-            "--max-bandwidth" => a.max_bandwidth = num(&k, &v),
-            "--running" => a.running = v != "false",
-            "--parallel" => a.parallel = Some(num(&k, &v).clamp(1, 255) as u8),
-            "--only" => {
-                a.only = v
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                if let Some(p) = a.only.iter().find(|p| !all.contains(p)) {
-                    eprintln!("unknown path {p:?}; known: {}", all.join(","));
-                    std::process::exit(2);
-                }
-            }
-            "--json" => a.json = PathBuf::from(v),
-            "--help" | "-h" => {
-                eprintln!(
-                    "usage: cargo bench --bench migration -- [--reps 3] [--ram-mib 1024] [--disk-mib 1024] \
-                     [--max-bandwidth BYTES_PER_S (0, the default: no limit, what migtun migrate does without the flag)] \
-                     [--running (a running guest; default paused)] [--parallel N (multifd channels on every path, 1: one stream; default: migtun migrate's default)] [--only {}] [--json FILE]",
-                    all.join(",")
-                );
-                std::process::exit(2)
-            }
-            _ => {}
-        }
-    }
+    let mut a = <Args as clap::Parser>::parse();
+    a.reps = a.reps.max(1);
+    a.ram_mib = a.ram_mib.max(16);
+    a.disk_mib = a.disk_mib.max(1);
     a
 }
 

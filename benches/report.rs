@@ -490,20 +490,20 @@ fn write(file: &Path, text: &str) -> bool {
     }
 }
 
+/// `cargo bench --bench report -- [OPTIONS]`; see `benches/README.md`.
+#[derive(clap::Parser, Debug)]
+#[command(name = "report", bin_name = "cargo bench --bench report --", about = "The side-by-side report of the other benches' results")]
+struct Args {
+    /// Where the other benches wrote their JSON, and where the report goes [default: target/bench].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    cargo: common::CargoBench,
+}
+
 fn main() {
-    let mut dir = common::bench_dir();
-    for (k, v) in common::args() {
-        match k.as_str() {
-            "--dir" => dir = PathBuf::from(v),
-            "--help" | "-h" => {
-                eprintln!(
-                    "usage: cargo bench --bench report [-- --dir DIR (default target/bench)]"
-                );
-                std::process::exit(2)
-            }
-            _ => {}
-        }
-    }
+    let args = <Args as clap::Parser>::parse();
+    let dir = args.dir.unwrap_or_else(common::bench_dir);
     let inputs = Inputs::load(&dir);
     if inputs.json.is_empty() {
         eprintln!(

@@ -46,73 +46,52 @@ const PATTERN_SEED: u64 = 0x6d69_6774_756e;
 // ---------------------------------------------------------------------------------------------
 // Arguments
 
+/// `cargo bench --bench throughput -- [OPTIONS]`; see `benches/README.md`.
+#[derive(clap::Parser, Debug)]
+#[command(name = "throughput", bin_name = "cargo bench --bench throughput --", about = "Bulk throughput from a UNIX socket to a UNIX socket through each tunnel path")]
 struct Args {
+    /// Bytes pushed per rep, in GiB (fractions allowed, e.g. 0.5).
+    #[arg(long, value_name = "N", default_value_t = 4.0, value_parser = positive_gib)]
     size_gib: f64,
+    /// Reps per path; the table shows the median.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     reps: usize,
-    only: Vec<String>,
-    full_verify: bool,
+    /// Paths, comma-separated.
+    #[arg(long, value_name = "a,b", default_value_t = Names::all(&names_of(TUNNEL_PATHS)), value_parser = only_paths)]
+    only: Names,
+    /// How much of the received data is compared: `sample` (the first 4 KiB of every 64 KiB) or `full`.
+    #[arg(long, value_name = "sample|full", default_value = "sample", value_parser = ["sample", "full"])]
+    verify: String,
+    /// Where the raw numbers go (the table goes next to it as `.md`).
+    #[arg(long, value_name = "FILE", default_value_os_t = json_out_path("throughput"))]
     json: PathBuf,
     /// Parallel streams per rep; the rep's bytes are split evenly between them.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_STREAMS as u64))]
     streams: usize,
+    #[command(flatten)]
+    cargo: CargoBench,
+    /// `--verify full`, set by `parse_args`.
+    #[arg(skip)]
+    full_verify: bool,
 }
 
-fn usage() -> ! {
-    let names: Vec<&str> = TUNNEL_PATHS.iter().map(|p| p.0).collect();
-    eprintln!(
-        "usage: cargo bench --bench throughput -- [--size-gib N] [--reps N] [--only {}] \
-         [--streams N (1..={MAX_STREAMS})] [--verify sample|full] [--json FILE]",
-        names.join(",")
-    );
-    std::process::exit(2)
+/// `--only`: names of `common::TUNNEL_PATHS`.
+fn only_paths(v: &str) -> Result<Names, String> {
+    Names::parse(v, &names_of(TUNNEL_PATHS), false)
 }
 
-fn parse_list(v: &str) -> Vec<String> {
-    let list: Vec<String> = v
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    if let Some(p) = list
-        .iter()
-        .find(|p| !TUNNEL_PATHS.iter().any(|t| t.0 == *p))
-    {
-        eprintln!("unknown path {p:?}");
-        usage();
+/// `--size-gib`: a finite number above 0.
+fn positive_gib(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok(n),
+        Ok(_) => Err(format!("{v:?}: must be a number above 0")),
+        Err(e) => Err(format!("{v:?}: {e}")),
     }
-    list
 }
 
 fn parse_args() -> Args {
-    let mut a = Args {
-        size_gib: 4.0,
-        reps: 3,
-        only: TUNNEL_PATHS.iter().map(|p| p.0.to_string()).collect(),
-        full_verify: false,
-        json: json_out_path("throughput"),
-        streams: 1,
-    };
-    for (k, v) in common::args() {
-        match k.as_str() {
-            "--size-gib" => a.size_gib = v.parse().unwrap_or_else(|_| usage()),
-            "--reps" => a.reps = v.parse().unwrap_or_else(|_| usage()),
-            "--streams" => a.streams = v.parse().unwrap_or_else(|_| usage()),
-            "--only" => a.only = parse_list(&v),
-            "--verify" => {
-                a.full_verify = match v.as_str() {
-                    "full" => true,
-                    "sample" => false,
-                    _ => usage(),
-                }
-            }
-            "--json" => a.json = PathBuf::from(v),
-            "--help" | "-h" => usage(),
-            _ => {}
-        }
-    }
-    let size_ok = a.size_gib.is_finite() && a.size_gib > 0.0;
-    if !size_ok || a.reps == 0 || a.streams == 0 || a.streams > MAX_STREAMS {
-        usage();
-    }
+    let mut a = <Args as clap::Parser>::parse();
+    a.full_verify = a.verify == "full";
     a
 }
 

@@ -1234,20 +1234,56 @@ pub fn write_json(path: &Path, v: &serde_json::Value) {
     }
 }
 
-/// `--key value` / `--key=value` arguments (anything else, e.g. cargo's `--bench`, is ignored).
-pub fn args() -> Vec<(String, String)> {
-    let mut out = vec![];
-    let mut it = std::env::args().skip(1).peekable();
-    while let Some(a) = it.next() {
-        if let Some((k, v)) = a.split_once('=').filter(|(k, _)| k.starts_with("--")) {
-            out.push((k.to_string(), v.to_string()));
-        } else if a.starts_with("--") && a != "--bench" {
-            let v = match it.peek() {
-                Some(n) if !n.starts_with("--") => it.next().unwrap(),
-                _ => String::new(),
-            };
-            out.push((a, v));
+// ---------------------------------------------------------------------------------------------
+// Arguments: each bench has its own `#[derive(clap::Parser)]` struct; these are the shared parts.
+
+/// What `cargo bench` adds to the arguments of every `harness = false` bench: `--bench`,
+/// accepted and ignored (hidden from `--help`). Flatten it into each bench's arguments.
+#[derive(clap::Args, Debug)]
+pub struct CargoBench {
+    #[arg(long = "bench", hide = true)]
+    bench: bool,
+}
+
+/// A comma-separated list of path names (`--only a,b`), each checked against the bench's paths.
+#[derive(Clone, Debug)]
+pub struct Names(pub Vec<String>);
+
+impl std::ops::Deref for Names {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Names {
+    /// As `--only` takes it (clap shows defaults this way).
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+impl Names {
+    /// Every name of `known`, in its order: the default of `--only`.
+    pub fn all(known: &[&str]) -> Names {
+        Names(known.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// Parses `v` (`a,b,...`; blanks and empty items ignored); a name not in `known` is an error
+    /// that lists the known ones. `none` is the empty list when `none_ok`.
+    pub fn parse(v: &str, known: &[&str], none_ok: bool) -> Result<Names, String> {
+        if none_ok && v == "none" {
+            return Ok(Names(vec![]));
+        }
+        let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        match list.iter().find(|p| !known.contains(&p.as_str())) {
+            Some(p) => Err(format!("unknown path {p:?}; known: {}", known.join(","))),
+            None => Ok(Names(list)),
         }
     }
-    out
+}
+
+/// The names of `paths` (a bench's table of paths), in order.
+pub fn names_of<T>(paths: &[(&'static str, T)]) -> Vec<&'static str> {
+    paths.iter().map(|p| p.0).collect()
 }

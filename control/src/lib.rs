@@ -5,22 +5,26 @@
 //! # The map, lowest layer first
 //!
 //! Each layer may use the layers above it in this list, never one below it
-//! (`tests/layers.rs` checks every `crate::` path against this table):
+//! (`tests/layers.rs` checks every `crate::` path against this table, and that no two modules
+//! use each other):
 //!
 //! 1. **base**: [`messages`] (the wire types between agents and of reports), [`progress`],
 //!    [`failpoint`], [`process`], [`qemu_command`] (the QEMU command line
 //!    of a migratable guest, for the demo and the tests). Uses nothing of this crate.
 //! 2. **machine**: [`migration::machine`], the source's state machine. Pure: no I/O, no clock,
 //!    no tokio; tested without sockets. Uses nothing of this crate.
-//! 3. **policy**: [`destination`] (`cookie`, `cmdline`, `opts`, `paths`): what a destination
-//!    allows to run. Uses base.
-//! 4. **qmp**: [`qmp`], the QEMU client (wire, client, commands, events). **rpc**: [`rpc`] and
-//!    [`authz`], the control RPC between agents. **journal**: [`migration::journal`] and [`migration::handover`] (taking it over from the agent a restart replaces). None of
-//!    these three knows another.
-//! 5. **tools**: [`migration::teardown`] (undoing a migration in QEMU), [`tunnels`], [`admin`]
-//!    (the local admin socket and its registry).
-//! 6. **sides**: [`migration::driver`] (the machine's I/O) and [`migration::recovery`] on the
-//!    source, [`destination::incoming`] on the destination.
+//! 3. **policy**: [`destination`] (`cookie`, `cmdline` with its `options` and `keys`, `opts`,
+//!    `paths`): what a destination allows to run. Uses base.
+//! 4. **qmp**: [`qmp`], the QEMU client (wire, connection, client, commands, events). **rpc**:
+//!    [`rpc`], the control RPC between agents (server, client, liveness, body). **journal**:
+//!    [`migration::journal`] and [`migration::handover`] (taking it over from the agent a
+//!    restart replaces). None of these three knows another.
+//! 5. **tools**: [`migration::teardown`] (undoing a migration in QEMU), [`migration::settle`]
+//!    (asking the destination again for an unknown outcome), [`tunnels`], [`admin`] (the local
+//!    admin socket and its registry: `socket`, `registry`), [`authz`] (who may call the RPC: a policy for its server,
+//!    from the config).
+//! 6. **sides**: [`migration::driver`] (the machine's I/O: the loop, `executor`, `observe`) and
+//!    [`migration::recovery`] on the source, [`destination::incoming`] on the destination.
 //! 7. **service**: [`service`], which wires the sides into one agent; and [`fuzzing`] (not an API).
 //!
 //! `migtun_proxy` (the data plane) is used by every layer from policy up; it never knows this

@@ -7,4 +7,5 @@ pub mod driver;
 pub mod handover;
 pub mod journal;
 pub mod recovery;
+pub mod settle;
 pub mod teardown;

@@ -1,9 +1,7 @@
 //! The source side after a crash or a lost answer: settling what the journal says is unfinished.
 //!
-//! * [`settle`]: past the point of no return without the destination's answer, ask it again
-//!   (`finish` is idempotent there, answered from its journal) over a fresh connection, with
-//!   back-off, until it answers or the operator decides (`migtun resolve`). The guest stays
-//!   paused meanwhile: resuming it could make two copies run.
+//! * [`settle`] (in its own module, which the driver uses too): past the point of no return
+//!   without the destination's answer, ask it again until it answers or the operator decides.
 //! * [`recover`]: at start, every outgoing record the journal holds is a migration this agent
 //!   was running when it died. Before the point of no return it is rolled back from what the
 //!   record says may exist (a migration, mirror jobs, NBD nodes, changed settings; the guest
@@ -12,93 +10,22 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use migtun_proxy::agent::AgentHandle;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::admin::{GuestOn, Registry, Tracked};
+use crate::admin::{Registry, Tracked};
 use crate::migration::driver::Outgoing;
 use crate::migration::journal::{OutgoingRecord, OutgoingStage};
-use crate::messages::{FinishReply, FinishRequest, OutcomeKind, Report, Totals};
+use crate::messages::{OutcomeKind, Report, Totals};
 use crate::process::ProcessId;
 use crate::qmp::Qmp;
-use crate::rpc::RpcClient;
+use crate::migration::settle::settle;
 use crate::migration::teardown;
 
-/// First wait before asking the destination again; doubled after each failed attempt.
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-/// Longest wait between two attempts: a destination that comes back is heard from within this.
-const MAX_RETRY: Duration = Duration::from_secs(15);
-/// One attempt: connect, hello, `finish`. The destination's `finish` may wait up to 30 s for
-/// its incoming migration to complete.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(45);
 /// Connecting to the source QEMU's monitor during recovery: a live QEMU accepts at once.
 const QMP_CONNECT: Duration = Duration::from_secs(5);
 /// After `quit`, how long the source QEMU may take to exit.
 const QUIT_GRACE: Duration = Duration::from_secs(10);
-
-/// Asks the destination `to` what became of migration `id` until it answers: `Ok` = the guest
-/// runs (or is held) there, `Err(why)` = it does not and the source must keep it. An operator's
-/// `migtun resolve` answers instead.
-pub async fn settle(agent: &AgentHandle, to: &str, id: &str, resume: bool, tracked: &Tracked) -> Result<(), String> {
-    tracked.report(Report::Phase {
-        phase: "unknown".into(),
-        step: None,
-        message: format!(
-            "waiting for {to}'s answer: the guest stays paused on the source. If {to} is gone for good: \
-             `migtun resolve {id} --guest-on source` (or `destination`)"
-        ),
-    });
-    let _awaiting = tracked.await_resolution();
-    let mut delay = FIRST_RETRY;
-    let mut attempt = 0u64;
-    loop {
-        attempt += 1;
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, ask(agent, to, id, resume)).await {
-            Ok(Ok(reply)) if reply.guest_kept => {
-                info!(migration = %id, %to, attempt, "the destination answers: the guest runs there");
-                tracked.report(Report::Log { message: format!("{to} answers: the guest runs there") });
-                return Ok(());
-            }
-            Ok(Ok(reply)) => {
-                info!(migration = %id, %to, attempt, detail = %reply.detail, "the destination answers: it does not have the guest");
-                tracked.report(Report::Log { message: format!("{to} answers: {}", reply.detail) });
-                return Err(reply.detail);
-            }
-            Ok(Err(e)) => note_attempt(tracked, id, to, attempt, delay, &e),
-            Err(_) => note_attempt(tracked, id, to, attempt, delay, &format!("no answer within {}s", ATTEMPT_TIMEOUT.as_secs())),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            decision = tracked.resolution() => {
-                warn!(migration = %id, guest_on = decision.as_str(), "the operator resolved the unknown outcome");
-                return match decision {
-                    GuestOn::Destination => Ok(()),
-                    GuestOn::Source => Err("the operator decided (migtun resolve) that the guest is not on the destination".into()),
-                };
-            }
-        }
-        delay = (delay * 2).min(MAX_RETRY);
-    }
-}
-
-fn note_attempt(tracked: &Tracked, id: &str, to: &str, attempt: u64, delay: Duration, why: &str) {
-    // Every attempt at first, then one line in ten: the log says it is still asking.
-    if attempt <= 3 || attempt % 10 == 0 {
-        warn!(migration = %id, %to, attempt, error = %why, "no answer yet from the destination; the guest stays paused");
-        tracked.report(Report::Log {
-            message: format!("attempt {attempt}: no answer from {to} ({why}); asking again in {} s", delay.as_secs()),
-        });
-    }
-}
-
-/// One `finish(success)` on a fresh control connection.
-async fn ask(agent: &AgentHandle, to: &str, id: &str, resume: bool) -> Result<FinishReply, String> {
-    let io = agent.connect_control(to).await.map_err(|e| e.to_string())?;
-    let rpc = RpcClient::connect(io, to, agent.name()).await.map_err(|e| e.to_string())?;
-    let req = FinishRequest { migration: id.to_string(), success: true, resume };
-    rpc.call_with_timeout::<_, FinishReply>("finish", &req, ATTEMPT_TIMEOUT).await.map_err(|e| e.to_string())
-}
 
 /// Settles every migration the journal found unfinished, each in its own task, visible in
 /// `migtun status` under its id.

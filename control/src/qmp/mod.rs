@@ -31,17 +31,19 @@
 //! ```
 
 //!
-//! Files: `wire.rs` (the line protocol, pure parsing), `client.rs` (the connection: reader and
-//! writer tasks, [`Qmp`]'s commands), `commands.rs` (typed queries and their replies), `events.rs`
+//! Files: `wire.rs` (the line protocol, pure parsing), `connection.rs` (the reader and writer
+//! tasks and the state they share), `client.rs` ([`Qmp`]: connecting, its commands), `commands.rs` (typed queries and their replies), `events.rs`
 //! ([`EventsExt`]: waiting for an event).
 
 mod client;
 mod commands;
+mod connection;
 mod events;
 mod wire;
 
 pub use client::*;
 pub use commands::*;
+use connection::*;
 pub use events::*;
 pub use wire::*;
 
