@@ -529,7 +529,7 @@ impl Agent {
         let acceptor = shared.tls.server_config(alpn)?;
         let stop_metrics = CancellationToken::new();
         if let Some(l) = self.metrics_listener {
-            tokio::spawn(crate::metrics::serve(l, shared.metrics.clone(), stop_metrics.clone()));
+            tokio::spawn(crate::ops::serve(l, shared.metrics.clone(), stop_metrics.clone()));
         }
         tokio::spawn(crate::buffers::sweep(stop_metrics.clone()));
         let expose_ctx = Arc::new(ExposeContext::new(

@@ -45,6 +45,7 @@ pub mod fuzzing;
 pub mod limit;
 pub mod metrics;
 pub mod notify;
+pub mod ops;
 pub mod port;
 pub mod preflight;
 pub mod quic;

@@ -29,7 +29,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("route", &["routes", "expose", "forward"]),
     ("peer", &["connect"]),
     ("port", &["port"]),
-    ("agent", &["agent", "reload", "preflight", "fuzzing", "lib"]),
+    ("agent", &["agent", "ops", "reload", "preflight", "fuzzing", "lib"]),
 ];
 
 /// Upward imports that exist today, as (module of the file, module it uses). Remove an entry when
