@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use migtun_proxy::agent::{ControlHandler, DynamicForward};
-use migtun_proxy::endpoint::Endpoint;
+use migtun_proxy::io::endpoint::Endpoint;
 use migtun_proxy::routes::{ByteCount, ExposeRoute};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -742,7 +742,7 @@ async fn burst(pair: &mut LoadPair, specs: &[Spec], run: u64) -> ((Usage, Usage)
 /// datagrams arrive), the runtime's tables at the size they grew to. What used to stay is far
 /// over the bound: the 64 pooled 256 KiB buffers (16 MiB) and the allocator's free memory
 /// (10-17 MiB after TLS, 40-120 MiB after QUIC); both are given back once the agent is idle
-/// (`migtun_proxy::buffers::sweep`). Without that, the agents stayed where the burst left them:
+/// (`migtun_proxy::io::buffers::sweep`). Without that, the agents stayed where the burst left them:
 /// 35-46 MiB (TLS) and 70-177 MiB (QUIC), from 12.
 const RSS_SLACK_KIB: u64 = 8 * 1024;
 

@@ -43,7 +43,7 @@
 //!   destination agent, which only notices through its control connection's keepalive,
 //!   quits its QEMU and empties its run_dir; the migration's data streams end on both hosts
 //!   too (TCP keepalive, and `TCP_USER_TIMEOUT` for a stream that had data in flight), all
-//!   within [`migtun_proxy::socket::USER_TIMEOUT`] + 20 s of the cut. (The RAM cell rolls back
+//!   within [`migtun_proxy::io::socket::USER_TIMEOUT`] + 20 s of the cut. (The RAM cell rolls back
 //!   in ~6 s, on the keepalive and the yank; the mirror cell in ~25 s: while NBD requests are
 //!   in flight to the vanished peer the source QEMU answers no in-band QMP command, and the
 //!   source driver does not yank until its pending one times out; the data connections'
@@ -778,7 +778,7 @@ fn link_cut_rolls_back_then_migrates(name: &'static str, phase: Phase, side: usi
     eprintln!("both sides clean {:?} after the cut", cut.elapsed());
     // The data connections to the vanished peer end too, on both hosts (TCP keepalive, and
     // TCP_USER_TIMEOUT for those with data in flight), and with them the streams.
-    let deadline = cut + migtun_proxy::socket::USER_TIMEOUT + Duration::from_secs(20);
+    let deadline = cut + migtun_proxy::io::socket::USER_TIMEOUT + Duration::from_secs(20);
     while !(th.streams(0).is_empty() && th.streams(1).is_empty()) {
         assert!(Instant::now() < deadline, "streams left {:?} after the cut: host-a {:?}, host-b {:?}", cut.elapsed(), th.streams(0), th.streams(1));
         std::thread::sleep(Duration::from_millis(250));

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use migtun_proxy::agent::{AgentHandle, DynamicForward, ExposeGuard, ForwardGuard};
 use migtun_proxy::config::{TunnelsConfig, TUNNEL_SOCKET_MODE};
-use migtun_proxy::endpoint::Endpoint;
+use migtun_proxy::io::endpoint::Endpoint;
 use migtun_proxy::routes::ExposeRoute;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};

@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Transport};
 use crate::connect::{ConnectError, PeerConnector, QuicClient};
-use crate::endpoint::{Endpoint, LocalListener};
+use crate::io::endpoint::{Endpoint, LocalListener};
 use crate::expose::ExposeContext;
 use crate::forward::ForwardContext;
 use crate::metrics::Metrics;
@@ -354,7 +354,7 @@ impl Agent {
     /// drains there, and the UDP port as soon as that agent has let it go (see
     /// [`Agent::with_port`] for what happens when UDP is taken by anything else).
     pub async fn bind(config: Config) -> Result<Agent, AgentError> {
-        let port = crate::socket::listen_reuseport(config.listen)
+        let port = crate::io::socket::listen_reuseport(config.listen)
             .map_err(|source| AgentError::Listen { addr: config.listen, source })?;
         let addr = port.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
         let quic = match crate::quic::endpoint::bind_udp(addr).and_then(crate::quic::endpoint::endpoint) {
@@ -461,7 +461,7 @@ impl Agent {
 
         let metrics_listener = match config.metrics {
             // SO_REUSEPORT like the port: a new agent binds while the old one drains.
-            Some(addr) => Some(crate::socket::listen_reuseport(addr).map_err(|source| AgentError::Metrics { addr, source })?),
+            Some(addr) => Some(crate::io::socket::listen_reuseport(addr).map_err(|source| AgentError::Metrics { addr, source })?),
             None => None,
         };
 
@@ -531,7 +531,7 @@ impl Agent {
         if let Some(l) = self.metrics_listener {
             tokio::spawn(crate::ops::serve(l, shared.metrics.clone(), stop_metrics.clone()));
         }
-        tokio::spawn(crate::buffers::sweep(stop_metrics.clone()));
+        tokio::spawn(crate::io::buffers::sweep(stop_metrics.clone()));
         let expose_ctx = Arc::new(ExposeContext::new(
             shared.metrics.clone(),
             shared.routes.clone(),

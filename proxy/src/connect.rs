@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use crate::config::Transport;
 use crate::metrics::Metrics;
 use crate::quic::stream::QuicStream;
-use crate::buffers::PooledReader;
+use crate::io::buffers::PooledReader;
 use crate::tls::session::{self, TlsSession};
 pub use crate::transport::PeerStream;
 use crate::transport::{AutoPolicy, Choice, Switch, AUTO_QUIC_TIMEOUT};
@@ -452,7 +452,7 @@ impl PeerConnector {
             }
         }
         let tcp = tcp.ok_or_else(|| ConnectError::Unreachable { address: self.address.clone(), source: last })?;
-        crate::socket::tune(&tcp);
+        crate::io::socket::tune(&tcp);
         let mut session = session::connect(tls.config.clone(), self.server_name.clone(), tcp).await.map_err(|source| {
             ConnectError::Handshake { address: self.address.clone(), reason: crate::tls::failure::failure_reason(&source), source }
         })?;

@@ -11,13 +11,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::limit::KeyedLimit;
+use crate::io::limit::KeyedLimit;
 use crate::metrics::{Metrics, Side};
 use crate::port::PortLog;
 use crate::routes::RouteTable;
 use crate::tls::identity::PeerIdentity;
 use crate::wire::{Reply, ReplyCode, Request, WireError, MAX_REQUEST_LEN};
-use crate::Reset;
+use crate::io::Reset;
 
 /// How long a handshaked connection may sit idle before its preamble starts. Sources keep a
 /// few connections warm for up to [`crate::connect::POOL_MAX_IDLE`] (20 s); this is that plus
@@ -153,7 +153,7 @@ pub async fn serve<S>(
         }
     };
     let mut target = match route.target.connect(TARGET_CONNECT_TIMEOUT).await {
-        Ok(t) => crate::buffers::PooledReader::new(t),
+        Ok(t) => crate::io::buffers::PooledReader::new(t),
         Err(e) => {
             let detail = format!("cannot connect to {}: {e}", route.target);
             refuse(&mut conn, ctx, &peer_name, route_name, ReplyCode::TargetUnreachable, &detail).await;

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::connect::{ConnectError, PeerConnector, PeerStream};
-use crate::endpoint::{LocalListener, LocalStream};
+use crate::io::endpoint::{LocalListener, LocalStream};
 use crate::metrics::{Metrics, Side};
 use crate::wire::{Reply, ReplyCode, Request, MAX_REPLY_LEN};
 
@@ -85,7 +85,7 @@ fn quic_lost_reason(e: &std::io::Error) -> Option<&'static str> {
 pub async fn serve(listener: LocalListener, ctx: Arc<ForwardContext>, draining: CancellationToken, tracker: TaskTracker) {
     // The receiver that the next accepted stream waits on before it may send its preamble.
     let mut previous: Option<oneshot::Receiver<()>> = None;
-    let mut accept = crate::accept::AcceptLoop::new("forward", Some(ctx.metrics.clone()));
+    let mut accept = crate::io::accept::AcceptLoop::new("forward", Some(ctx.metrics.clone()));
     loop {
         let local = tokio::select! {
             _ = draining.cancelled() => return,
@@ -115,7 +115,7 @@ async fn stream(local: LocalStream, ctx: &ForwardContext, my_turn: Option<onesho
     };
     let m = ctx.metrics.stream(peer_name, route, Side::Source);
     debug!(peer = peer_name, route, transport = conn.transport(), "stream open");
-    let mut local = crate::buffers::PooledReader::new(local);
+    let mut local = crate::io::buffers::PooledReader::new(local);
     let result = crate::relay::run(&mut local, &mut conn, &early, &m, None, &ctx.abort).await;
     match result {
         Ok(t) => info!(

@@ -6,7 +6,7 @@
 //! route ([`wire`]); the peer checks who may open it ([`routes`]), connects to the `[[expose]]`
 //! target ([`expose`]) and the bytes are relayed both ways ([`relay`]). rustls does each TLS
 //! handshake; the records after it are migtun's own, sealed and opened in place ([`tls::session`],
-//! [`tls::record`]) in buffers from a bounded pool ([`buffers`]). Over QUIC ([`quic`]) a
+//! [`tls::record`]) in buffers from a bounded pool ([`buffers`](io::buffers)). Over QUIC ([`quic`]) a
 //! stream is a QUIC stream on the peer's one connection instead; [`transport`] hides which.
 //! [`agent`] ties the pieces to one validated [`config::Config`] and drains them on shutdown.
 //!
@@ -17,32 +17,29 @@
 //! `tests/layers.rs` holds the same table and fails on an import that points up;
 //! the upward imports left from the flat layout are listed there one by one and only shrink.
 //!
-//! 1. io: [`socket`], [`limit`], [`notify`], [`wire`], [`metrics`], [`accept`], [`endpoint`],
-//!    [`buffers`]
+//! 1. io: [`metrics`], [`notify`], [`wire`], and the folder [`io`] (local endpoints, socket options,
+//!    the accept loop, limits, the buffer pool, and the stream traits the relay is generic over)
 //! 2. config: [`config`]
 //! 3. tls: the folder [`tls`] (identity, rustls configurations, the record layer, the session)
 //! 4. quic: the folder [`quic`] (tuning, endpoint, stream, failure)
-//! 5. relay: [`relay`] (the relay and the stream traits it is generic over)
+//! 5. relay: [`relay`] (the relay, generic over the traits in [`io`])
 //! 6. stream: [`transport`] (implements those traits for TLS and QUIC streams)
 //! 7. route: [`routes`], [`expose`], [`forward`]
 //! 8. peer: [`connect`]
 //! 9. port: [`port`]
-//! 10. agent: [`agent`], [`reload`], [`preflight`], `fuzzing`, this file
+//! 10. agent: [`agent`], [`ops`], [`reload`], [`preflight`], `fuzzing`, this file
 //!
 //! The data plane never names the control-plane crate.
 
-pub mod accept;
 pub mod agent;
-pub mod buffers;
 pub mod config;
 pub mod connect;
-pub mod endpoint;
 pub mod expose;
 pub mod forward;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod limit;
+pub mod io;
 pub mod metrics;
 pub mod notify;
 pub mod ops;
@@ -52,22 +49,9 @@ pub mod quic;
 pub mod relay;
 pub mod reload;
 pub mod routes;
-pub mod socket;
 pub mod tls;
 pub mod transport;
 pub mod wire;
 
 pub use agent::{Agent, AgentError};
 pub use config::Config;
-
-/// A stream that can be closed abortively, so the other end sees a reset rather than an EOF.
-pub trait Reset {
-    /// Makes dropping the stream send a TCP RST (SO_LINGER 0). No effect on UNIX sockets.
-    fn set_reset_on_drop(&self);
-}
-
-impl Reset for endpoint::LocalStream {
-    fn set_reset_on_drop(&self) {
-        endpoint::LocalStream::set_reset_on_drop(self)
-    }
-}

@@ -24,7 +24,7 @@ const METRICS_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::fro
 /// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
-    let mut accept = crate::accept::AcceptLoop::new("metrics", Some(metrics.clone()));
+    let mut accept = crate::io::accept::AcceptLoop::new("metrics", Some(metrics.clone()));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -13,7 +13,7 @@
 //!   the handshake, whatever its ALPN.
 //!
 //! Refusals are counted (`migtun_port_refusals_total`, `migtun_handshake_failures_total`) and
-//! logged at most once per [`crate::accept::LOG_INTERVAL`] per kind, with counts.
+//! logged at most once per [`crate::io::accept::LOG_INTERVAL`] per kind, with counts.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -26,9 +26,9 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::accept::{AcceptLoop, Throttle};
+use crate::io::accept::{AcceptLoop, Throttle};
 use crate::expose::{self, ExposeContext};
-use crate::limit::{source_key, KeyedLimit};
+use crate::io::limit::{source_key, KeyedLimit};
 use crate::metrics::ReasonLabels;
 use crate::tls::session::{self, TlsSession};
 use crate::tls::failure::failure_reason;
@@ -117,7 +117,7 @@ pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, c
         };
         let Some(address_permit) = per_address.try_acquire(source_key(addr.ip())) else {
             // Cheap: no TLS work, and a reset leaves no TIME_WAIT behind.
-            crate::socket::reset_on_drop(&tcp);
+            crate::io::socket::reset_on_drop(&tcp);
             drop(tcp);
             ctx.metrics.port_refused("tls", "address-limit");
             if let Some(n) = ctx.log.address_limit.hit() {
@@ -140,7 +140,7 @@ pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, c
                 (Alpn::Data, _) => expose::serve(conn, peer, &handshaked, "tls", &ctx).await,
                 (Alpn::Control, Some(handler)) => {
                     let Some(_slot) = control_per_peer.try_acquire(peer.name().to_string()) else {
-                        crate::socket::reset_on_drop(conn.tcp());
+                        crate::io::socket::reset_on_drop(conn.tcp());
                         ctx.metrics.port_refused("tls", "peer-control-limit");
                         if let Some(n) = ctx.log.control_limit.hit() {
                             warn!(%addr, peer = peer.name(), limit = MAX_CONTROL_CONNECTIONS_PER_PEER, refused = n,
@@ -261,7 +261,7 @@ async fn handshake(
     acceptor: &Arc<rustls::ServerConfig>,
     ctx: &ExposeContext,
 ) -> Option<(TlsSession, PeerIdentity, Alpn, crate::tls::context::Handshaked)> {
-    crate::socket::tune(&tcp);
+    crate::io::socket::tune(&tcp);
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let hello = tokio::select! {
         r = tokio::time::timeout(CLIENT_HELLO_TIMEOUT, client_hello(&tcp)) => r,
@@ -274,7 +274,7 @@ async fn handshake(
             return None;
         }
         Ok(Ok(Hello::NotTls)) => {
-            crate::socket::reset_on_drop(&tcp);
+            crate::io::socket::reset_on_drop(&tcp);
             ctx.metrics.port_refused("tls", "not-tls");
             refused(ctx, addr, "protocol", &"the first record is not a TLS handshake record");
             return None;
@@ -284,7 +284,7 @@ async fn handshake(
             return None;
         }
         Err(_) => {
-            crate::socket::reset_on_drop(&tcp);
+            crate::io::socket::reset_on_drop(&tcp);
             ctx.metrics.port_refused("tls", "client-hello-timeout");
             if let Some(n) = ctx.log.hello.hit() {
                 warn!(%addr, secs = CLIENT_HELLO_TIMEOUT.as_secs(), refused = n, "no complete ClientHello in time; connection closed");
@@ -318,7 +318,7 @@ async fn handshake(
     }
     ctx.metrics.handshake_done("server", info.resumed);
     if !is_configured_peer(ctx, "tls", addr, &peer) {
-        crate::socket::reset_on_drop(conn.tcp());
+        crate::io::socket::reset_on_drop(conn.tcp());
         return None;
     }
     let alpn = match info.alpn.as_deref() {

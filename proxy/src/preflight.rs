@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use crate::config::{Config, ConfigError, Transport};
-use crate::endpoint::Endpoint;
+use crate::io::endpoint::Endpoint;
 
 /// Every problem found, in config order; empty when `serve` can start.
 pub fn check(config: &Config, file: &str) -> Vec<ConfigError> {

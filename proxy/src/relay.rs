@@ -10,12 +10,14 @@
 //! (or, on UNIX sockets, a close) on the other.
 
 use std::future::poll_fn;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncBufRead, AsyncWrite};
+use tokio::io::AsyncWrite;
+
+use crate::io::{ChunkedRead, DirectRead, PullError, PullWrite};
 
 /// Which side of the relay failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,56 +35,16 @@ pub struct Transferred {
     pub peer_to_local: u64,
 }
 
-/// A buffered reader that can hand out all it holds as several slices, for one vectored write
-/// (a TLS session's decrypted records lie apart, between their headers and tags).
-pub trait ChunkedRead: AsyncBufRead {
-    /// After `poll_fill_buf` returned bytes: the buffered bytes as up to `out.len()` slices, the
-    /// first being what `poll_fill_buf` returned. Returns how many slices it filled.
-    fn chunks<'a>(&'a self, out: &mut [IoSlice<'a>]) -> usize;
-}
-
-/// [`ChunkedRead::chunks`] for a reader whose buffer is one slice.
-pub fn one_chunk<'a>(buf: &'a [u8], out: &mut [IoSlice<'a>]) -> usize {
-    match out.first_mut() {
-        Some(slot) if !buf.is_empty() => {
-            *slot = IoSlice::new(buf);
-            1
-        }
-        _ => 0,
-    }
-}
-
-/// A reader that can read straight into someone else's buffers, with one vectored read.
-pub trait DirectRead {
-    /// Reads into `bufs` in order; `None` if this reader cannot (or holds buffered bytes that
-    /// must go first), and the relay copies through the reader's buffer instead.
-    fn poll_read_direct(&mut self, cx: &mut Context<'_>, bufs: &mut [IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>>;
-}
-
-/// A writer that fills its own buffer straight from a [`DirectRead`]er: a TLS session reads the
-/// plaintext into its record slots and seals it where it landed (no copy in between).
-pub trait PullWrite {
-    /// Moves bytes from `src`; `Ready(Ok(0))` is `src`'s EOF. `None` if either side cannot.
-    fn poll_pull(&mut self, cx: &mut Context<'_>, src: &mut dyn DirectRead) -> Option<Poll<Result<usize, PullError>>>;
-}
-
-/// A failure of [`PullWrite::poll_pull`], by the side it happened on.
-#[derive(Debug)]
-pub enum PullError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
 /// What the relay needs of each side.
 pub trait RelayStream: ChunkedRead + DirectRead + PullWrite + AsyncWrite + Unpin {}
 impl<T: ChunkedRead + DirectRead + PullWrite + AsyncWrite + Unpin> RelayStream for T {}
 
 /// Slices per vectored write: all of a large buffer's full TLS records.
-const MAX_WRITE_CHUNKS: usize = crate::buffers::LARGE / crate::tls::record::MAX_PLAINTEXT;
+const MAX_WRITE_CHUNKS: usize = crate::io::buffers::LARGE / crate::tls::record::MAX_PLAINTEXT;
 
 /// One direction of the relay: from a buffered reader to a writer. The buffer is the reader's:
 /// a [`crate::tls::session::TlsSession`] hands out decrypted records where they lie, a
-/// [`crate::buffers::PooledReader`] its pooled buffer; either holds it only while bytes wait.
+/// [`crate::io::buffers::PooledReader`] its pooled buffer; either holds it only while bytes wait.
 #[derive(Default)]
 struct Direction {
     total: u64,
@@ -234,8 +196,8 @@ pub async fn run<L, P>(
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<Transferred, RelayError>
 where
-    L: RelayStream + crate::Reset,
-    P: RelayStream + crate::Reset,
+    L: RelayStream + crate::io::Reset,
+    P: RelayStream + crate::io::Reset,
 {
     let result = async {
         if !early.is_empty() {
@@ -267,7 +229,7 @@ mod tests {
     async fn carries_bytes_and_half_close_each_way() {
         let (mut app, local) = tokio::io::duplex(1024);
         let (peer, mut remote) = tokio::io::duplex(1024);
-        let (mut local, mut peer) = (crate::buffers::PooledReader::new(local), crate::buffers::PooledReader::new(peer));
+        let (mut local, mut peer) = (crate::io::buffers::PooledReader::new(local), crate::io::buffers::PooledReader::new(peer));
         let (tx, rx) = (Counter::default(), Counter::default());
         let relay = tokio::spawn(async move { relay(&mut local, &mut peer, &tx, &rx).await.map(|t| (t, tx.get(), rx.get())) });
 

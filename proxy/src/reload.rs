@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::agent::{AgentError, AgentHandle, ForwardGuard, Running, StaticForward};
 use crate::config::{Config, Forward, Transport};
-use crate::endpoint::{Endpoint, LocalListener};
+use crate::io::endpoint::{Endpoint, LocalListener};
 use crate::forward::ForwardContext;
 use crate::routes::{ExposeRoute, RouteError};
 use crate::tls::context::{TlsContext, TlsSetupError};

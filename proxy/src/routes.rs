@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::endpoint::Endpoint;
+use crate::io::endpoint::Endpoint;
 use crate::wire::ReplyCode;
 
 /// Where a route leads and who may open it.

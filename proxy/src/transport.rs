@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::buffers::PooledReader;
+use crate::io::buffers::PooledReader;
 use crate::quic::stream::QuicStream;
 use crate::tls::session::TlsSession;
-use crate::Reset;
+use crate::io::Reset;
 
 /// A stream to a peer, on either transport. Same semantics on both: bytes in order, shutdown is
 /// an EOF for the other side (TLS close_notify and TCP FIN, or QUIC FIN), a reset on drop after
@@ -37,7 +37,7 @@ impl Reset for PeerStream {
     fn set_reset_on_drop(&self) {
         match self {
             PeerStream::Tls(s) => s.set_reset_on_drop(),
-            PeerStream::Quic(s) => crate::Reset::set_reset_on_drop(s),
+            PeerStream::Quic(s) => crate::io::Reset::set_reset_on_drop(s),
         }
     }
 }
@@ -75,7 +75,7 @@ impl AsyncBufRead for PeerStream {
     }
 }
 
-impl crate::relay::ChunkedRead for PeerStream {
+impl crate::io::ChunkedRead for PeerStream {
     fn chunks<'a>(&'a self, out: &mut [io::IoSlice<'a>]) -> usize {
         match self {
             PeerStream::Tls(s) => s.chunks(out),
@@ -84,18 +84,18 @@ impl crate::relay::ChunkedRead for PeerStream {
     }
 }
 
-impl crate::relay::DirectRead for PeerStream {
+impl crate::io::DirectRead for PeerStream {
     fn poll_read_direct(&mut self, _: &mut Context<'_>, _: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
         None
     }
 }
 
-impl crate::relay::PullWrite for PeerStream {
+impl crate::io::PullWrite for PeerStream {
     fn poll_pull(
         &mut self,
         cx: &mut Context<'_>,
-        src: &mut dyn crate::relay::DirectRead,
-    ) -> Option<Poll<Result<usize, crate::relay::PullError>>> {
+        src: &mut dyn crate::io::DirectRead,
+    ) -> Option<Poll<Result<usize, crate::io::PullError>>> {
         match self {
             PeerStream::Tls(s) => s.poll_pull(cx, src),
             PeerStream::Quic(_) => None,

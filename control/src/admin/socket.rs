@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use migtun_proxy::agent::AgentHandle;
-use migtun_proxy::endpoint::{Endpoint, LocalListener, LocalStream};
+use migtun_proxy::io::endpoint::{Endpoint, LocalListener, LocalStream};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::broadcast;
@@ -43,7 +43,7 @@ pub async fn serve_on(
     starter: Starter,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut accept = migtun_proxy::accept::AcceptLoop::new("admin", Some(agent.metrics()));
+    let mut accept = migtun_proxy::io::accept::AcceptLoop::new("admin", Some(agent.metrics()));
     loop {
         let conn = tokio::select! {
             _ = stop.cancelled() => return Ok(()),

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use migtun_proxy::agent::{AgentHandle, ExposeGuard};
-use migtun_proxy::endpoint::Endpoint;
+use migtun_proxy::io::endpoint::Endpoint;
 use migtun_proxy::routes::{ByteCount, ExposeRoute};
 use serde_json::json;
 use sha2::{Digest, Sha256};

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::endpoint::{Endpoint, Ownership, DEFAULT_SOCKET_MODE};
+use crate::io::endpoint::{Endpoint, Ownership, DEFAULT_SOCKET_MODE};
 use crate::tls::identity::{dns_sans, load_certs, load_crls, load_key};
 
 mod explain;

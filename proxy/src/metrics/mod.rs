@@ -119,7 +119,7 @@ pub struct ReasonLabels {
 pub struct AcceptLabels {
     /// `port`, `forward`, `metrics` or `admin`.
     pub listener: &'static str,
-    /// [`crate::accept::ErrorKind::label`].
+    /// [`crate::io::accept::ErrorKind::label`].
     pub reason: &'static str,
 }
 

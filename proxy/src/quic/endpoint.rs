@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
-use crate::limit::{source_key, KeyedLimit};
+use crate::io::limit::{source_key, KeyedLimit};
 use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_ADDRESS};
 use crate::tls::identity::PeerIdentity;
 use crate::tls::ALPN_DATA;
@@ -287,7 +287,7 @@ async fn serve_connection(conn: quinn::Connection, peer: PeerIdentity, ctx: Arc<
         let open = open.clone();
         open.send_modify(|n| *n += 1);
         tracker.spawn(async move {
-            expose::serve(crate::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, &handshaked, "quic", &ctx).await;
+            expose::serve(crate::io::buffers::PooledReader::new(QuicStream::new(send, recv)), peer, &handshaked, "quic", &ctx).await;
             open.send_modify(|n| *n -= 1);
         });
     }

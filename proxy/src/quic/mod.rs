@@ -7,7 +7,7 @@
 //! (by [`crate::routes::RouteTable::authorize`]), handshake failure reasons and metrics are the
 //! same whichever transport a stream takes. The stream semantics are the TLS transport's too:
 //! the same preamble and replies, EOF as a QUIC `FIN` ([`quinn::SendStream::finish`]), a reset
-//! as `RESET_STREAM` plus `STOP_SENDING` ([`stream::QuicStream`]'s [`crate::Reset`]).
+//! as `RESET_STREAM` plus `STOP_SENDING` ([`stream::QuicStream`]'s [`crate::io::Reset`]).
 //!
 //! [`tuning`] sets the endpoint up (windows, limits, congestion control, the rustls configurations
 //! for QUIC), [`endpoint`] binds the UDP socket and serves peers, [`stream`] is one tunnelled

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use quinn::VarInt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::Reset;
+use crate::io::Reset;
 
 use super::tuning::codes;
 
@@ -58,6 +58,8 @@ impl Drop for QuicStream {
         }
     }
 }
+
+crate::io::copy_only!(QuicStream);
 
 impl AsyncRead for QuicStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migtun_proxy::agent::{AgentHandle, DynamicForward, ForwardGuard};
-use migtun_proxy::endpoint::Endpoint;
+use migtun_proxy::io::endpoint::Endpoint;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;

@@ -176,7 +176,7 @@ impl Validator<'_> {
             let listen: Endpoint =
                 f.listen
                     .parse()
-                    .or_else(|e: crate::endpoint::EndpointParseError| {
+                    .or_else(|e: crate::io::endpoint::EndpointParseError| {
                         err(k("listen"), e.to_string())
                     })?;
             match &listen {
@@ -260,7 +260,7 @@ impl Validator<'_> {
             let target: Endpoint =
                 e.target
                     .parse()
-                    .or_else(|p: crate::endpoint::EndpointParseError| {
+                    .or_else(|p: crate::io::endpoint::EndpointParseError| {
                         err(k("target"), p.to_string())
                     })?;
             if e.allow.is_empty() {

@@ -36,9 +36,9 @@ use rustls::{ConnectionTrafficSecrets, HandshakeKind, SupportedCipherSuite};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::buffers::PooledReader;
+use crate::io::buffers::PooledReader;
 use crate::tls::record::RecordError;
-use crate::relay::{DirectRead, PullError, PullWrite};
+use crate::io::{DirectRead, PullError, PullWrite};
 
 mod handshake;
 mod records;
@@ -161,7 +161,7 @@ impl TlsSession {
     pub fn set_reset_on_drop(&self) {
         match &self.0 {
             Layer::Own(s) => s.set_reset_on_drop(),
-            Layer::Rustls(s) => crate::socket::reset_on_drop(s.tcp()),
+            Layer::Rustls(s) => crate::io::socket::reset_on_drop(s.tcp()),
         }
     }
 
@@ -251,7 +251,7 @@ impl AsyncWrite for TlsSession {
     }
 }
 
-impl crate::relay::ChunkedRead for TlsSession {
+impl crate::io::ChunkedRead for TlsSession {
     fn chunks<'a>(&'a self, out: &mut [io::IoSlice<'a>]) -> usize {
         match &self.0 {
             Layer::Own(s) => s.chunks(out),
@@ -275,7 +275,7 @@ impl PullWrite for TlsSession {
     }
 }
 
-impl crate::Reset for TlsSession {
+impl crate::io::Reset for TlsSession {
     fn set_reset_on_drop(&self) {
         TlsSession::set_reset_on_drop(self)
     }

@@ -11,9 +11,9 @@ use rustls::{AlertDescription, ExtractedSecrets};
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::buffers::{self, Buffer};
+use crate::io::buffers::{self, Buffer};
 use crate::tls::record::{self, Alert, ContentType, Opener, PostHandshake, RecordError, Sealer, MAX_PLAINTEXT, MAX_RECORD, MAX_SEALED, OVERHEAD};
-use crate::relay::{DirectRead, PullError, PullWrite};
+use crate::io::{DirectRead, PullError, PullWrite};
 
 use super::{record_error, tls_error, write_after_shutdown, Kernel, SessionInfo};
 
@@ -361,7 +361,7 @@ impl Records {
     /// the alert already tells the peer the stream failed, and a reset could destroy it unread.
     pub(super) fn set_reset_on_drop(&self) {
         if !self.tx.alert_delivered {
-            crate::socket::reset_on_drop(&self.tcp);
+            crate::io::socket::reset_on_drop(&self.tcp);
         }
     }
 }
@@ -485,10 +485,10 @@ impl PullWrite for Records {
     }
 }
 
-impl crate::relay::ChunkedRead for Records {
+impl crate::io::ChunkedRead for Records {
     fn chunks<'a>(&'a self, out: &mut [io::IoSlice<'a>]) -> usize {
         if self.rx.early_pos < self.rx.early.len() {
-            return crate::relay::one_chunk(&self.rx.early[self.rx.early_pos..], out);
+            return crate::io::one_chunk(&self.rx.early[self.rx.early_pos..], out);
         }
         let Some(buf) = self.rx.buf.as_deref() else { return 0 };
         let mut k = 0;

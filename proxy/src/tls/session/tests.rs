@@ -205,8 +205,8 @@ async fn rustls_server_and_session_client_interoperate_and_tickets_resume() {
 /// writing" about one migration in ten.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_shutdown_that_waits_for_a_slow_peer_completes() {
-    use crate::buffers::PooledReader;
-    use crate::endpoint::LocalStream;
+    use crate::io::buffers::PooledReader;
+    use crate::io::endpoint::LocalStream;
     use prometheus_client::metrics::counter::Counter;
 
     const LEN: usize = 8 << 20;
@@ -533,8 +533,8 @@ async fn a_fatal_alert_from_the_peer_is_an_error_naming_it() {
 /// direct pull), and rustls accepts every update and every byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_key_updates_at_the_confidentiality_limit_are_accepted_by_rustls() {
-    use crate::buffers::PooledReader;
-    use crate::endpoint::LocalStream;
+    use crate::io::buffers::PooledReader;
+    use crate::io::endpoint::LocalStream;
     use prometheus_client::metrics::counter::Counter;
 
     const LIMIT: u64 = 16;

@@ -319,16 +319,16 @@ impl<T: AsyncRead + Unpin> AsyncBufRead for PooledReader<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> crate::relay::ChunkedRead for PooledReader<T> {
+impl<T: AsyncRead + Unpin> crate::io::ChunkedRead for PooledReader<T> {
     fn chunks<'a>(&'a self, out: &mut [io::IoSlice<'a>]) -> usize {
         match &self.buf {
-            Some(b) => crate::relay::one_chunk(&b[self.pos..self.cap], out),
+            Some(b) => crate::io::one_chunk(&b[self.pos..self.cap], out),
             None => 0,
         }
     }
 }
 
-impl<T: crate::relay::DirectRead> crate::relay::DirectRead for PooledReader<T> {
+impl<T: crate::io::DirectRead> crate::io::DirectRead for PooledReader<T> {
     fn poll_read_direct(&mut self, cx: &mut Context<'_>, bufs: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
         if self.pos < self.cap {
             return None;
@@ -338,36 +338,17 @@ impl<T: crate::relay::DirectRead> crate::relay::DirectRead for PooledReader<T> {
     }
 }
 
-impl<T: crate::relay::PullWrite> crate::relay::PullWrite for PooledReader<T> {
+impl<T: crate::io::PullWrite> crate::io::PullWrite for PooledReader<T> {
     fn poll_pull(
         &mut self,
         cx: &mut Context<'_>,
-        src: &mut dyn crate::relay::DirectRead,
-    ) -> Option<Poll<Result<usize, crate::relay::PullError>>> {
+        src: &mut dyn crate::io::DirectRead,
+    ) -> Option<Poll<Result<usize, crate::io::PullError>>> {
         self.inner.poll_pull(cx, src)
     }
 }
 
-/// Streams that neither read straight into another's buffers nor pull from one.
-macro_rules! copy_only {
-    ($($t:ty),*) => {$(
-        impl crate::relay::DirectRead for $t {
-            fn poll_read_direct(&mut self, _: &mut Context<'_>, _: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
-                None
-            }
-        }
-        impl crate::relay::PullWrite for $t {
-            fn poll_pull(
-                &mut self,
-                _: &mut Context<'_>,
-                _: &mut dyn crate::relay::DirectRead,
-            ) -> Option<Poll<Result<usize, crate::relay::PullError>>> {
-                None
-            }
-        }
-    )*};
-}
-copy_only!(crate::quic::stream::QuicStream, tokio::io::DuplexStream);
+crate::io::copy_only!(tokio::io::DuplexStream);
 
 impl<T: AsyncRead + Unpin> AsyncRead for PooledReader<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -405,7 +386,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for PooledReader<T> {
     }
 }
 
-impl<T: crate::Reset> crate::Reset for PooledReader<T> {
+impl<T: crate::io::Reset> crate::io::Reset for PooledReader<T> {
     fn set_reset_on_drop(&self) {
         self.inner.set_reset_on_drop()
     }

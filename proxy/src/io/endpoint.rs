@@ -229,7 +229,7 @@ impl AsyncRead for LocalStream {
     }
 }
 
-impl crate::relay::DirectRead for LocalStream {
+impl crate::io::DirectRead for LocalStream {
     fn poll_read_direct(&mut self, cx: &mut Context<'_>, bufs: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
         Some(loop {
             let ready = match self {
@@ -254,12 +254,12 @@ impl crate::relay::DirectRead for LocalStream {
     }
 }
 
-impl crate::relay::PullWrite for LocalStream {
+impl crate::io::PullWrite for LocalStream {
     fn poll_pull(
         &mut self,
         _: &mut Context<'_>,
-        _: &mut dyn crate::relay::DirectRead,
-    ) -> Option<Poll<Result<usize, crate::relay::PullError>>> {
+        _: &mut dyn crate::io::DirectRead,
+    ) -> Option<Poll<Result<usize, crate::io::PullError>>> {
         None
     }
 }
@@ -283,6 +283,12 @@ impl AsyncWrite for LocalStream {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+impl crate::io::Reset for LocalStream {
+    fn set_reset_on_drop(&self) {
+        LocalStream::set_reset_on_drop(self)
     }
 }
 
