@@ -34,7 +34,7 @@ use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClien
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::config::{RecordLayer, TlsConfig};
+use crate::tls::settings::{RecordLayer, TlsConfig};
 
 /// How many TLS 1.3 sessions a client remembers (one or two per peer is what is used).
 const CLIENT_SESSION_CACHE: usize = 1024;

@@ -5,13 +5,14 @@
 //!
 //! QUIC uses the same configurations ([`context`]) and identities; its record protection is
 //! quinn's. Inside this folder, `record` and `identity` use nothing of the crate; `context` reads
-//! the `[tls]` section of the Config; `session` seals and opens in pooled buffers.
+//! `[tls]` as the config validated it ([`settings`]); `session` seals and opens in pooled buffers.
 
 pub mod context;
 pub mod failure;
 pub mod identity;
 pub mod record;
 pub mod session;
+pub mod settings;
 
 /// ALPN of one tunnelled data stream per TLS connection.
 pub const ALPN_DATA: &[u8] = b"migtun/1";

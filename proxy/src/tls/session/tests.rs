@@ -10,7 +10,7 @@ use rustls::pki_types::ServerName;
 use rustls::{AlertDescription, ClientConfig, ServerConfig};
 use tokio::net::TcpListener;
 
-use crate::config::TlsConfig;
+use crate::tls::settings::TlsConfig;
 use crate::tls::context::{client_config, server_config};
 use crate::tls::record::{self, ContentType, MAX_PLAINTEXT, OVERHEAD};
 use crate::tls::ALPN_DATA;
@@ -26,7 +26,7 @@ pub(crate) fn tls_config(ca: &Ca, name: &str) -> TlsConfig {
         cert_chain: CertificateDer::pem_slice_iter(host.cert_pem.as_bytes()).collect::<Result<_, _>>().unwrap(),
         key: PrivateKeyDer::from_pem_slice(host.key_pem.as_bytes()).unwrap(),
         ca_certs: CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()).collect::<Result<_, _>>().unwrap(),
-        record_layer: crate::config::RecordLayer::Own,
+        record_layer: crate::tls::settings::RecordLayer::Own,
         crl_path: None,
         crls: Vec::new(),
     }
@@ -586,7 +586,7 @@ async fn automatic_key_updates_at_the_confidentiality_limit_are_accepted_by_rust
 /// through key updates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rustls_record_layer_sessions_interoperate_with_our_own() {
-    use crate::config::RecordLayer;
+    use crate::tls::settings::RecordLayer;
     let ca = Ca::generate("test CA").unwrap();
     let tls = |name: &str, own: bool| {
         let mut t = tls_config(&ca, name);
