@@ -12,6 +12,8 @@
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use prometheus_client::metrics::counter::Counter;
@@ -34,6 +36,30 @@ pub struct Transferred {
     pub local_to_peer: u64,
     pub peer_to_local: u64,
 }
+
+/// A byte counter the relay adds what it receives from the peer to, shared with whoever set it up
+/// (a route's streams and the migration that added the route).
+#[derive(Clone, Debug, Default)]
+pub struct ByteCount(Arc<AtomicU64>);
+
+impl ByteCount {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The same counter, not the same count.
+impl PartialEq for ByteCount {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ByteCount {}
 
 /// What the relay needs of each side.
 pub trait RelayStream: ChunkedRead + DirectRead + PullWrite + AsyncWrite + Unpin {}
@@ -64,7 +90,7 @@ impl Direction {
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
         counter: &Counter,
-        also: Option<&crate::routes::ByteCount>,
+        also: Option<&ByteCount>,
     ) -> Poll<Result<(), (bool, io::Error)>>
     where
         R: ChunkedRead + DirectRead + Unpin,
@@ -158,7 +184,7 @@ async fn relay_counted<L, P>(
     peer: &mut P,
     tx: &Counter,
     rx: &Counter,
-    received: Option<&crate::routes::ByteCount>,
+    received: Option<&ByteCount>,
 ) -> Result<Transferred, RelayError>
 where
     L: RelayStream,
@@ -192,7 +218,7 @@ pub async fn run<L, P>(
     peer: &mut P,
     early: &[u8],
     metrics: &crate::metrics::StreamMetrics,
-    received: Option<&crate::routes::ByteCount>,
+    received: Option<&ByteCount>,
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<Transferred, RelayError>
 where

@@ -6,10 +6,10 @@
 //! a stream open on a route that a reload removes or changes runs on as it began.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::io::endpoint::Endpoint;
+pub use crate::relay::ByteCount;
 use crate::wire::ReplyCode;
 
 /// Where a route leads and who may open it.
@@ -25,29 +25,6 @@ pub struct ExposeRoute {
     /// destination: the metrics count all migrations' routes together).
     pub received: Option<ByteCount>,
 }
-
-/// A byte counter shared between a route's streams and whoever added the route.
-#[derive(Clone, Debug, Default)]
-pub struct ByteCount(Arc<AtomicU64>);
-
-impl ByteCount {
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-}
-
-/// The same counter, not the same count.
-impl PartialEq for ByteCount {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for ByteCount {}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {

@@ -37,7 +37,6 @@ const LAYERS: &[(&str, &[&str])] = &[
 const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("quic", "expose"),
     ("quic", "port"),
-    ("relay", "routes"),
     ("expose", "port"),
     ("expose", "agent"),
     ("forward", "connect"),
