@@ -111,7 +111,7 @@ impl RawClient {
         };
         let resumed = tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
         let exchange = async {
-            tls.write_all(&migtun_proxy::wire::Request::new("bulk", None).unwrap().encode()).await?;
+            tls.write_all(&migtun_proxy::route::wire::Request::new("bulk", None).unwrap().encode()).await?;
             tls.write_all(b"hello").await?;
             // The reply header first: a close_notify right behind the client's Finished is
             // another matter (the session would end before it began).
@@ -496,7 +496,7 @@ async fn quic_resumption_with_a_client_certificate_expired_since_is_refused() {
     let hello = || async {
         let conn = endpoint.connect_with(config.clone(), pair.b.addr, "host-b").unwrap().await.ok()?;
         let (mut send, mut recv) = conn.open_bi().await.ok()?;
-        send.write_all(&migtun_proxy::wire::Request::new("bulk", None).unwrap().encode()).await.ok()?;
+        send.write_all(&migtun_proxy::route::wire::Request::new("bulk", None).unwrap().encode()).await.ok()?;
         send.write_all(b"hello").await.ok()?;
         send.finish().ok()?;
         let mut reply = Vec::new();

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use migtun_proxy::agent::{ControlHandler, DynamicForward};
 use migtun_proxy::io::endpoint::Endpoint;
-use migtun_proxy::routes::{ByteCount, ExposeRoute};
+use migtun_proxy::route::{ByteCount, ExposeRoute};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use migtun_control::fuzzing::{self as cf, RpcOutcome, FUZZ_PEER};
 use migtun_proxy::fuzzing as pf;
-use migtun_proxy::wire::{Reply, ReplyCode, Request};
+use migtun_proxy::route::wire::{Reply, ReplyCode, Request};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

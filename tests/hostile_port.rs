@@ -504,7 +504,7 @@ async fn certificate_of_the_ca_that_is_not_a_peer_gets_nothing_past_the_handshak
     });
     let host_b = start_agent_with(pki.dir.path(), "host-b", &b, port_b, Some(handler)).await;
     let stranger = issue(&pki, "host-x");
-    let request = migtun_proxy::wire::Request::new("bulk", None).unwrap().encode();
+    let request = migtun_proxy::route::wire::Request::new("bulk", None).unwrap().encode();
 
     // Data ALPN over TLS: the handshake completes, then nothing: no reply, no target.
     let tcp = TcpStream::connect(addr_b).await.unwrap();

@@ -145,7 +145,7 @@ fn upload_header(value: &[u8]) -> RpcOutcome {
         Err(_) => return RpcOutcome::BadShape,
     };
     round_trip(&header);
-    if let Err(why) = migtun_proxy::wire::validate_name(&header.name) {
+    if let Err(why) = migtun_proxy::route::wire::validate_name(&header.name) {
         return RpcOutcome::Refused(format!("file name {:?}: {why}", header.name));
     }
     assert!(!header.name.contains('/') && header.name != "." && header.name != "..", "file name {:?} passed the check", header.name);

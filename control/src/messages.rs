@@ -115,7 +115,7 @@ mod tests {
         let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_migration_id()).collect();
         assert_eq!(ids.len(), 1000);
         for id in ids.iter().take(10) {
-            assert!(migtun_proxy::wire::validate_name(&format!("{id}.ram")).is_ok());
+            assert!(migtun_proxy::route::wire::validate_name(&format!("{id}.ram")).is_ok());
         }
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use migtun_proxy::agent::{AgentHandle, DynamicForward, ExposeGuard, ForwardGuard};
 use migtun_proxy::config::{TunnelsConfig, TUNNEL_SOCKET_MODE};
 use migtun_proxy::io::endpoint::Endpoint;
-use migtun_proxy::routes::ExposeRoute;
+use migtun_proxy::route::ExposeRoute;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -36,7 +36,7 @@ pub const MAX_NAME: usize = 32;
 pub const MAX_SOCKET_NAME: usize = 16;
 
 // `t-<name>.<socket>` is a valid route name at the longest.
-const _: () = assert!(2 + MAX_NAME + 1 + MAX_SOCKET_NAME <= migtun_proxy::wire::MAX_NAME_LEN);
+const _: () = assert!(2 + MAX_NAME + 1 + MAX_SOCKET_NAME <= migtun_proxy::route::wire::MAX_NAME_LEN);
 
 /// Most sockets one tunnel carries: libvirt needs two (migration, disks).
 pub const MAX_SOCKETS: usize = 8;

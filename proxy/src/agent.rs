@@ -15,12 +15,9 @@
 //! (docs/DESIGN.md, "Restart hand-over").
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -30,13 +27,12 @@ use tracing::{info, warn};
 use crate::config::{Config, Transport};
 use crate::connect::{ConnectError, PeerConnector, QuicClient};
 use crate::io::endpoint::{Endpoint, LocalListener};
-use crate::expose::ExposeContext;
-use crate::forward::ForwardContext;
+use crate::route::expose::ExposeContext;
+use crate::route::forward::ForwardContext;
 use crate::metrics::Metrics;
-use crate::routes::{ExposeRoute, RouteError, RouteTable};
+use crate::route::{ExposeRoute, RouteError, RouteTable};
 use crate::connect::TlsConnector;
 use crate::tls::context::{TlsContext, TlsSetupError};
-use crate::tls::identity::PeerIdentity;
 use crate::tls::{ALPN_CONTROL, ALPN_DATA};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,14 +61,7 @@ pub enum AgentError {
     Draining,
 }
 
-/// A byte stream carrying the control protocol, whatever transport is under it.
-pub trait ControlIo: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> ControlIo for T {}
-pub type ControlStream = Box<dyn ControlIo>;
-
-/// Serves one accepted control connection from an authenticated peer.
-pub type ControlHandler =
-    Arc<dyn Fn(ControlStream, PeerIdentity) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+pub use crate::route::expose::{ControlHandler, ControlIo, ControlStream};
 
 /// What the running agent shares with its tasks and with the control plane.
 pub(crate) struct Shared {
@@ -184,7 +173,7 @@ impl ForwardGuard {
     pub(crate) fn spawn(shared: &Shared, listener: LocalListener, ctx: Arc<ForwardContext>, endpoint: Endpoint) -> ForwardGuard {
         let abort = ctx.abort.clone();
         let stop = shared.draining.child_token();
-        let task = shared.tracker.spawn(crate::forward::serve(listener, ctx, stop.clone(), shared.tracker.clone()));
+        let task = shared.tracker.spawn(crate::route::forward::serve(listener, ctx, stop.clone(), shared.tracker.clone()));
         ForwardGuard { stop, task: Some(task), endpoint, abort }
     }
 
@@ -301,7 +290,7 @@ impl AgentHandle {
         }
         let peer = self.shared.peer(&spec.peer).ok_or_else(|| AgentError::UnknownPeer { name: spec.peer.clone() })?;
         for name in std::iter::once(&spec.route).chain(spec.migration.as_ref()) {
-            crate::wire::validate_name(name)
+            crate::route::wire::validate_name(name)
                 .map_err(|why| AgentError::Route(RouteError::BadName { name: name.clone(), why }))?;
         }
         let listener = LocalListener::bind(&spec.listen, spec.mode).await.map_err(|source| {

@@ -52,7 +52,7 @@ pub const MAX_CONCURRENT_DIALS: usize = 32;
 /// stalling a dial for longer.
 pub const SERVER_FINISHED_WAIT: Duration = Duration::from_secs(1);
 /// Age after which an idle pooled connection is closed rather than used. Well under the
-/// receiver's [`crate::expose::IDLE_PREAMBLE_TIMEOUT`], so we never hand out a connection the
+/// receiver's [`crate::route::expose::IDLE_PREAMBLE_TIMEOUT`], so we never hand out a connection the
 /// peer is about to close. Closed when it is reached, not when the pool is next used: an agent
 /// that fell idle kept its last two warm connections for good, in CLOSE_WAIT once the receiver
 /// had closed its side after 30 s (`tests/load.rs`).

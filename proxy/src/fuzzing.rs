@@ -16,7 +16,7 @@ use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey, NONCE_LEN};
 use rustls::{ConnectionTrafficSecrets, SupportedCipherSuite};
 
 use crate::tls::record::{self, ContentType, Opener, HEADER_LEN, MAX_PLAINTEXT, MAX_RECORD, TAG_LEN};
-use crate::wire::{self, Reply, Request};
+use crate::route::wire::{self, Reply, Request};
 
 /// The fuzzed connection's traffic key and IV: any fixed value does, the point is that the
 /// fuzz input can produce records that authenticate, so the opener's work after decryption

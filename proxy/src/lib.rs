@@ -34,8 +34,6 @@
 pub mod agent;
 pub mod config;
 pub mod connect;
-pub mod expose;
-pub mod forward;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
@@ -48,10 +46,9 @@ pub mod preflight;
 pub mod quic;
 pub mod relay;
 pub mod reload;
-pub mod routes;
+pub mod route;
 pub mod tls;
 pub mod transport;
-pub mod wire;
 
 pub use agent::{Agent, AgentError};
 pub use config::Config;

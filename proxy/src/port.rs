@@ -26,8 +26,8 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::io::accept::{AcceptLoop, Throttle};
-use crate::expose::{self, ExposeContext};
+use crate::io::accept::AcceptLoop;
+use crate::route::expose::{self, ExposeContext};
 use crate::io::limit::{source_key, KeyedLimit};
 use crate::metrics::ReasonLabels;
 use crate::tls::session::{self, TlsSession};
@@ -72,18 +72,6 @@ const RECORD_HEADER: usize = 5;
 const MAX_RECORD: usize = 1 << 14;
 /// Content type of a handshake record.
 const HANDSHAKE_RECORD: u8 = 22;
-
-/// The port's rate-limited log lines, one throttle per kind of refusal.
-#[derive(Default)]
-pub struct PortLog {
-    pub address_limit: Throttle,
-    pub hello: Throttle,
-    pub handshake: Throttle,
-    pub not_a_peer: Throttle,
-    pub preamble_limit: Throttle,
-    pub control_limit: Throttle,
-    pub paused: Throttle,
-}
 
 /// Accepts on the port until `ctx.draining` is cancelled.
 pub async fn serve(listener: TcpListener, acceptor: Arc<rustls::ServerConfig>, ctx: Arc<ExposeContext>, tracker: TaskTracker) {

@@ -18,8 +18,8 @@ use std::collections::{HashMap, HashSet};
 use crate::agent::{AgentError, AgentHandle, ForwardGuard, Running, StaticForward};
 use crate::config::{Config, Forward, Transport};
 use crate::io::endpoint::{Endpoint, LocalListener};
-use crate::forward::ForwardContext;
-use crate::routes::{ExposeRoute, RouteError};
+use crate::route::forward::ForwardContext;
+use crate::route::{ExposeRoute, RouteError};
 use crate::tls::context::{TlsContext, TlsSetupError};
 
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use super::{eventually, raw_client_config, spawn_hash_target, Pair, PairSpec};
 /// asking for route `bulk` on `addr`. Returns what it could read back, or the error.
 pub async fn raw_client(transport: &str, pki: &Path, identity: Option<(String, String)>, addr: SocketAddr) -> Result<Vec<u8>, String> {
     let config = raw_client_config(pki, identity);
-    let request = migtun_proxy::wire::Request::new("bulk", None).map_err(|e| e.to_string())?.encode();
+    let request = migtun_proxy::route::wire::Request::new("bulk", None).map_err(|e| e.to_string())?.encode();
     let mut reply = Vec::new();
     if transport == "quic" {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(config)).map_err(|e| e.to_string())?;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use migtun_proxy::agent::{AgentHandle, ExposeGuard};
 use migtun_proxy::io::endpoint::Endpoint;
-use migtun_proxy::routes::{ByteCount, ExposeRoute};
+use migtun_proxy::route::{ByteCount, ExposeRoute};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -376,7 +376,7 @@ impl Incoming {
 
     async fn prepare(self: &Arc<Self>, session: Session, mut cookie: Cookie) -> Result<PrepareReply, MethodError> {
         let id = cookie.migration.clone();
-        migtun_proxy::wire::validate_name(&id).map_err(|why| MethodError::bad_request(format!("migration id {id:?}: {why}")))?;
+        migtun_proxy::route::wire::validate_name(&id).map_err(|why| MethodError::bad_request(format!("migration id {id:?}: {why}")))?;
         let source = session.peer.name().to_string();
         if source != cookie.source {
             return Err(MethodError::refused(403, "wrong-source", format!("{source} may not prepare a migration from {}", cookie.source)));
@@ -800,7 +800,7 @@ impl Incoming {
             }
             self.images_of(&header.migration)
         };
-        migtun_proxy::wire::validate_name(&header.name)
+        migtun_proxy::route::wire::validate_name(&header.name)
             .map_err(|why| MethodError::bad_request(format!("file name {:?}: {why}", header.name)))?;
         let limit = self.limits.max_upload_bytes;
         let too_large = |what: String| {

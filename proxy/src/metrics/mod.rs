@@ -4,7 +4,7 @@
 //! names (a route a peer asks for that does not exist is counted as `<unknown>`; the routes a
 //! migration opens for itself, `m-<id>.ram` and `m-<id>.nbd`, are counted as `migration.ram` and
 //! `migration.nbd`, so that migrations do not add series), reasons are the fixed strings of
-//! [`crate::wire::ReplyCode::reason`] and [`crate::tls::failure::failure_reason`]. Migrations have their
+//! [`crate::route::wire::ReplyCode::reason`] and [`crate::tls::failure::failure_reason`]. Migrations have their
 //! own families ([`MigrationMetrics`]) whose labels are peers and fixed words.
 
 use std::fmt::Write as _;

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::expose::{self, ExposeContext};
+use crate::route::expose::{self, ExposeContext};
 use crate::metrics::ReasonLabels;
 use crate::io::limit::{source_key, KeyedLimit};
 use crate::port::{HANDSHAKE_TIMEOUT, MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_ADDRESS};

@@ -4,7 +4,7 @@
 //!
 //! The crypto is the TLS transport's: the same rustls configurations (TLS 1.3, aws-lc-rs,
 //! client certificates required, ALPN `migtun/1`) wrapped for QUIC, so identity, authorization
-//! (by [`crate::routes::RouteTable::authorize`]), handshake failure reasons and metrics are the
+//! (by [`crate::route::RouteTable::authorize`]), handshake failure reasons and metrics are the
 //! same whichever transport a stream takes. The stream semantics are the TLS transport's too:
 //! the same preamble and replies, EOF as a QUIC `FIN` ([`quinn::SendStream::finish`]), a reset
 //! as `RESET_STREAM` plus `STOP_SENDING` ([`stream::QuicStream`]'s [`crate::io::Reset`]).

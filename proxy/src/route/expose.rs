@@ -1,9 +1,12 @@
-//! The receiving end of a data stream: preamble, authorization, target connect, relay.
+//! The receiving end of a data stream: preamble, authorization, target connect, relay; and what
+//! the port hands a control connection to ([`ControlHandler`]).
 //!
 //! Runs for every authenticated `migtun/1` connection the port accepts. Whatever the outcome
 //! the source gets a reply with a reason before the connection closes, and a failure is logged,
 //! counted, and touches nothing but this one stream.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +14,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::io::accept::Throttle;
 use crate::io::limit::KeyedLimit;
-use crate::metrics::{Metrics, Side};
-use crate::port::PortLog;
-use crate::routes::RouteTable;
-use crate::tls::identity::PeerIdentity;
-use crate::wire::{Reply, ReplyCode, Request, WireError, MAX_REQUEST_LEN};
 use crate::io::Reset;
+use crate::metrics::{Metrics, Side};
+use crate::route::wire::{Reply, ReplyCode, Request, WireError, MAX_REQUEST_LEN};
+use crate::route::RouteTable;
+use crate::tls::identity::PeerIdentity;
 
 /// How long a handshaked connection may sit idle before its preamble starts. Sources keep a
 /// few connections warm for up to [`crate::connect::POOL_MAX_IDLE`] (20 s); this is that plus
@@ -37,6 +40,27 @@ pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// reached by a listener whose backlog is full or a TCP target that drops SYNs.
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A byte stream carrying the control protocol, whatever transport is under it.
+pub trait ControlIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ControlIo for T {}
+pub type ControlStream = Box<dyn ControlIo>;
+
+/// Serves one accepted control connection from an authenticated peer.
+pub type ControlHandler =
+    Arc<dyn Fn(ControlStream, PeerIdentity) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The port's rate-limited log lines, one throttle per kind of refusal.
+#[derive(Default)]
+pub struct PortLog {
+    pub address_limit: Throttle,
+    pub hello: Throttle,
+    pub handshake: Throttle,
+    pub not_a_peer: Throttle,
+    pub preamble_limit: Throttle,
+    pub control_limit: Throttle,
+    pub paused: Throttle,
+}
+
 /// What the receiving side needs to serve a stream.
 pub struct ExposeContext {
     pub metrics: Arc<Metrics>,
@@ -46,7 +70,7 @@ pub struct ExposeContext {
     /// Cancelled when the drain deadline passes: open streams are cut.
     pub abort: CancellationToken,
     /// Serves control connections, when the control plane runs in this agent.
-    pub control: Option<crate::agent::ControlHandler>,
+    pub control: Option<ControlHandler>,
     /// The configured `[[peer]]` names: any other certificate gets nothing past the handshake.
     pub peers: std::sync::RwLock<Vec<String>>,
     /// Connections awaiting their preamble, per peer ([`MAX_AWAITING_PREAMBLE_PER_PEER`]).
@@ -63,7 +87,7 @@ impl ExposeContext {
         routes: Arc<RouteTable>,
         draining: CancellationToken,
         abort: CancellationToken,
-        control: Option<crate::agent::ControlHandler>,
+        control: Option<ControlHandler>,
         peers: Vec<String>,
         tls: Arc<crate::tls::context::TlsContext>,
     ) -> ExposeContext {

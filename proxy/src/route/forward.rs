@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::connect::{ConnectError, PeerConnector, PeerStream};
 use crate::io::endpoint::{LocalListener, LocalStream};
 use crate::metrics::{Metrics, Side};
-use crate::wire::{Reply, ReplyCode, Request, MAX_REPLY_LEN};
+use crate::route::wire::{Reply, ReplyCode, Request, MAX_REPLY_LEN};
 
 /// The reply must come within the peer's target connect timeout plus a margin for the network.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -45,7 +45,7 @@ pub enum OpenError {
     #[error("peer closed the connection without a reply")]
     NoReply,
     #[error("bad reply from the peer: {0}")]
-    BadReply(crate::wire::WireError),
+    BadReply(crate::route::wire::WireError),
     #[error("{0}")]
     Io(std::io::Error),
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::io::endpoint::Endpoint;
 pub use crate::relay::ByteCount;
-use crate::wire::ReplyCode;
+use crate::route::wire::ReplyCode;
 
 /// Where a route leads and who may open it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,7 +76,7 @@ impl RouteTable {
 
     /// Adds a dynamic route.
     pub fn add(&self, route: ExposeRoute) -> Result<(), RouteError> {
-        crate::wire::validate_name(&route.name).map_err(|why| RouteError::BadName { name: route.name.clone(), why })?;
+        crate::route::wire::validate_name(&route.name).map_err(|why| RouteError::BadName { name: route.name.clone(), why })?;
         let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
         if table.routes.contains_key(&route.name) {
             return Err(RouteError::Duplicate(route.name));
@@ -96,7 +96,7 @@ impl RouteTable {
     pub fn replace_static(&self, routes: Vec<ExposeRoute>) -> Result<RouteChanges, RouteError> {
         let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
         for r in &routes {
-            crate::wire::validate_name(&r.name).map_err(|why| RouteError::BadName { name: r.name.clone(), why })?;
+            crate::route::wire::validate_name(&r.name).map_err(|why| RouteError::BadName { name: r.name.clone(), why })?;
             if table.routes.contains_key(&r.name) && !table.statics.contains(&r.name) {
                 return Err(RouteError::Duplicate(r.name.clone()));
             }
