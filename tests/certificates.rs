@@ -179,7 +179,7 @@ async fn warm_pool_stops_resuming_to_a_server_whose_certificate_expired() {
     assert!(stream_works(&pair, 1).await, "first stream, before expiry");
     eventually("host-a warms its pool (one full handshake, resumed ones after)", || {
         pair.a.sample("migtun_handshakes_total", &[("role", "client"), ("kind", "resumed")])
-            >= migtun_proxy::connect::WARM_CONNECTIONS as f64
+            >= migtun_proxy::peer::WARM_CONNECTIONS as f64
     })
     .await;
     still_valid(not_after, "the first stream and the pool's warm-up");
@@ -187,7 +187,7 @@ async fn warm_pool_stops_resuming_to_a_server_whose_certificate_expired() {
 
     // The pool's connections were made before expiry; at most that many streams (and one more
     // being dialled) can still use them. Every stream after must fail.
-    let before_expiry = migtun_proxy::connect::WARM_CONNECTIONS + 1;
+    let before_expiry = migtun_proxy::peer::WARM_CONNECTIONS + 1;
     let mut results = Vec::new();
     for seed in 0..before_expiry + 3 {
         results.push(stream_works(&pair, 10 + seed as u64).await);

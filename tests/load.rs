@@ -888,7 +888,7 @@ async fn ten_thousand_streams_leave_nothing_behind(transport: &str) {
 
     // And once the warm connections have been idle for POOL_MAX_IDLE they are closed too: both
     // agents hold what they held before their first stream.
-    let within = migtun_proxy::connect::POOL_MAX_IDLE + Duration::from_secs(10);
+    let within = migtun_proxy::peer::POOL_MAX_IDLE + Duration::from_secs(10);
     wait_usage(&pair, within, |a, b| a.fds <= fresh.0.fds && b.fds <= fresh.1.fds).await;
     let idle = (pair.a.idle_usage().await, pair.b.idle_usage().await);
     eprintln!(

@@ -25,13 +25,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, Transport};
-use crate::connect::{ConnectError, PeerConnector, QuicClient};
+use crate::peer::{ConnectError, PeerConnector, QuicClient};
 use crate::io::endpoint::{Endpoint, LocalListener};
 use crate::route::expose::ExposeContext;
 use crate::route::forward::ForwardContext;
 use crate::metrics::Metrics;
 use crate::route::{ExposeRoute, RouteError, RouteTable};
-use crate::connect::TlsConnector;
+use crate::peer::TlsConnector;
 use crate::tls::context::{TlsContext, TlsSetupError};
 use crate::tls::{ALPN_CONTROL, ALPN_DATA};
 
@@ -278,8 +278,8 @@ impl AgentHandle {
     /// currently uses). `None` for an unknown peer.
     pub fn peer_transport(&self, peer: &str) -> Option<&'static str> {
         self.shared.peer(peer).map(|p| match p.choice() {
-            crate::transport::Choice::Quic => "quic",
-            crate::transport::Choice::Tls => "tls",
+            crate::peer::Choice::Quic => "quic",
+            crate::peer::Choice::Tls => "tls",
         })
     }
 

@@ -33,7 +33,6 @@
 
 pub mod agent;
 pub mod config;
-pub mod connect;
 /// Entry points for the fuzz targets in `fuzz/` and their corpus test; not an API.
 #[doc(hidden)]
 pub mod fuzzing;
@@ -41,14 +40,15 @@ pub mod io;
 pub mod metrics;
 pub mod notify;
 pub mod ops;
+pub mod peer;
 pub mod port;
 pub mod preflight;
 pub mod quic;
 pub mod relay;
 pub mod reload;
 pub mod route;
+pub mod stream;
 pub mod tls;
-pub mod transport;
 
 pub use agent::{Agent, AgentError};
 pub use config::Config;

@@ -51,11 +51,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// halves the time a silent or trickling connection holds a handshake slot.
 pub const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in progress at once. A busy host opens a few dozen streams per migration and each
-/// source dials at most [`crate::connect::MAX_CONCURRENT_DIALS`] at a time, so this only bites a
+/// source dials at most [`crate::peer::MAX_CONCURRENT_DIALS`] at a time, so this only bites a
 /// flood from several addresses; then the port stops accepting until a slot is free.
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Handshakes in progress from one source address (IPv4, or IPv6 /64). Twice what one agent
-/// dials at once ([`crate::connect::MAX_CONCURRENT_DIALS`]), so that a source whose handshakes
+/// dials at once ([`crate::peer::MAX_CONCURRENT_DIALS`]), so that a source whose handshakes
 /// finish on its side a moment before ours is never refused, and a quarter of
 /// [`MAX_PENDING_HANDSHAKES`], so that one address can never take the slots of the others.
 pub const MAX_PENDING_PER_ADDRESS: usize = 64;
@@ -63,7 +63,7 @@ pub const MAX_PENDING_PER_ADDRESS: usize = 64;
 /// migration and RPC burst; a peer holding more is misbehaving, and each costs a descriptor.
 pub const MAX_CONTROL_CONNECTIONS_PER_PEER: usize = 32;
 
-const _: () = assert!(MAX_PENDING_PER_ADDRESS >= 2 * crate::connect::MAX_CONCURRENT_DIALS);
+const _: () = assert!(MAX_PENDING_PER_ADDRESS >= 2 * crate::peer::MAX_CONCURRENT_DIALS);
 const _: () = assert!(MAX_PENDING_PER_ADDRESS * 4 <= MAX_PENDING_HANDSHAKES);
 
 /// A TLS record header: type, version, length.

@@ -81,7 +81,7 @@ impl AgentHandle {
         // listeners of forwards on endpoints nothing listens on yet.
         TlsContext::new(&new.tls)?;
         // Peers added, or whose address or transport changed: their new connectors.
-        let mut connectors: HashMap<String, Arc<crate::connect::PeerConnector>> = HashMap::new();
+        let mut connectors: HashMap<String, Arc<crate::peer::PeerConnector>> = HashMap::new();
         let mut peer_changes = Vec::new();
         for (index, p) in new.peers.iter().enumerate() {
             let was = old.peers.iter().find(|o| o.name == p.name);

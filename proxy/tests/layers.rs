@@ -24,10 +24,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("tls", &["tls"]),
     ("quic", &["quic"]),
     ("config", &["config"]),
+    ("stream", &["stream"]),
     ("relay", &["relay"]),
-    ("stream", &["transport"]),
+    ("peer", &["peer"]),
     ("route", &["route"]),
-    ("peer", &["connect"]),
     ("port", &["port"]),
     ("agent", &["agent", "ops", "reload", "preflight", "fuzzing", "lib"]),
 ];
@@ -37,7 +37,6 @@ const LAYERS: &[(&str, &[&str])] = &[
 const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("quic", "route"),
     ("quic", "port"),
-    ("route", "connect"),
 ];
 
 fn layer_of(module: &str) -> Option<(usize, &'static str)> {

@@ -23,7 +23,7 @@ pub const UDP_BUFFER: usize = 8 << 20;
 /// Streams a peer may have open at once on one connection (a migration uses a few dozen).
 pub const MAX_STREAMS: u32 = 1024;
 /// QUIC connections one peer may hold at once. An agent keeps one per peer, and a second while
-/// the first ends its last streams ([`crate::connect::QUIC_STREAMS_PER_CONNECTION`]); connection
+/// the first ends its last streams ([`crate::peer::QUIC_STREAMS_PER_CONNECTION`]); connection
 /// migration keeps the connection. More is a misbehaving peer holding the agent's memory.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
 /// A PING this often keeps NAT and firewall state alive and proves the peer is still there.

@@ -23,7 +23,7 @@ use crate::route::RouteTable;
 use crate::tls::identity::PeerIdentity;
 
 /// How long a handshaked connection may sit idle before its preamble starts. Sources keep a
-/// few connections warm for up to [`crate::connect::POOL_MAX_IDLE`] (20 s); this is that plus
+/// few connections warm for up to [`crate::peer::POOL_MAX_IDLE`] (20 s); this is that plus
 /// a margin for a stream that waits its turn behind the one accepted before it, and short
 /// enough that a peer holding connections without a preamble gives them back soon.
 pub const IDLE_PREAMBLE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::connect::{ConnectError, PeerConnector, PeerStream};
+use crate::peer::{ConnectError, PeerConnector, PeerStream};
 use crate::io::endpoint::{LocalListener, LocalStream};
 use crate::metrics::{Metrics, Side};
 use crate::route::wire::{Reply, ReplyCode, Request, MAX_REPLY_LEN};

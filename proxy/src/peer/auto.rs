@@ -1,119 +1,16 @@
-//! What carries a tunnelled stream to a peer: a TLS connection over TCP or a QUIC stream, behind
-//! one type ([`PeerStream`]), and the `transport = "auto"` decision ([`AutoPolicy`]).
+//! `transport = "auto"`: QUIC, unless it does not get through within [`AUTO_QUIC_TIMEOUT`]; then
+//! TLS over TCP for new streams (logged once) while QUIC is probed in the background, and QUIC
+//! again for new streams once a probe gets through. [`AutoPolicy`] decides, without I/O; the
+//! connector does the dialling and the logging.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, info, warn};
 
-use crate::io::buffers::PooledReader;
-use crate::quic::stream::QuicStream;
-use crate::tls::session::TlsSession;
-use crate::io::Reset;
-
-/// A stream to a peer, on either transport. Same semantics on both: bytes in order, shutdown is
-/// an EOF for the other side (TLS close_notify and TCP FIN, or QUIC FIN), a reset on drop after
-/// [`Reset::set_reset_on_drop`] (TCP RST, or QUIC RESET_STREAM and STOP_SENDING).
-#[derive(Debug)]
-pub enum PeerStream {
-    /// Decrypted records are read in place ([`TlsSession`] is its own buffered reader).
-    Tls(Box<TlsSession>),
-    Quic(PooledReader<QuicStream>),
-}
-
-impl PeerStream {
-    /// `tls` or `quic`, for logs.
-    pub fn transport(&self) -> &'static str {
-        match self {
-            PeerStream::Tls(_) => "tls",
-            PeerStream::Quic(_) => "quic",
-        }
-    }
-}
-
-impl Reset for PeerStream {
-    fn set_reset_on_drop(&self) {
-        match self {
-            PeerStream::Tls(s) => s.set_reset_on_drop(),
-            PeerStream::Quic(s) => crate::io::Reset::set_reset_on_drop(s),
-        }
-    }
-}
-
-macro_rules! delegate {
-    ($self:ident, $s:ident => $e:expr) => {
-        match $self.get_mut() {
-            PeerStream::Tls($s) => {
-                let $s = Pin::new(&mut **$s);
-                $e
-            }
-            PeerStream::Quic($s) => {
-                let $s = Pin::new($s);
-                $e
-            }
-        }
-    };
-}
-
-impl AsyncRead for PeerStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
-    }
-}
-
-impl AsyncBufRead for PeerStream {
-    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
-        match self.get_mut() {
-            PeerStream::Tls(s) => Pin::new(&mut **s).poll_fill_buf(cx),
-            PeerStream::Quic(s) => Pin::new(s).poll_fill_buf(cx),
-        }
-    }
-    fn consume(self: Pin<&mut Self>, amt: usize) {
-        delegate!(self, s => s.consume(amt))
-    }
-}
-
-impl crate::io::ChunkedRead for PeerStream {
-    fn chunks<'a>(&'a self, out: &mut [io::IoSlice<'a>]) -> usize {
-        match self {
-            PeerStream::Tls(s) => s.chunks(out),
-            PeerStream::Quic(s) => s.chunks(out),
-        }
-    }
-}
-
-impl crate::io::DirectRead for PeerStream {
-    fn poll_read_direct(&mut self, _: &mut Context<'_>, _: &mut [io::IoSliceMut<'_>]) -> Option<Poll<io::Result<usize>>> {
-        None
-    }
-}
-
-impl crate::io::PullWrite for PeerStream {
-    fn poll_pull(
-        &mut self,
-        cx: &mut Context<'_>,
-        src: &mut dyn crate::io::DirectRead,
-    ) -> Option<Poll<Result<usize, crate::io::PullError>>> {
-        match self {
-            PeerStream::Tls(s) => s.poll_pull(cx, src),
-            PeerStream::Quic(_) => None,
-        }
-    }
-}
-
-impl AsyncWrite for PeerStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write(cx, buf))
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_flush(cx))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_shutdown(cx))
-    }
-}
+use super::{ConnectError, PeerConnector};
+use crate::config::Transport;
 
 /// How long `auto` waits for a QUIC handshake before it uses TLS over TCP for the stream. On a
 /// path where UDP gets through, a handshake takes one or two round trips; this only costs the
@@ -196,6 +93,52 @@ impl AutoPolicy {
 
     pub fn is_fallen_back(&self) -> bool {
         self.fallen_back
+    }
+}
+
+impl PeerConnector {
+    /// After a QUIC failure: `Ok` means "use TLS for this stream" (`auto` and UDP does not get
+    /// through); anything else is the stream's error.
+    pub(super) fn quic_failed(self: &Arc<Self>, err: ConnectError) -> Result<(), ConnectError> {
+        if self.transport != Transport::Auto || !matches!(err, ConnectError::Unreachable { .. }) {
+            return Err(err);
+        }
+        let switch = self.policy.lock().unwrap_or_else(|p| p.into_inner()).quic_unreachable();
+        if switch == Switch::ToTls {
+            warn!(peer = %self.name, address = %self.address, error = %err,
+                "QUIC does not get through; new streams use TLS over TCP until it does (retrying QUIC in the background)");
+            self.metrics.transport_switched(&self.name, "tls");
+            self.spawn_probe();
+        }
+        Ok(())
+    }
+
+    /// While `auto` has fallen back: tries QUIC again with a growing interval until it works.
+    fn spawn_probe(self: &Arc<Self>) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let delay = this.policy.lock().unwrap_or_else(|p| p.into_inner()).next_probe_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = this.shutdown.cancelled() => break,
+                }
+                match this.quic_connection(true).await {
+                    Ok(_) => {
+                        if this.policy.lock().unwrap_or_else(|p| p.into_inner()).quic_up() == Switch::ToQuic {
+                            info!(peer = %this.name, address = %this.address, "QUIC gets through again; new streams use QUIC");
+                            this.metrics.transport_switched(&this.name, "quic");
+                        }
+                        break;
+                    }
+                    Err(e) => debug!(peer = %this.name, error = %e, "QUIC probe failed"),
+                }
+            }
+            this.probing.store(false, Ordering::Release);
+        });
     }
 }
 
