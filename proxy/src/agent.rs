@@ -346,7 +346,7 @@ impl Agent {
         let port = crate::io::socket::listen_reuseport(config.listen)
             .map_err(|source| AgentError::Listen { addr: config.listen, source })?;
         let addr = port.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-        let quic = match crate::quic::endpoint::bind_udp(addr).and_then(crate::quic::endpoint::endpoint) {
+        let quic = match crate::quic::endpoint::bind_udp(addr).and_then(crate::quic::endpoint::bind) {
             Ok(endpoint) => Some((endpoint, None)),
             // Taken: by the agent this one replaces, while it drains (preflight refuses a port
             // held by another user's process). Outgoing QUIC runs on a temporary socket until
@@ -354,7 +354,7 @@ impl Agent {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                 let temporary = SocketAddr::new(addr.ip(), 0);
                 let endpoint = crate::quic::endpoint::bind_udp(temporary)
-                    .and_then(crate::quic::endpoint::endpoint)
+                    .and_then(crate::quic::endpoint::bind)
                     .map_err(|source| AgentError::Listen { addr: temporary, source })?;
                 warn!(udp = %addr, "UDP port held by another process (an agent draining?): QUIC is served once it is free; \
                     peers with transport \"auto\" use TLS meanwhile");
@@ -378,7 +378,7 @@ impl Agent {
     /// (`transport = "quic"` or `"auto"`); otherwise it logs a warning and serves TLS only.
     pub async fn with_port(config: Config, port: TcpListener) -> Result<Agent, AgentError> {
         let addr = port.local_addr().map_err(|source| AgentError::Listen { addr: config.listen, source })?;
-        let quic = match crate::quic::endpoint::bind_udp(addr).and_then(crate::quic::endpoint::endpoint) {
+        let quic = match crate::quic::endpoint::bind_udp(addr).and_then(crate::quic::endpoint::bind) {
             Ok(endpoint) => Some(endpoint),
             Err(source) => {
                 if let Some(peer) = config.peers.iter().position(|p| p.transport != Transport::Tls) {
@@ -539,7 +539,7 @@ impl Agent {
                     tokio::spawn(take_udp_port(endpoint.clone(), addr, server, shared.draining.clone()));
                 }
             }
-            tracker.spawn(crate::quic::endpoint::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));
+            tracker.spawn(crate::port::quic::serve(endpoint.clone(), expose_ctx.clone(), tracker.clone()));
         }
         let listen = self.port.local_addr().unwrap_or(self.config.listen);
         tracker.spawn(crate::port::serve(self.port, acceptor, expose_ctx, tracker.clone()));

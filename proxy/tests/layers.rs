@@ -8,11 +8,9 @@
 //! Test code is exempt: a `tests.rs` file, or a `#[cfg(test)] mod … { … }` block, may drive the code
 //! it tests through a higher layer (a TLS session tested through the relay); shipped code may not.
 //!
-//! `proxy/src/` still has upward imports from its flat layout (issue 13). They are listed one by one in
-//! `KNOWN_UPWARD`, a ratchet: a new upward import fails this test naming the file, the line and both
-//! layers, and an entry that is no longer needed fails it too, so the list only shrinks.
+//! There are no exceptions left from the flat layout: any upward import fails this test, naming
+//! the file, the line and both layers.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Layers bottom-up: a module may use its own layer and those before it, never one after it.
@@ -30,13 +28,6 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("route", &["route"]),
     ("port", &["port"]),
     ("agent", &["agent", "ops", "reload", "preflight", "fuzzing", "lib"]),
-];
-
-/// Upward imports that exist today, as (module of the file, module it uses). Remove an entry when
-/// its import is inverted; never add one.
-const KNOWN_UPWARD: &[(&str, &str)] = &[
-    ("quic", "route"),
-    ("quic", "port"),
 ];
 
 fn layer_of(module: &str) -> Option<(usize, &'static str)> {
@@ -147,7 +138,6 @@ fn no_module_uses_a_higher_layer() {
     files.sort();
 
     let mut failures = Vec::new();
-    let mut used_known = BTreeSet::new();
     for file in &files {
         let module = module_of(&src, file);
         let Some((from_layer, from_name)) = layer_of(&module) else {
@@ -167,23 +157,12 @@ fn no_module_uses_a_higher_layer() {
                 if to_layer <= from_layer {
                     continue;
                 }
-                if KNOWN_UPWARD.contains(&(module.as_str(), target.as_str())) {
-                    used_known.insert((module.clone(), target));
-                    continue;
-                }
                 failures.push(format!(
                     "{}:{}: `{module}` (layer {from_name}) uses `crate::{target}` (layer {to_name}), a higher layer",
                     file.display(),
                     n
                 ));
             }
-        }
-    }
-    for (from, to) in KNOWN_UPWARD {
-        if !used_known.contains(&(from.to_string(), to.to_string())) {
-            failures.push(format!(
-                "KNOWN_UPWARD lists `{from}` -> `{to}` but no such import is left: remove the entry"
-            ));
         }
     }
     assert!(

@@ -1,4 +1,5 @@
-//! The one port: TCP accept, the TLS 1.3 handshake with client authentication, ALPN dispatch.
+//! The one port: TCP accept, the TLS 1.3 handshake with client authentication, ALPN dispatch;
+//! and on the same port number over UDP, QUIC ([`quic`]) with the same bounds.
 //!
 //! Handshakes are bounded in number, per source address and in time, so that idle, slow or
 //! hostile connections cannot pile up or take the places of other hosts:
@@ -34,6 +35,8 @@ use crate::tls::session::{self, TlsSession};
 use crate::tls::failure::failure_reason;
 use crate::tls::identity::PeerIdentity;
 use crate::tls::{ALPN_CONTROL, ALPN_DATA};
+
+pub mod quic;
 
 /// What an accepted connection carries, by its ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
