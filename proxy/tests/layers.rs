@@ -27,7 +27,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("peer", &["peer"]),
     ("route", &["route"]),
     ("port", &["port"]),
-    ("agent", &["agent", "ops", "reload", "preflight", "fuzzing", "lib"]),
+    ("agent", &["agent", "fuzzing", "lib"]),
 ];
 
 fn layer_of(module: &str) -> Option<(usize, &'static str)> {

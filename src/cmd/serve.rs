@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 pub fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let problems = migtun_proxy::preflight::check(&config, &path.display().to_string());
+    let problems = migtun_proxy::agent::preflight::check(&config, &path.display().to_string());
     if !problems.is_empty() {
         for p in &problems {
             eprintln!("{p}");
@@ -32,7 +32,7 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     // What the host must provide, checked before anything binds: every problem at once, each
     // naming the key and the file (the same lines as `migtun check`).
-    let problems = migtun_proxy::preflight::check(&config, &path.display().to_string());
+    let problems = migtun_proxy::agent::preflight::check(&config, &path.display().to_string());
     if !problems.is_empty() {
         let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         anyhow::bail!("{}", lines.join("\n"));
@@ -222,7 +222,7 @@ pub async fn reload(path: &Path, handle: &AgentHandle) -> Result<Vec<String>, St
 async fn apply(path: &Path, handle: &AgentHandle) -> Result<Vec<String>, String> {
     let file = path.display().to_string();
     let config = Config::load(path).map_err(|e| e.to_string())?;
-    let problems = migtun_proxy::preflight::check_reload(&config, &file);
+    let problems = migtun_proxy::agent::preflight::check_reload(&config, &file);
     if !problems.is_empty() {
         return Err(problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"));
     }

@@ -19,21 +19,29 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::{Config, Transport};
-use crate::peer::{ConnectError, PeerConnector, QuicClient};
 use crate::io::endpoint::{Endpoint, LocalListener};
+use crate::metrics::Metrics;
+use crate::peer::ConnectError;
+use crate::peer::TlsConnector;
 use crate::route::expose::ExposeContext;
 use crate::route::forward::ForwardContext;
-use crate::metrics::Metrics;
 use crate::route::{ExposeRoute, RouteError, RouteTable};
-use crate::peer::TlsConnector;
 use crate::tls::context::{TlsContext, TlsSetupError};
 use crate::tls::{ALPN_CONTROL, ALPN_DATA};
+
+mod handle;
+pub mod ops;
+pub mod preflight;
+pub mod reload;
+mod shared;
+
+pub use handle::{AgentHandle, DynamicForward, ExposeGuard, ForwardGuard};
+pub(crate) use shared::{connector, quic_client_config, Running, Shared, StaticForward};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -62,270 +70,6 @@ pub enum AgentError {
 }
 
 pub use crate::route::expose::{ControlHandler, ControlIo, ControlStream};
-
-/// What the running agent shares with its tasks and with the control plane.
-pub(crate) struct Shared {
-    pub(crate) name: String,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) routes: Arc<RouteTable>,
-    /// The configured peers' connectors; a reload adds, replaces and removes them (streams
-    /// that hold a replaced one keep it).
-    pub(crate) peers: std::sync::RwLock<HashMap<String, Arc<PeerConnector>>>,
-    /// What new peers' connectors are made from (a reload).
-    pub(crate) data_connector: TlsConnector,
-    pub(crate) quic_client: std::sync::Mutex<Option<(quinn::ClientConfig, TlsConnector)>>,
-    /// The receiving side's context, once the agent runs: its list of configured peers.
-    pub(crate) expose: std::sync::OnceLock<Arc<ExposeContext>>,
-    control_connector: TlsConnector,
-    /// Verifiers and identity every rustls configuration is made from; a reload replaces what
-    /// is inside it ([`TlsContext::replace`]).
-    pub(crate) tls: Arc<TlsContext>,
-    /// The QUIC endpoint on the port number, when UDP could be bound.
-    pub(crate) quic: Option<quinn::Endpoint>,
-    /// The port's UDP address while another agent (draining) still holds it: the endpoint runs
-    /// on a temporary socket (outgoing QUIC only) until it can take the port.
-    udp_wait: Option<SocketAddr>,
-    pub(crate) tracker: TaskTracker,
-    pub(crate) draining: CancellationToken,
-    pub(crate) abort: CancellationToken,
-    /// `drain_timeout_secs`, which a reload may change.
-    pub(crate) drain_timeout: std::sync::Mutex<std::time::Duration>,
-    /// The config and static forwards of the running agent (`None` until it runs). Its lock is
-    /// also what keeps two reloads from running at once.
-    pub(crate) running: tokio::sync::Mutex<Option<Running>>,
-}
-
-/// What a reload compares the new config with and changes.
-pub(crate) struct Running {
-    pub(crate) config: Config,
-    /// The `[[forward]]`s that listen now, in config order.
-    pub(crate) forwards: Vec<StaticForward>,
-}
-
-/// One `[[forward]]` of the config, listening.
-pub(crate) struct StaticForward {
-    pub(crate) spec: crate::config::Forward,
-    pub(crate) guard: ForwardGuard,
-}
-
-impl Shared {
-    pub(crate) fn peer_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<PeerConnector>>> {
-        self.peers.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn peer(&self, name: &str) -> Option<Arc<PeerConnector>> {
-        self.peer_map().get(name).cloned()
-    }
-}
-
-/// The QUIC client configuration for peers on `quic` or `auto`, and the TLS side it wraps.
-pub(crate) fn quic_client_config(tls: &Arc<TlsContext>) -> Result<(quinn::ClientConfig, TlsConnector), AgentError> {
-    let side = tls.client_config(&[ALPN_DATA])?;
-    Ok((crate::quic::tuning::client_config(&side)?, side))
-}
-
-/// The connector of one `[[peer]]`.
-pub(crate) fn connector(
-    p: &crate::config::Peer,
-    data: &TlsConnector,
-    quic: Option<&quinn::Endpoint>,
-    quic_client: Option<&(quinn::ClientConfig, TlsConnector)>,
-    metrics: &Arc<Metrics>,
-    draining: &CancellationToken,
-) -> Result<Arc<PeerConnector>, AgentError> {
-    let quic = match (quic, quic_client, p.transport) {
-        (Some(e), Some((c, side)), Transport::Quic | Transport::Auto) => Some(QuicClient::new(e.clone(), c.clone(), side.clone())),
-        _ => None,
-    };
-    PeerConnector::with_transport(&p.name, &p.address, data.clone(), p.transport, quic, metrics.clone(), draining.clone())
-        .map_err(|_| AgentError::PeerName { name: p.name.clone() })
-}
-
-/// A cheap, cloneable handle on a bound or running agent.
-#[derive(Clone)]
-pub struct AgentHandle {
-    pub(crate) shared: Arc<Shared>,
-}
-
-/// A dynamic forward: a local listener whose connections go to `route` on `peer`, naming
-/// `migration` in their preamble.
-#[derive(Clone, Debug)]
-pub struct DynamicForward {
-    pub listen: Endpoint,
-    pub mode: u32,
-    pub peer: String,
-    pub route: String,
-    pub migration: Option<String>,
-}
-
-/// Keeps a dynamic forward listening. Dropping it stops accepting (open streams continue);
-/// [`ForwardGuard::close`] also waits until the listener is gone and its socket file removed.
-pub struct ForwardGuard {
-    stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
-    endpoint: Endpoint,
-    /// Cuts this forward's open streams (a child of the agent's drain abort).
-    abort: CancellationToken,
-}
-
-impl ForwardGuard {
-    /// Serves `listener` with `ctx` until the guard is dropped or closed, or the agent drains.
-    pub(crate) fn spawn(shared: &Shared, listener: LocalListener, ctx: Arc<ForwardContext>, endpoint: Endpoint) -> ForwardGuard {
-        let abort = ctx.abort.clone();
-        let stop = shared.draining.child_token();
-        let task = shared.tracker.spawn(crate::route::forward::serve(listener, ctx, stop.clone(), shared.tracker.clone()));
-        ForwardGuard { stop, task: Some(task), endpoint, abort }
-    }
-
-    /// Where the forward listens (with the real port for `tcp:...:0`).
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    /// A token that, cancelled, cuts the forward's open streams at once: their local ends are
-    /// closed, so that the local side (QEMU) learns at once that the peer is gone instead of
-    /// when TCP gives up on it.
-    pub fn stream_abort(&self) -> CancellationToken {
-        self.abort.clone()
-    }
-
-    pub async fn close(mut self) {
-        self.stop.cancel();
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for ForwardGuard {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// Keeps a dynamic route exposed; dropping it removes the route (open streams continue).
-pub struct ExposeGuard {
-    routes: Arc<RouteTable>,
-    name: String,
-}
-
-impl ExposeGuard {
-    pub fn route(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Drop for ExposeGuard {
-    fn drop(&mut self) {
-        self.routes.remove(&self.name);
-    }
-}
-
-impl AgentHandle {
-    /// This host's name (a DNS SAN of its certificate).
-    pub fn name(&self) -> &str {
-        &self.shared.name
-    }
-
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.shared.metrics.clone()
-    }
-
-    pub fn routes(&self) -> Arc<RouteTable> {
-        self.shared.routes.clone()
-    }
-
-    /// Configured peers, by name.
-    pub fn peer_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.shared.peer_map().keys().cloned().collect();
-        v.sort();
-        v
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.shared.draining.is_cancelled()
-    }
-
-    /// How long the drain lets open streams run (`drain_timeout_secs`, as last reloaded).
-    pub fn drain_timeout(&self) -> std::time::Duration {
-        *self.shared.drain_timeout.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Start-up work the agent serves without (with `[qemu]`: the journal the agent it replaces
-    /// still holds). Said before [`Agent::run`], it keeps `/readyz` at 503 with `what` and
-    /// holds systemd's `READY=1` (STATUS= says why) until `starting(None)`, which sends it.
-    pub fn starting(&self, what: Option<String>) {
-        let health = &self.shared.metrics.health;
-        let done = what.is_none();
-        if let Some(what) = &what {
-            crate::notify::status(&format!("starting: {what}"));
-        }
-        health.starting(what);
-        // `run` marks serving, then looks here; this clears, then looks there: whichever
-        // comes second sends READY=1 (both may: systemd takes a second READY=1 as a status).
-        if done && health.is_serving() && !self.is_draining() {
-            crate::notify::ready(&format!("serving on {}", health.listening_on().map(|a| a.to_string()).unwrap_or_default()));
-        }
-    }
-
-    /// The agent's QUIC endpoint (UDP, same port number as `listen`), if it has one. Tests use it
-    /// to rebind the agent to another UDP socket (connection migration).
-    pub fn quic_endpoint(&self) -> Option<quinn::Endpoint> {
-        self.shared.quic.clone()
-    }
-
-    /// The transport new streams to `peer` take now: `tls` or `quic` (for `auto`, whichever it
-    /// currently uses). `None` for an unknown peer.
-    pub fn peer_transport(&self, peer: &str) -> Option<&'static str> {
-        self.shared.peer(peer).map(|p| match p.choice() {
-            crate::peer::Choice::Quic => "quic",
-            crate::peer::Choice::Tls => "tls",
-        })
-    }
-
-    /// Starts a dynamic forward; it stops when the guard is dropped or the agent drains.
-    pub async fn add_forward(&self, spec: DynamicForward) -> Result<ForwardGuard, AgentError> {
-        if self.is_draining() {
-            return Err(AgentError::Draining);
-        }
-        let peer = self.shared.peer(&spec.peer).ok_or_else(|| AgentError::UnknownPeer { name: spec.peer.clone() })?;
-        for name in std::iter::once(&spec.route).chain(spec.migration.as_ref()) {
-            crate::route::wire::validate_name(name)
-                .map_err(|why| AgentError::Route(RouteError::BadName { name: name.clone(), why }))?;
-        }
-        let listener = LocalListener::bind(&spec.listen, spec.mode).await.map_err(|source| {
-            AgentError::DynamicForward { route: spec.route.clone(), endpoint: spec.listen.clone(), source }
-        })?;
-        let endpoint = listener.endpoint().unwrap_or_else(|_| spec.listen.clone());
-        let ctx = Arc::new(ForwardContext {
-            metrics: self.shared.metrics.clone(),
-            peer,
-            route: spec.route,
-            migration: spec.migration,
-            abort: self.shared.abort.child_token(),
-        });
-        Ok(ForwardGuard::spawn(&self.shared, listener, ctx, endpoint))
-    }
-
-    /// Exposes a dynamic route until the guard is dropped.
-    pub fn add_expose(&self, route: ExposeRoute) -> Result<ExposeGuard, AgentError> {
-        if self.is_draining() {
-            return Err(AgentError::Draining);
-        }
-        let name = route.name.clone();
-        self.shared.routes.add(route)?;
-        Ok(ExposeGuard { routes: self.shared.routes.clone(), name })
-    }
-
-    /// Opens a control connection (ALPN `h2`) to a configured peer.
-    pub async fn connect_control(&self, peer: &str) -> Result<ControlStream, AgentError> {
-        let p = self.shared.peer(peer).ok_or_else(|| AgentError::UnknownPeer { name: peer.to_string() })?;
-        p.connect_with(&self.shared.control_connector)
-            .await
-            .map(|s| Box::new(s) as ControlStream)
-            .map_err(|e| AgentError::Control { peer: peer.to_string(), source: e })
-    }
-}
 
 /// A bound, not yet running agent.
 pub struct Agent {
@@ -518,7 +262,7 @@ impl Agent {
         let acceptor = shared.tls.server_config(alpn)?;
         let stop_metrics = CancellationToken::new();
         if let Some(l) = self.metrics_listener {
-            tokio::spawn(crate::ops::serve(l, shared.metrics.clone(), stop_metrics.clone()));
+            tokio::spawn(crate::agent::ops::serve(l, shared.metrics.clone(), stop_metrics.clone()));
         }
         tokio::spawn(crate::io::buffers::sweep(stop_metrics.clone()));
         let expose_ctx = Arc::new(ExposeContext::new(
