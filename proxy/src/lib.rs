@@ -1,33 +1,37 @@
 //! migtun data plane: one port (TLS over TCP, QUIC over UDP) carrying any number of tunnelled
 //! byte streams between hosts.
 //!
-//! A connection accepted on a local `[[forward]]` listener becomes one mutually authenticated
-//! TLS 1.3 connection to the peer's port ([`forward`], [`connect`]); a short preamble names the
-//! route ([`wire`]); the peer checks who may open it ([`routes`]), connects to the `[[expose]]`
-//! target ([`expose`]) and the bytes are relayed both ways ([`relay`]). rustls does each TLS
-//! handshake; the records after it are migtun's own, sealed and opened in place ([`tls::session`],
-//! [`tls::record`]) in buffers from a bounded pool ([`buffers`](io::buffers)). Over QUIC ([`quic`]) a
-//! stream is a QUIC stream on the peer's one connection instead; [`transport`] hides which.
-//! [`agent`] ties the pieces to one validated [`config::Config`] and drains them on shutdown.
+//! The data path, in three files: a connection accepted on a local `[[forward]]` listener
+//! ([`route::forward`]) gets a stream to the peer from its connector ([`peer`]: a mutually
+//! authenticated TLS 1.3 connection from a warm pool, or a QUIC stream on the peer's one
+//! connection), sends a short preamble naming the route ([`route::wire`]), and the bytes are
+//! relayed both ways ([`relay`]). On the peer, the port ([`port`]) accepts and handshakes, the
+//! target side ([`route::expose`]) checks who may open the route ([`route::table`]), connects to
+//! the `[[expose]]` target and runs the same relay. rustls does each TLS handshake; the records
+//! after it are migtun's own, sealed and opened in place ([`tls::session`], [`tls::record`]) in
+//! buffers from a bounded pool ([`io::buffers`]). [`stream::PeerStream`] hides which transport
+//! carries a stream. [`agent`] ties the pieces to one validated [`config::Config`], serves the
+//! operator's endpoint ([`agent::ops`]) and drains everything on shutdown.
 //!
 //! # Layers, bottom-up
 //!
 //! Each layer may use itself and the layers above it in this list, never one below it. A folder is
-//! one module of one layer: everything in `tls/` is in the tls layer.
-//! `tests/layers.rs` holds the same table and fails on an import that points up;
-//! the upward imports left from the flat layout are listed there one by one and only shrink.
+//! one module of one layer: everything in `tls/` is in the tls layer. `tests/layers.rs` holds the
+//! same table and fails on any import that points up (test modules excepted).
 //!
-//! 1. io: [`metrics`], [`notify`], [`wire`], and the folder [`io`] (local endpoints, socket options,
-//!    the accept loop, limits, the buffer pool, and the stream traits the relay is generic over)
-//! 2. config: [`config`]
-//! 3. tls: the folder [`tls`] (identity, rustls configurations, the record layer, the session)
-//! 4. quic: the folder [`quic`] (tuning, endpoint, stream, failure)
-//! 5. relay: [`relay`] (the relay, generic over the traits in [`io`])
-//! 6. stream: [`transport`] (implements those traits for TLS and QUIC streams)
-//! 7. route: [`routes`], [`expose`], [`forward`]
-//! 8. peer: [`connect`]
-//! 9. port: [`port`]
-//! 10. agent: [`agent`], [`ops`], [`reload`], [`preflight`], `fuzzing`, this file
+//! 1. io: [`metrics`] (the families and [`metrics::Health`]), [`notify`] (systemd), and [`io`]:
+//!    local endpoints, socket options, the accept loop, limits, the buffer pool, and the stream
+//!    traits the relay is generic over
+//! 2. tls: [`tls`] (`[tls]` settings, identity, rustls configurations, the record layer, the session)
+//! 3. quic: [`quic`] (tuning, the UDP endpoint, stream, failure)
+//! 4. config: [`config`] (the one Config: load, validate, explain)
+//! 5. stream: [`stream`] (one stream type over both transports)
+//! 6. relay: [`relay`] (the byte relay; it knows only the traits of [`io`])
+//! 7. peer: [`peer`] (connecting to a peer: the TLS warm pool, the QUIC connection, `auto`)
+//! 8. route: [`route`] (the preamble, the route table, forward and expose)
+//! 9. port: [`port`] (the one listening port: TCP and QUIC accept, handshake limits, ALPN dispatch)
+//! 10. agent: [`agent`] (bind, run, drain; the handle, reload, preflight, the ops endpoint),
+//!     `fuzzing`, this file
 //!
 //! The data plane never names the control-plane crate.
 

@@ -9,7 +9,7 @@
 //! peers. The data plane never depends on the control plane; the control plane registers a
 //! [`ControlHandler`] for the control connections the port accepts.
 //!
-//! A running agent can be reloaded ([`AgentHandle::reload`], in `crate::reload`), and a new
+//! A running agent can be reloaded ([`AgentHandle::reload`], in [`reload`]), and a new
 //! agent can take over the port of one that drains: the TCP port and the metrics listener are
 //! bound with `SO_REUSEPORT`, the UDP (QUIC) port only once the old agent has let it go
 //! (docs/DESIGN.md, "Restart hand-over").
