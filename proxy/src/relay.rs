@@ -1,7 +1,7 @@
 //! The byte relay: both directions of one tunnelled stream, in one task.
 //!
 //! Each direction writes out what its reader has buffered before the reader reads again (the
-//! buffers are the readers', lent from a bounded pool: [`crate::buffers`]), so memory per stream
+//! buffers are the readers', lent from a bounded pool: [`crate::io::buffers`]), so memory per stream
 //! is bounded and a slow reader throttles its writer (backpressure all the way
 //! back to the sending QEMU through the kernel's socket buffers and TLS flow). EOF on one side is
 //! passed on as a write shutdown on the other (TLS close_notify, then TCP FIN), while the other

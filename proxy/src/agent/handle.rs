@@ -124,7 +124,7 @@ impl AgentHandle {
     }
 
     /// Start-up work the agent serves without (with `[qemu]`: the journal the agent it replaces
-    /// still holds). Said before [`Agent::run`], it keeps `/readyz` at 503 with `what` and
+    /// still holds). Said before [`Agent::run`](super::Agent::run), it keeps `/readyz` at 503 with `what` and
     /// holds systemd's `READY=1` (STATUS= says why) until `starting(None)`, which sends it.
     pub fn starting(&self, what: Option<String>) {
         let health = &self.shared.metrics.health;

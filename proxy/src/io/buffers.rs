@@ -163,7 +163,7 @@ fn release_pages(buf: &mut [u8]) {
 /// Every [`SWEEP_INTERVAL`] until `stop`: gives the pages of buffers idle for
 /// [`RELEASE_IDLE_AFTER`] back to the kernel, and once the data plane has been idle that long
 /// (no buffer lent, so no stream moved a byte), the allocator's free memory too
-/// ([`trim_allocator`]), once per idle period. The agent runs one; more (several agents in one
+/// (`trim_allocator`), once per idle period. The agent runs one; more (several agents in one
 /// test process) do no harm.
 pub async fn sweep(stop: tokio_util::sync::CancellationToken) {
     let mut lent = pool().lent.load(Ordering::Relaxed);

@@ -95,7 +95,7 @@ impl Health {
     }
 
     /// The not-after (unix seconds) of the agent's certificate and of its earliest CA (a reload
-    /// with new certificates calls this again through [`Metrics::certificates_expire`]).
+    /// with new certificates calls this again through [`Metrics::certificates_expire`](super::Metrics::certificates_expire)).
     pub fn certificates(&self, leaf: Option<i64>, ca: Option<i64>) {
         self.leaf_not_after.store(leaf.unwrap_or(NOT_AFTER_UNKNOWN), Ordering::Relaxed);
         self.ca_not_after.store(ca.unwrap_or(NOT_AFTER_UNKNOWN), Ordering::Relaxed);

@@ -1,5 +1,5 @@
 //! Prometheus metrics (prometheus-client): the families, their bounded labels, and the agent's
-//! [`Health`] that `/readyz` reports. The HTTP endpoint that serves them is [`crate::ops`].
+//! [`Health`] that `/readyz` reports. The HTTP endpoint that serves them is [`crate::agent::ops`].
 //! Label values are bounded: peers are authenticated certificate names, routes are configured
 //! names (a route a peer asks for that does not exist is counted as `<unknown>`; the routes a
 //! migration opens for itself, `m-<id>.ram` and `m-<id>.nbd`, are counted as `migration.ram` and
@@ -450,7 +450,7 @@ impl Metrics {
         self.handshakes.get_or_create(&HandshakeLabels { transport, role, kind }).inc();
     }
 
-    /// A failed `accept` on `listener` ([`crate::accept`]).
+    /// A failed `accept` on `listener` ([`crate::io::accept`]).
     pub fn accept_failed(&self, listener: &'static str, reason: &'static str) {
         self.accept_failures.get_or_create(&AcceptLabels { listener, reason }).inc();
     }

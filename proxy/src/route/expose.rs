@@ -30,7 +30,7 @@ pub const IDLE_PREAMBLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections (or QUIC streams) one peer may have awaiting their preamble at once; more are
 /// refused with a reply that names the limit. A source holds a couple of warm connections plus
 /// one per stream that is opening: streams of a forward send their preambles in accept order
-/// ([`crate::forward`]), so a burst of 1,000 opens holds up to 1,000 connections waiting their
+/// ([`crate::route::forward`]), so a burst of 1,000 opens holds up to 1,000 connections waiting their
 /// turn (tests/tls_transport.rs, `a_burst_of_a_thousand_opens_all_arrive`). The cap keeps one
 /// peer, or one stolen key, from holding all of the agent's file descriptors.
 pub const MAX_AWAITING_PREAMBLE_PER_PEER: usize = 1024;

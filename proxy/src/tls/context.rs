@@ -13,7 +13,7 @@
 //!
 //! A reload ([`TlsContext::replace`]) swaps the identity and the verifiers behind every rustls
 //! configuration already made (TLS and QUIC, server and client): the configurations hold a
-//! resolver and verifiers that read the current [`Material`] at each handshake, so new
+//! resolver and verifiers that read the current `Material` at each handshake, so new
 //! handshakes use the new files, while established connections, the session caches and the
 //! configurations themselves stay as they are.
 

@@ -4,7 +4,7 @@
 //! [`connect`] and [`accept`] drive rustls' unbuffered API over the TCP socket until the
 //! handshake is complete, then take the traffic secrets and a [`KernelConnection`] (rustls' API
 //! for kTLS) and from there on [`TlsSession`] reads, decrypts, encrypts and writes records
-//! itself, in place, in pooled buffers ([`crate::buffers`]). rustls keeps what it is good at:
+//! itself, in place, in pooled buffers ([`crate::io::buffers`]). rustls keeps what it is good at:
 //! certificates, session tickets (a client hands each ticket the server sends to rustls, so
 //! later connections resume) and deriving the next key when either side updates its keys.
 //!
