@@ -7,7 +7,7 @@
 //! hello and tunnels included, and the requests that need the journal (prepare, finish, files,
 //! `migtun migrate`) are refused naming who holds it until [`ControlPlane::start`] has it.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::config::QemuConfig;
@@ -88,9 +88,10 @@ pub struct ControlPlane {
     incoming: OnceLock<Arc<Incoming>>,
     outgoing: OnceLock<Arc<Outgoing>>,
     journal: OnceLock<Arc<Journal>>,
-    /// Why the journal's parts are not there yet; `None` once started.
-    waiting: Mutex<Option<String>>,
 }
+
+/// Why the journal's parts are not there yet, before [`ControlPlane::waiting`] first says why.
+const NOT_OPEN_YET: &str = "the journal is not open yet";
 
 impl ControlPlane {
     /// The control plane of `config` on `agent`, its journal's parts not started.
@@ -107,7 +108,6 @@ impl ControlPlane {
             incoming: OnceLock::new(),
             outgoing: OnceLock::new(),
             journal: OnceLock::new(),
-            waiting: Mutex::new(config.qemu.as_ref().map(|_| "the journal is not open yet".to_string())),
         })
     }
 
@@ -116,18 +116,18 @@ impl ControlPlane {
         self.registry.clone()
     }
 
-    /// The journal's parts are not there yet, because of `why` (refusals and `/readyz` say it).
+    /// The journal's parts are not there yet, because of `why` (refusals and `/readyz` say it:
+    /// the agent's health keeps it, until [`ControlPlane::start`] clears it).
     pub fn waiting(&self, why: &str) {
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
         self.agent.starting(Some(why.to_string()));
     }
 
     fn not_started(&self) -> String {
-        let why = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let why = self.agent.metrics().health.still_starting();
         format!(
             "{} is starting ({}); migrations are served once it has the journal, in seconds: try again then",
             self.agent.name(),
-            why.unwrap_or_default()
+            why.as_deref().unwrap_or(NOT_OPEN_YET)
         )
     }
 
@@ -177,7 +177,6 @@ impl ControlPlane {
         let out = Arc::new(Outgoing { agent: self.agent.clone(), run_dir: q.run_dir.clone(), journal });
         crate::recovery::recover(out.clone(), self.registry.clone());
         let _ = self.outgoing.set(out);
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.agent.starting(None);
     }
 
