@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use migtun_control::admin::{self, Reloader};
 use migtun_control::handover;
-use migtun_control::journal::{Journal, JournalError};
+use migtun_control::journal::{self, Journal, JournalError};
 use migtun_control::service::ControlPlane;
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
@@ -80,6 +80,7 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
             None => {}
             Some(Ok(journal)) => plane.start(Arc::new(journal)).await,
             Some(Err(holder)) => {
+                let holder = journal::who_holds(holder.as_ref());
                 plane.waiting(&format!("waiting for the journal, held by the agent this one replaces ({holder})"));
                 let dir = agent.config().qemu.as_ref().map(|q| q.state_dir.clone()).unwrap_or_default();
                 tokio::spawn(take_over(plane.clone(), dir, shutdown.clone(), failed_take_over.clone()));
