@@ -7,17 +7,20 @@
 //! hello and tunnels included, and the requests that need the journal (prepare, finish, files,
 //! `migtun migrate`) are refused naming who holds it until [`ControlPlane::start`] has it.
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::config::QemuConfig;
 use migtun_proxy::Config;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Registry, Starter};
 use crate::authz::SourcePolicy;
 use crate::driver::Outgoing;
 use crate::incoming::{Incoming, IncomingGetter, IncomingLimits};
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalError};
 use crate::messages::{OutcomeKind, Report, Totals};
 use crate::rpc::{MethodError, Router};
 use crate::tunnels::Tunnels;
@@ -178,6 +181,38 @@ impl ControlPlane {
         crate::recovery::recover(out.clone(), self.registry.clone());
         let _ = self.outgoing.set(out);
         self.agent.starting(None);
+    }
+
+    /// Waits for the journal in `state_dir` that the agent this one replaces holds while it
+    /// drains ([`handover::take`](crate::handover::take)), then starts the journal's parts
+    /// ([`ControlPlane::start`], on a task of its own). The task ends `Ok` once the journal is
+    /// ours, or when `shutdown` comes first; if the journal never comes (that agent is stuck),
+    /// it cancels `shutdown`, so that this agent drains, and ends with the reason to exit with.
+    pub fn take_over(self: &Arc<ControlPlane>, state_dir: PathBuf, shutdown: CancellationToken) -> JoinHandle<Result<(), JournalError>> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let waited = crate::handover::take(&state_dir, |why| {
+                tracing::info!(state_dir = %state_dir.display(), "{why}");
+                this.waiting(why);
+            });
+            let taken = tokio::select! {
+                taken = waited => taken,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            match taken {
+                Ok(journal) => {
+                    tracing::info!(state_dir = %state_dir.display(), "journal taken over: migrations are served");
+                    // Not awaited here: the caller hears the outcome of the take-over at once.
+                    tokio::spawn(async move { this.start(Arc::new(journal)).await });
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!(state_dir = %state_dir.display(), error = %e, "cannot take the journal over; stopping");
+                    shutdown.cancel();
+                    Err(e)
+                }
+            }
+        })
     }
 
     /// The agent drains for up to `drain`: the lock file says so, and a new agent on this config
