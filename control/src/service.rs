@@ -25,11 +25,7 @@ use crate::messages::{OutcomeKind, Report, Totals};
 use crate::rpc::{MethodError, Router};
 use crate::tunnels::Tunnels;
 
-/// The destination side of this agent, when it has `[qemu]` (and so a journal).
-pub fn incoming(agent: &AgentHandle, config: &Config, journal: Arc<Journal>) -> Option<Arc<Incoming>> {
-    Some(incoming_of(agent, config.qemu.as_ref()?, journal))
-}
-
+/// The destination side of this agent, on `[qemu]` `q`, journalling in `journal`.
 fn incoming_of(agent: &AgentHandle, q: &QemuConfig, journal: Arc<Journal>) -> Arc<Incoming> {
     let limits = IncomingLimits {
         max_incoming: q.max_incoming,
@@ -40,17 +36,9 @@ fn incoming_of(agent: &AgentHandle, q: &QemuConfig, journal: Arc<Journal>) -> Ar
     Incoming::with_config(agent.clone(), q.run_dir.clone(), q.image_dir.clone(), journal, q.prepare_hook.clone(), policy, limits)
 }
 
-/// The router `migtun serve` registers as the agent's control handler. Every agent answers the
-/// hello; every other request must pass `[qemu] allow_sources`.
-/// `tunnel-*` requests must pass `[tunnels] allow` instead.
-pub fn router(agent: &AgentHandle, config: &Config, incoming: Option<&Arc<Incoming>>, tunnels: &Arc<Tunnels>) -> Router {
-    let getter = incoming.map(|i| {
-        let i = i.clone();
-        Arc::new(move || Ok(i.clone())) as IncomingGetter
-    });
-    router_with(agent, SourcePolicy::from_config(config), getter, tunnels)
-}
-
+/// The router of the agent's control handler. Every agent answers the hello; every other
+/// request must pass `[qemu] allow_sources` (`sources`), `tunnel-*` requests `[tunnels] allow`
+/// instead; the destination side's requests go to `incoming` (with `[qemu]`).
 fn router_with(agent: &AgentHandle, sources: SourcePolicy, incoming: Option<IncomingGetter>, tunnels: &Arc<Tunnels>) -> Router {
     let t = tunnels.clone();
     let policy: crate::rpc::Policy = Arc::new(move |peer, method| {
@@ -68,16 +56,8 @@ fn router_with(agent: &AgentHandle, sources: SourcePolicy, incoming: Option<Inco
 }
 
 /// This agent's tunnels (`[tunnels]`; without it, every tunnel request is refused by name).
-pub fn tunnels(agent: &AgentHandle, config: &Config) -> Arc<Tunnels> {
+fn tunnels(agent: &AgentHandle, config: &Config) -> Arc<Tunnels> {
     Tunnels::new(agent.clone(), config.tunnels.clone())
-}
-
-/// The journal of an agent with `[qemu]` (`qemu.state_dir`), locked for this agent.
-pub fn open_journal(config: &Config) -> Result<Option<Arc<Journal>>, crate::journal::JournalError> {
-    match &config.qemu {
-        Some(q) => Ok(Some(Arc::new(Journal::open(&q.state_dir)?))),
-        None => Ok(None),
-    }
 }
 
 /// The control plane of one agent: what answers peers and the admin socket.
