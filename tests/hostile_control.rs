@@ -121,12 +121,20 @@ impl Fleet {
         );
         let (c, d) = (caller("host-c", addr[2], ""), caller("host-d", addr[3], ""));
         let dir = pki.dir.path();
+        // host-b's control plane as `migtun serve` builds it: its router, then (the journal is
+        // free here) its journal's parts started, before any peer asks.
+        let mut plane = None;
         let b = start_agent_serving(dir, "host-b", &b, pb, |h, c| {
-            let journal = migtun_control::service::open_journal(c).expect("host-b's journal");
-            let incoming = journal.and_then(|j| migtun_control::service::incoming(h, c, j));
-            let tunnels = migtun_control::service::tunnels(h, c);
-            Some(migtun_control::service::router(h, c, incoming.as_ref(), &tunnels).into_handler())
-        }).await;
+            let p = migtun_control::service::ControlPlane::new(h, c);
+            let router = p.router().into_handler();
+            plane = Some((p, c.qemu.as_ref().map(|q| q.state_dir.clone())));
+            Some(router)
+        })
+        .await;
+        if let Some((plane, Some(state_dir))) = plane {
+            let journal = migtun_control::journal::Journal::open(&state_dir).expect("host-b's journal");
+            plane.start(std::sync::Arc::new(journal)).await;
+        }
         let a = start_agent(dir, "host-a", &a, pa).await;
         let c = start_agent(dir, "host-c", &c, pc).await;
         let d = start_agent(dir, "host-d", &d, pd).await;

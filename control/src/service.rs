@@ -7,26 +7,25 @@
 //! hello and tunnels included, and the requests that need the journal (prepare, finish, files,
 //! `migtun migrate`) are refused naming who holds it until [`ControlPlane::start`] has it.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::config::QemuConfig;
 use migtun_proxy::Config;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Registry, Starter};
 use crate::authz::SourcePolicy;
 use crate::driver::Outgoing;
 use crate::incoming::{Incoming, IncomingGetter, IncomingLimits};
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalError};
 use crate::messages::{OutcomeKind, Report, Totals};
 use crate::rpc::{MethodError, Router};
 use crate::tunnels::Tunnels;
 
-/// The destination side of this agent, when it has `[qemu]` (and so a journal).
-pub fn incoming(agent: &AgentHandle, config: &Config, journal: Arc<Journal>) -> Option<Arc<Incoming>> {
-    Some(incoming_of(agent, config.qemu.as_ref()?, journal))
-}
-
+/// The destination side of this agent, on `[qemu]` `q`, journalling in `journal`.
 fn incoming_of(agent: &AgentHandle, q: &QemuConfig, journal: Arc<Journal>) -> Arc<Incoming> {
     let limits = IncomingLimits {
         max_incoming: q.max_incoming,
@@ -37,17 +36,9 @@ fn incoming_of(agent: &AgentHandle, q: &QemuConfig, journal: Arc<Journal>) -> Ar
     Incoming::with_config(agent.clone(), q.run_dir.clone(), q.image_dir.clone(), journal, q.prepare_hook.clone(), policy, limits)
 }
 
-/// The router `migtun serve` registers as the agent's control handler. Every agent answers the
-/// hello; every other request must pass `[qemu] allow_sources`.
-/// `tunnel-*` requests must pass `[tunnels] allow` instead.
-pub fn router(agent: &AgentHandle, config: &Config, incoming: Option<&Arc<Incoming>>, tunnels: &Arc<Tunnels>) -> Router {
-    let getter = incoming.map(|i| {
-        let i = i.clone();
-        Arc::new(move || Ok(i.clone())) as IncomingGetter
-    });
-    router_with(agent, SourcePolicy::from_config(config), getter, tunnels)
-}
-
+/// The router of the agent's control handler. Every agent answers the hello; every other
+/// request must pass `[qemu] allow_sources` (`sources`), `tunnel-*` requests `[tunnels] allow`
+/// instead; the destination side's requests go to `incoming` (with `[qemu]`).
 fn router_with(agent: &AgentHandle, sources: SourcePolicy, incoming: Option<IncomingGetter>, tunnels: &Arc<Tunnels>) -> Router {
     let t = tunnels.clone();
     let policy: crate::rpc::Policy = Arc::new(move |peer, method| {
@@ -65,16 +56,8 @@ fn router_with(agent: &AgentHandle, sources: SourcePolicy, incoming: Option<Inco
 }
 
 /// This agent's tunnels (`[tunnels]`; without it, every tunnel request is refused by name).
-pub fn tunnels(agent: &AgentHandle, config: &Config) -> Arc<Tunnels> {
+fn tunnels(agent: &AgentHandle, config: &Config) -> Arc<Tunnels> {
     Tunnels::new(agent.clone(), config.tunnels.clone())
-}
-
-/// The journal of an agent with `[qemu]` (`qemu.state_dir`), locked for this agent.
-pub fn open_journal(config: &Config) -> Result<Option<Arc<Journal>>, crate::journal::JournalError> {
-    match &config.qemu {
-        Some(q) => Ok(Some(Arc::new(Journal::open(&q.state_dir)?))),
-        None => Ok(None),
-    }
 }
 
 /// The control plane of one agent: what answers peers and the admin socket.
@@ -88,9 +71,10 @@ pub struct ControlPlane {
     incoming: OnceLock<Arc<Incoming>>,
     outgoing: OnceLock<Arc<Outgoing>>,
     journal: OnceLock<Arc<Journal>>,
-    /// Why the journal's parts are not there yet; `None` once started.
-    waiting: Mutex<Option<String>>,
 }
+
+/// Why the journal's parts are not there yet, before [`ControlPlane::waiting`] first says why.
+const NOT_OPEN_YET: &str = "the journal is not open yet";
 
 impl ControlPlane {
     /// The control plane of `config` on `agent`, its journal's parts not started.
@@ -107,7 +91,6 @@ impl ControlPlane {
             incoming: OnceLock::new(),
             outgoing: OnceLock::new(),
             journal: OnceLock::new(),
-            waiting: Mutex::new(config.qemu.as_ref().map(|_| "the journal is not open yet".to_string())),
         })
     }
 
@@ -116,18 +99,18 @@ impl ControlPlane {
         self.registry.clone()
     }
 
-    /// The journal's parts are not there yet, because of `why` (refusals and `/readyz` say it).
+    /// The journal's parts are not there yet, because of `why` (refusals and `/readyz` say it:
+    /// the agent's health keeps it, until [`ControlPlane::start`] clears it).
     pub fn waiting(&self, why: &str) {
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
         self.agent.starting(Some(why.to_string()));
     }
 
     fn not_started(&self) -> String {
-        let why = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let why = self.agent.metrics().health.still_starting();
         format!(
             "{} is starting ({}); migrations are served once it has the journal, in seconds: try again then",
             self.agent.name(),
-            why.unwrap_or_default()
+            why.as_deref().unwrap_or(NOT_OPEN_YET)
         )
     }
 
@@ -177,8 +160,39 @@ impl ControlPlane {
         let out = Arc::new(Outgoing { agent: self.agent.clone(), run_dir: q.run_dir.clone(), journal });
         crate::recovery::recover(out.clone(), self.registry.clone());
         let _ = self.outgoing.set(out);
-        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.agent.starting(None);
+    }
+
+    /// Waits for the journal in `state_dir` that the agent this one replaces holds while it
+    /// drains ([`handover::take`](crate::handover::take)), then starts the journal's parts
+    /// ([`ControlPlane::start`], on a task of its own). The task ends `Ok` once the journal is
+    /// ours, or when `shutdown` comes first; if the journal never comes (that agent is stuck),
+    /// it cancels `shutdown`, so that this agent drains, and ends with the reason to exit with.
+    pub fn take_over(self: &Arc<ControlPlane>, state_dir: PathBuf, shutdown: CancellationToken) -> JoinHandle<Result<(), JournalError>> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let waited = crate::handover::take(&state_dir, |why| {
+                tracing::info!(state_dir = %state_dir.display(), "{why}");
+                this.waiting(why);
+            });
+            let taken = tokio::select! {
+                taken = waited => taken,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            match taken {
+                Ok(journal) => {
+                    tracing::info!(state_dir = %state_dir.display(), "journal taken over: migrations are served");
+                    // Not awaited here: the caller hears the outcome of the take-over at once.
+                    tokio::spawn(async move { this.start(Arc::new(journal)).await });
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!(state_dir = %state_dir.display(), error = %e, "cannot take the journal over; stopping");
+                    shutdown.cancel();
+                    Err(e)
+                }
+            }
+        })
     }
 
     /// The agent drains for up to `drain`: the lock file says so, and a new agent on this config

@@ -6,8 +6,7 @@ use anyhow::Context;
 use std::sync::Arc;
 
 use migtun_control::admin::{self, Reloader};
-use migtun_control::handover;
-use migtun_control::journal::{Journal, JournalError};
+use migtun_control::journal::{self, Journal, JournalError};
 use migtun_control::service::ControlPlane;
 use migtun_proxy::agent::AgentHandle;
 use migtun_proxy::{Agent, Config};
@@ -75,16 +74,19 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
         // [qemu], the destination side (prepare/finish/files, to the peers in allow_sources)
         // and `migtun migrate`, once the journal is ours and its unfinished migrations settled.
         let plane = ControlPlane::new(&handle, agent.config());
-        let failed_take_over = Arc::new(std::sync::Mutex::new(None));
-        match journal {
-            None => {}
-            Some(Ok(journal)) => plane.start(Arc::new(journal)).await,
+        let take_over = match journal {
+            None => None,
+            Some(Ok(journal)) => {
+                plane.start(Arc::new(journal)).await;
+                None
+            }
             Some(Err(holder)) => {
+                let holder = journal::who_holds(holder.as_ref());
                 plane.waiting(&format!("waiting for the journal, held by the agent this one replaces ({holder})"));
                 let dir = agent.config().qemu.as_ref().map(|q| q.state_dir.clone()).unwrap_or_default();
-                tokio::spawn(take_over(plane.clone(), dir, shutdown.clone(), failed_take_over.clone()));
+                Some(plane.take_over(dir, shutdown.clone()))
             }
-        }
+        };
         agent.set_control_handler(plane.router().into_handler());
         // Draining: a new agent on this config waits for the journal until this one is gone.
         tokio::spawn({
@@ -135,42 +137,13 @@ pub fn serve(path: &Path) -> anyhow::Result<()> {
             });
         }
         agent.run(shutdown).await?;
-        let failed = failed_take_over.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match failed {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
+        // A take-over that failed drained the agent: its reason is the exit's. (Its task ends
+        // at once after the drain: it was done, or waited and heard the shutdown.)
+        if let Some(task) = take_over {
+            task.await.context("the journal's take-over task")??;
         }
+        Ok(())
     })
-}
-
-/// Waits for the journal the agent this one replaces holds while it drains, then starts the
-/// control plane's journal side. If it never comes (that agent is stuck), this agent drains
-/// and exits with the reason.
-async fn take_over(
-    plane: Arc<ControlPlane>,
-    dir: std::path::PathBuf,
-    shutdown: CancellationToken,
-    failed: Arc<std::sync::Mutex<Option<JournalError>>>,
-) {
-    let waited = handover::take(&dir, |why| {
-        tracing::info!(state_dir = %dir.display(), "{why}");
-        plane.waiting(why);
-    });
-    let taken = tokio::select! {
-        taken = waited => taken,
-        _ = shutdown.cancelled() => return,
-    };
-    match taken {
-        Ok(journal) => {
-            tracing::info!(state_dir = %dir.display(), "journal taken over: migrations are served");
-            plane.start(Arc::new(journal)).await;
-        }
-        Err(e) => {
-            tracing::error!(state_dir = %dir.display(), error = %e, "cannot take the journal over; stopping");
-            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-            shutdown.cancel();
-        }
-    }
 }
 
 /// How often a new agent tries to take the admin socket from the agent draining there.

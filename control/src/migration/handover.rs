@@ -68,22 +68,23 @@ pub async fn take(state_dir: &Path, mut on_wait: impl FnMut(&str)) -> Result<Jou
     let started = tokio::time::Instant::now();
     let mut last = String::new();
     loop {
+        // One read of the lock file per try: the refused lock says who holds it.
         let holder = match Journal::open(state_dir) {
             Ok(journal) => return Ok(journal),
             Err(JournalError::Locked { holder, .. }) => holder,
             Err(e) => return Err(e),
         };
-        let read = Journal::holder(state_dir);
-        let reason = match judge(read.as_ref(), now(), started.elapsed()) {
+        let reason = match judge(holder.as_ref(), now(), started.elapsed()) {
             Verdict::Draining(reason) | Verdict::Wait(reason) => reason,
-            Verdict::Refuse if read.as_ref().is_some_and(|h| h.draining_until.is_some()) => {
-                return Err(JournalError::HandOver {
-                    dir: state_dir.display().to_string(),
-                    holder,
-                    waited_secs: started.elapsed().as_secs(),
+            Verdict::Refuse => {
+                let dir = state_dir.display().to_string();
+                return Err(match holder {
+                    Some(holder) if holder.draining_until.is_some() => {
+                        JournalError::HandOver { dir, holder, waited_secs: started.elapsed().as_secs() }
+                    }
+                    holder => JournalError::Locked { dir, holder },
                 });
             }
-            Verdict::Refuse => return Err(JournalError::Locked { dir: state_dir.display().to_string(), holder }),
         };
         // The reason names seconds left; tell it when the kind of wait changes, not each tick.
         let kind = reason.split(':').next().unwrap_or_default().to_string();

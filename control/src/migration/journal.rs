@@ -37,10 +37,11 @@ const MAX_RECORD: u64 = 1 << 20;
 pub enum JournalError {
     #[error("qemu.state_dir {dir}: {why}")]
     Dir { dir: String, why: String },
-    #[error("qemu.state_dir {dir} is in use by another migtun agent ({holder}, holding {dir}/lock); two agents must never share a journal: stop that agent (SIGTERM) and this one takes over while it drains")]
-    Locked { dir: String, holder: String },
+    /// `holder` is what the lock file said, read once, when the lock was refused.
+    #[error("qemu.state_dir {dir} is in use by another migtun agent ({}, holding {dir}/lock); two agents must never share a journal: stop that agent (SIGTERM) and this one takes over while it drains", who_holds(.holder.as_ref()))]
+    Locked { dir: String, holder: Option<Holder> },
     #[error("qemu.state_dir {dir}: the agent this one replaces ({holder}) still holds the journal after {waited_secs} s; it may be stuck: look at it, stop it, and start this agent again")]
-    HandOver { dir: String, holder: String, waited_secs: u64 },
+    HandOver { dir: String, holder: Holder, waited_secs: u64 },
     #[error("journal record {path}: {why}")]
     Record { path: String, why: String },
 }
@@ -157,6 +158,11 @@ impl std::fmt::Display for Holder {
     }
 }
 
+/// The holder of a lock for the log and the operator, also when it did not say who it is.
+pub fn who_holds(holder: Option<&Holder>) -> String {
+    holder.map(Holder::to_string).unwrap_or_else(|| "an agent that did not write its pid into the lock file".to_string())
+}
+
 /// Largest lock file read back: a `Holder` is a few dozen bytes.
 const MAX_HOLDER: u64 = 4096;
 
@@ -189,10 +195,7 @@ impl Journal {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let holder = Journal::holder(state_dir)
-                    .map(|h| h.to_string())
-                    .unwrap_or_else(|| "an agent that did not write its pid into the lock file".to_string());
-                return Err(JournalError::Locked { dir: state_dir.display().to_string(), holder });
+                return Err(JournalError::Locked { dir: state_dir.display().to_string(), holder: Journal::holder(state_dir) });
             }
             return Err(fail(format!("cannot lock it: {e}")));
         }
