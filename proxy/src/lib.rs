@@ -17,7 +17,8 @@
 //!
 //! Each layer may use itself and the layers above it in this list, never one below it. A folder is
 //! one module of one layer: everything in `tls/` is in the tls layer. `tests/layers.rs` holds the
-//! same table and fails on any import that points up (test modules excepted).
+//! same table and fails on any import that points up, and on two modules that use each other
+//! (test modules excepted).
 //!
 //! 1. io: [`metrics`] (the families and [`metrics::Health`]), [`notify`] (systemd), and [`io`]:
 //!    local endpoints, socket options, the accept loop, limits, the buffer pool, and the stream

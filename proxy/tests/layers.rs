@@ -1,6 +1,7 @@
 //! The data plane's layering, checked: every `crate::X` reference in `proxy/src/**/*.rs` must point
 //! at a module in the same layer or a lower one (the table in `LAYERS`, the same map `lib.rs`
-//! documents), and nothing in `proxy/` may name the control-plane crate.
+//! documents), no two modules use each other (which one layer would allow), and nothing in
+//! `proxy/` may name the control-plane crate.
 //!
 //! A folder is one module of one layer: every file under `src/tls/` (`tls/session/records.rs` too)
 //! is in the layer of `tls`, and its `crate::tls::…` paths to its own folder are never upward.
@@ -106,6 +107,24 @@ fn shipped_lines<'a>(file: &Path, text: &'a str) -> Vec<(usize, &'a str)> {
     out
 }
 
+/// Pairs of modules (of one layer: across layers the upward one already failed) that use each
+/// other: one of them belongs below the other, or what they share below both.
+fn mutual(uses: &std::collections::BTreeSet<(String, String)>) -> Vec<String> {
+    uses.iter()
+        .filter(|(a, b)| a < b && uses.contains(&(b.clone(), a.clone())))
+        .map(|(a, b)| format!("`{a}` and `{b}` use each other: one belongs below the other"))
+        .collect()
+}
+
+#[test]
+fn two_modules_that_use_each_other_are_reported() {
+    let uses = [("metrics", "io"), ("io", "metrics"), ("io", "tls")]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(mutual(&uses), ["`io` and `metrics` use each other: one belongs below the other"]);
+}
+
 #[test]
 fn test_modules_are_not_shipped_code() {
     let text = "use crate::a;\n#[cfg(test)]\nmod tests {\n    use crate::b;\n}\nuse crate::c;\n#[cfg(test)]\nfn helper() { crate::d(); }\n";
@@ -138,6 +157,7 @@ fn no_module_uses_a_higher_layer() {
     files.sort();
 
     let mut failures = Vec::new();
+    let mut uses = std::collections::BTreeSet::new();
     for file in &files {
         let module = module_of(&src, file);
         let Some((from_layer, from_name)) = layer_of(&module) else {
@@ -151,6 +171,9 @@ fn no_module_uses_a_higher_layer() {
             std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         for (n, line) in shipped_lines(file, &text) {
             for target in crate_refs(line) {
+                if target != module {
+                    uses.insert((module.clone(), target.clone()));
+                }
                 let Some((to_layer, to_name)) = layer_of(&target) else {
                     continue; // an item of lib.rs itself (`crate::Agent`) or a macro path
                 };
@@ -165,6 +188,7 @@ fn no_module_uses_a_higher_layer() {
             }
         }
     }
+    failures.extend(mutual(&uses));
     assert!(
         failures.is_empty(),
         "layering broken:\n{}",
